@@ -1,0 +1,380 @@
+"""Calibration metrics as pure numpy functions (no torch).
+
+Every metric takes `scores` of shape (N, K) and integer `labels` of shape (N,), and says
+explicitly whether the scores are `kind="logits"` or `kind="probs"`; nothing is guessed from
+the values. Inputs are validated first (InputError naming the problem), then computed with
+vectorised numpy. Notation: p_i is the predicted distribution of sample i, conf_i = max_k p_ik
+its confidence, pred_i = argmax_k p_ik, and c_i = [pred_i == y_i].
+
+Binning: "uniform" bins are [e_b, e_{b+1}) with e = linspace(0, 1, B+1); a confidence of
+exactly 1.0 belongs to the last bin. "adaptive" bins hold equal numbers of samples
+(confidences ranked, then split into B consecutive groups, sizes differing by at most one).
+
+    ECE   = sum_b n_b/N * |acc_b - conf_b|          (Guo et al., 2017)
+    MCE   = max_b |acc_b - conf_b| over non-empty bins
+    RMSCE = sqrt(sum_b n_b/N * (acc_b - conf_b)^2)
+    classwise ECE = 1/K sum_k sum_b n_kb/N * |freq_kb - mean p_k over bin kb|
+                    (bins over p_ik for every class k, freq = share of y == k)
+    NLL   = -1/N sum_i log p_{i,y_i}
+    Brier = 1/N sum_i sum_k (p_ik - [k == y_i])^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cigl.errors import InputError
+
+KINDS = ("logits", "probs")
+SCHEMES = ("uniform", "adaptive")
+BOOTSTRAP_METRICS = ("ece", "adaptive_ece", "mce", "rmsce", "accuracy", "nll", "brier")
+_PROB_SUM_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise InputError(f"kind must be 'logits' or 'probs', got {kind!r}")
+
+
+def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise InputError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    if scheme not in SCHEMES:
+        raise InputError(f"scheme must be 'uniform' or 'adaptive', got {scheme!r}")
+
+
+def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (scores as float32/float64 (N, K), labels as int64 (N,)) or raise InputError."""
+    _check_kind(kind)
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.ndim != 2:
+        raise InputError(f"{kind} must be a 2-D array (samples, classes), got shape {scores.shape}")
+    n, k = scores.shape
+    if n == 0:
+        raise InputError("empty input: no samples to evaluate")
+    if k < 2:
+        raise InputError(f"{kind} need at least 2 classes, got {k}")
+    if labels.shape != (n,):
+        raise InputError(f"shape mismatch: {n} rows of {kind} but labels have shape {labels.shape}")
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
+        raise InputError(f"{kind} must be real numbers, got dtype {scores.dtype}")
+    if scores.dtype not in (np.float32, np.float64):
+        scores = scores.astype(np.float64)
+    if not np.isfinite(scores).all():
+        raise InputError(f"{kind} contain NaN or Inf values")
+    if labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.min() < 0 or labels.max() >= k:
+        raise InputError(f"labels out of range: expected 0..{k - 1}, got {labels.min()}..{labels.max()}")
+    if kind == "probs":
+        if scores.min() < 0 or scores.max() > 1:
+            raise InputError("probs must lie in [0, 1]; pass kind='logits' for raw model outputs")
+        worst = np.abs(scores.sum(axis=1, dtype=np.float64) - 1.0).max()
+        if worst > _PROB_SUM_TOL:
+            raise InputError(
+                f"probs do not sum to 1 (largest deviation {worst:.3g}); "
+                "pass kind='logits' for raw model outputs or normalise the rows"
+            )
+    return scores, labels
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature (numerically stable)."""
+    z = np.asarray(logits) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def to_probs(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Probabilities from validated scores."""
+    return softmax(scores) if kind == "logits" else scores
+
+
+def _top_label(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, predicted class) per sample, without materialising the full softmax."""
+    pred = scores.argmax(axis=1)
+    top = np.take_along_axis(scores, pred[:, None], axis=1)
+    if kind == "probs":
+        return top[:, 0].astype(np.float64), pred
+    denom = np.exp(scores - top).sum(axis=1, dtype=np.float64)
+    return 1.0 / denom, pred
+
+
+def _log_p_true(scores: np.ndarray, labels: np.ndarray, kind: str) -> np.ndarray:
+    """log p_{i, y_i} per sample (log-sum-exp for logits, clipped log for probabilities)."""
+    true = np.take_along_axis(scores, labels[:, None], axis=1)[:, 0].astype(np.float64)
+    if kind == "probs":
+        eps = np.finfo(scores.dtype).eps
+        return np.log(np.clip(true, eps, 1 - eps))
+    top = scores.max(axis=1)
+    lse = np.log(np.exp(scores - top[:, None]).sum(axis=1, dtype=np.float64)) + top
+    return true - lse
+
+
+def _brier_per_sample(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    p_true = np.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
+    return np.einsum("ij,ij->i", probs, probs, dtype=np.float64) - 2.0 * p_true + 1.0
+
+
+# --------------------------------------------------------------------------- binning
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics of a reliability diagram (empty bins have count 0 and NaN means)."""
+
+    edges: np.ndarray  # (B + 1,) bin edges; for adaptive bins, the confidence quantiles
+    count: np.ndarray  # (B,) samples per bin
+    confidence: np.ndarray  # (B,) mean confidence
+    accuracy: np.ndarray  # (B,) share correct
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.count / self.count.sum()
+
+    @property
+    def gap(self) -> np.ndarray:
+        """|accuracy - confidence| per bin, 0 for empty bins."""
+        return np.nan_to_num(np.abs(self.accuracy - self.confidence))
+
+
+def _uniform_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+
+
+def _adaptive_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    n = conf.shape[0]
+    bounds = (np.arange(1, n_bins) * n) // n_bins  # first rank of bins 1..B-1
+    ranks = np.empty(n, dtype=np.int64)
+    order = np.argsort(conf, kind="stable")
+    ranks[order] = np.arange(n)
+    return np.searchsorted(bounds, ranks, side="right")
+
+
+def _bin_stats(conf: np.ndarray, correct: np.ndarray, index: np.ndarray, n_bins: int):
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    conf_sum = np.bincount(index, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(index, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return count, conf_sum / count, acc_sum / count
+
+
+def _bins(conf: np.ndarray, correct: np.ndarray, n_bins: int, scheme: str) -> ReliabilityBins:
+    if scheme == "uniform":
+        index = _uniform_index(conf, n_bins)
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+    else:
+        index = _adaptive_index(conf, n_bins)
+        edges = np.quantile(conf, np.linspace(0.0, 1.0, n_bins + 1))
+    count, mean_conf, acc = _bin_stats(conf, correct.astype(np.float64), index, n_bins)
+    return ReliabilityBins(edges=edges, count=count, confidence=mean_conf, accuracy=acc)
+
+
+def _ece(b: ReliabilityBins) -> float:
+    return float((b.weight * b.gap).sum())
+
+
+def _mce(b: ReliabilityBins) -> float:
+    return float(b.gap[b.count > 0].max())
+
+
+def _rmsce(b: ReliabilityBins) -> float:
+    return float(np.sqrt((b.weight * b.gap**2).sum()))
+
+
+def _prepared(scores, labels, kind, n_bins, scheme="uniform"):
+    _check_bins(n_bins, scheme)
+    scores, labels = validate(scores, labels, kind)
+    conf, pred = _top_label(scores, kind)
+    return conf, pred == labels
+
+
+# --------------------------------------------------------------------------- public metrics
+
+
+def reliability_bins(
+    scores, labels, *, kind: str, n_bins: int = 10, scheme: str = "uniform"
+) -> ReliabilityBins:
+    """Reliability-diagram data: per bin the count, mean confidence and accuracy."""
+    conf, correct = _prepared(scores, labels, kind, n_bins, scheme)
+    return _bins(conf, correct, n_bins, scheme)
+
+
+def ece(scores, labels, *, kind: str, n_bins: int = 10) -> float:
+    """Top-label expected calibration error with equal-width bins."""
+    return _ece(reliability_bins(scores, labels, kind=kind, n_bins=n_bins))
+
+
+def adaptive_ece(scores, labels, *, kind: str, n_bins: int = 10) -> float:
+    """Top-label ECE with equal-mass bins (Nixon et al., 2019)."""
+    return _ece(reliability_bins(scores, labels, kind=kind, n_bins=n_bins, scheme="adaptive"))
+
+
+def mce(scores, labels, *, kind: str, n_bins: int = 10, scheme: str = "uniform") -> float:
+    """Maximum calibration error: the largest bin gap."""
+    return _mce(reliability_bins(scores, labels, kind=kind, n_bins=n_bins, scheme=scheme))
+
+
+def rms_calibration_error(scores, labels, *, kind: str, n_bins: int = 10, scheme: str = "uniform") -> float:
+    """Root-mean-square calibration error (bin gaps weighted by bin mass)."""
+    return _rmsce(reliability_bins(scores, labels, kind=kind, n_bins=n_bins, scheme=scheme))
+
+
+def classwise_ece(scores, labels, *, kind: str, n_bins: int = 10) -> float:
+    """Classwise ECE (Kull et al., 2019): the uniform-bin ECE of every class's probability, averaged."""
+    _check_bins(n_bins)
+    scores, labels = validate(scores, labels, kind)
+    probs = to_probs(scores, kind).astype(np.float64, copy=False)
+    n, k = probs.shape
+    index = _uniform_index(probs.ravel(), n_bins) + np.tile(np.arange(k) * n_bins, n)
+    hits = (labels[:, None] == np.arange(k)[None, :]).ravel().astype(np.float64)
+    p_sum = np.bincount(index, weights=probs.ravel(), minlength=k * n_bins)
+    hit_sum = np.bincount(index, weights=hits, minlength=k * n_bins)
+    return float(np.abs(hit_sum - p_sum).sum() / (n * k))
+
+
+def nll(scores, labels, *, kind: str) -> float:
+    """Mean negative log-likelihood of the true class (natural log)."""
+    scores, labels = validate(scores, labels, kind)
+    return float(-_log_p_true(scores, labels, kind).mean())
+
+
+def brier(scores, labels, *, kind: str) -> float:
+    """Multiclass Brier score: mean squared distance between p and the one-hot label."""
+    scores, labels = validate(scores, labels, kind)
+    return float(_brier_per_sample(to_probs(scores, kind), labels).mean())
+
+
+def accuracy(scores, labels, *, kind: str) -> float:
+    """Share of samples whose highest score is the true class."""
+    scores, labels = validate(scores, labels, kind)
+    return float((scores.argmax(axis=1) == labels).mean())
+
+
+def summary(scores, labels, *, kind: str, n_bins: int = 10) -> dict[str, float]:
+    """The audit metric set in one pass (one softmax): accuracy, ECE, adaptive ECE, MCE,
+    RMSCE, NLL, Brier and mean confidence."""
+    _check_bins(n_bins)
+    scores, labels = validate(scores, labels, kind)
+    probs = to_probs(scores, kind)
+    conf, pred = _top_label(probs, "probs")
+    correct = pred == labels
+    uniform = _bins(conf, correct, n_bins, "uniform")
+    return {
+        "n": int(labels.shape[0]),
+        "accuracy": float(correct.mean()),
+        "ece": _ece(uniform),
+        "adaptive_ece": _ece(_bins(conf, correct, n_bins, "adaptive")),
+        "mce": _mce(uniform),
+        "rmsce": _rmsce(uniform),
+        "nll": float(-_log_p_true(scores, labels, kind).mean()),
+        "brier": float(_brier_per_sample(probs, labels).mean()),
+        "mean_confidence": float(conf.mean()),
+    }
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap_ci(
+    scores,
+    labels,
+    *,
+    kind: str,
+    metric: str = "ece",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a metric (samples drawn with replacement,
+    `n_boot` replicates from a seeded generator, so the same seed gives the same interval)."""
+    if metric not in BOOTSTRAP_METRICS:
+        raise InputError(f"metric must be one of {', '.join(BOOTSTRAP_METRICS)}, got {metric!r}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise InputError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise InputError(f"level must lie in (0, 1), got {level!r}")
+    _check_bins(n_bins)
+    scores, labels = validate(scores, labels, kind)
+    conf, pred = _top_label(scores, kind)
+    correct = pred == labels
+    per_sample = {
+        "accuracy": correct.astype(np.float64),
+        "nll": lambda: -_log_p_true(scores, labels, kind),
+        "brier": lambda: _brier_per_sample(to_probs(scores, kind), labels),
+    }
+    rng = np.random.default_rng(seed)
+    n = labels.shape[0]
+    values = np.empty(n_boot)
+    if metric in per_sample:
+        x = per_sample[metric]
+        x = x() if callable(x) else x
+        for start in range(0, n_boot, 64):
+            idx = rng.integers(0, n, size=(min(64, n_boot - start), n))
+            values[start : start + idx.shape[0]] = x[idx].mean(axis=1)
+    else:
+        scheme = "adaptive" if metric == "adaptive_ece" else "uniform"
+        reduce = {"ece": _ece, "adaptive_ece": _ece, "mce": _mce, "rmsce": _rmsce}[metric]
+        for i in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            values[i] = reduce(_bins(conf[idx], correct[idx], n_bins, scheme))
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def fit_temperature(
+    scores, labels, *, kind: str = "logits", t_min: float = 0.01, t_max: float = 100.0
+) -> float:
+    """Temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017).
+
+    NLL is convex in beta = 1/T, so Newton's method on beta, kept inside [1/t_max, 1/t_min]
+    by bisection, finds the global minimum. Probabilities are turned into logits by log.
+    """
+    scores, labels = validate(scores, labels, kind)
+    z = scores.astype(np.float64)
+    if kind == "probs":
+        z = np.log(np.clip(z, 1e-300, None))
+    z_true = np.take_along_axis(z, labels[:, None], axis=1)[:, 0]
+    lo, hi = 1.0 / t_max, 1.0 / t_min
+
+    def derivatives(beta: float) -> tuple[float, float]:
+        p = softmax(z * beta)
+        mean_z = (p * z).sum(axis=1)
+        grad = float((mean_z - z_true).mean())
+        curv = float(((p * z * z).sum(axis=1) - mean_z**2).mean())
+        return grad, curv
+
+    beta = 1.0
+    for _ in range(100):
+        grad, curv = derivatives(beta)
+        if abs(grad) < 1e-10:
+            break
+        if grad > 0:
+            hi = beta
+        else:
+            lo = beta
+        step = beta - grad / curv if curv > 1e-12 else np.nan
+        beta = step if lo < step < hi else 0.5 * (lo + hi)
+        if hi - lo < 1e-12 * hi:
+            break
+    return float(1.0 / np.clip(beta, 1.0 / t_max, 1.0 / t_min))

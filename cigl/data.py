@@ -1,0 +1,339 @@
+"""Datasets as uint8 arrays, decoded once and cached; augmentation as batched tensor ops.
+
+Sources: scikit-learn's bundled digits, CIFAR-10 (ImageFolder JPEGs or the standard
+`cifar-10-batches-py` folder) and any ImageFolder (train/ and test/, one folder per class).
+Images are held as uint8 (N, H, W, C); decoded image folders are cached on disk under a key
+derived from the files' content, so a second run skips decoding and a changed file rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cigl.errors import FormatError, InputError
+
+DATASETS = ("digits", "cifar10", "imagefolder")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_CACHE_VERSION = "1"
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # uint8 (N, H, W, C)
+    y: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    """Train/val/test splits plus what a model needs to know about its inputs."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int  # random-crop padding used for training augmentation
+    flip: bool  # random horizontal flips
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.x.shape[3])
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): `fraction` of every class held out, chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(fraction * idx.size))])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    keep = np.setdiff1d(np.arange(y.size), held_out)
+    return keep, held_out
+
+
+def per_class_subset(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced subset with `per_class` samples of each class."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if idx.size < per_class:
+            raise InputError(
+                f"--train-per-class {per_class} but class {c} has only {idx.size} training images"
+            )
+        chosen.append(rng.choice(idx, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _digits() -> tuple[Split, Split, list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(d.images * 16.0, 0, 255).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+    y = d.target.astype(np.int64)
+    train_idx, test_idx = stratified_split(y, 0.2, seed=0)
+    return Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx]), [str(i) for i in range(10)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _list_image_folder(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    if not root.is_dir():
+        raise InputError(f"folder not found: {root} (expected one subfolder per class)")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise InputError(f"no class folders in {root}: put the images of each class in {root}/<class>/")
+    if classes is not None and found != classes:
+        raise InputError(
+            f"class folders of {root} ({', '.join(found)}) differ from the training classes "
+            f"({', '.join(classes)}); train/ and test/ need the same class folders"
+        )
+    files, labels = [], []
+    for label, name in enumerate(found):
+        images = _image_files(root / name)
+        if not images:
+            raise InputError(f"class folder {root / name} has no images; add images or remove the folder")
+        files += images
+        labels += [label] * len(images)
+    return files, np.asarray(labels, dtype=np.int64), found
+
+
+def _decode(path: Path, image_size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if image_size is not None and im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def _content_key(files: list[Path], root: Path, image_size: int | None) -> str:
+    h = hashlib.sha256(f"cigl-images-v{_CACHE_VERSION}|{image_size}".encode())
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are cached: $CIGL_CACHE, else ~/.cache/cigl."""
+    return Path(os.environ.get("CIGL_CACHE", Path.home() / ".cache" / "cigl"))
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_image_folder(
+    root: Path, image_size: int | None = None, classes: list[str] | None = None
+) -> tuple[Split, list[str]]:
+    """Decode every image of an ImageFolder tree (cached by content) into a uint8 Split."""
+    files, labels, found = _list_image_folder(root, classes)
+    key = _content_key(files, root, image_size)
+    cached = cache_dir() / f"images-{key}.npz"
+    if cached.is_file():
+        with np.load(cached) as z:
+            return Split(z["x"], z["y"]), found
+    images = [_decode(f, image_size) for f in files]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise InputError(
+            f"images in {root} have mixed sizes ({', '.join(sorted(str(s[:2]) for s in shapes)[:4])}); "
+            "pass --image-size N to resize them all to N x N"
+        )
+    split = Split(np.stack(images), labels)
+    _atomic_save_npz(cached, x=split.x, y=split.y)
+    return split, found
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: no code from the file runs."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(path: Path) -> Split:
+    if not path.is_file():
+        raise InputError(f"missing CIFAR-10 batch file {path}")
+    try:
+        d = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return Split(np.ascontiguousarray(data), np.asarray(d[b"labels"], dtype=np.int64))
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as exc:
+        raise FormatError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+
+
+def _cifar10(root: Path, image_size: int | None) -> tuple[Split, Split, list[str]]:
+    batches = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if (batches / "data_batch_1").is_file():
+        parts = [_cifar_batch(batches / f"data_batch_{i}") for i in range(1, 6)]
+        train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+        return train, _cifar_batch(batches / "test_batch"), list(CIFAR10_CLASSES)
+    return _image_folder_pair(root, image_size)
+
+
+def _image_folder_pair(root: Path, image_size: int | None) -> tuple[Split, Split, list[str]]:
+    if not root.is_dir():
+        raise InputError(f"data folder not found: {root}")
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise InputError(f"{root} needs train/ and test/ subfolders with one folder per class")
+    train, classes = load_image_folder(root / "train", image_size)
+    test, _ = load_image_folder(root / "test", image_size, classes)
+    if test.x.shape[1:] != train.x.shape[1:]:
+        raise InputError(f"test images of {root} differ in size from train images; pass --image-size N")
+    return train, test, classes
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: float = 0.1,
+    image_size: int | None = None,
+    train_per_class: int | None = None,
+) -> Dataset:
+    """Load a dataset by name; the val split is a fixed, stratified share of train."""
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0 <= val_size < 1:
+        raise InputError(f"--val-size must lie in [0, 1), got {val_size}")
+    if name == "digits":
+        train, test, classes = _digits()
+        mean, std, pad, flip = (0.5,), (0.5,), 1, False
+    else:
+        if data_dir is None:
+            raise InputError(f"--dataset {name} needs --data-dir DIR")
+        root = Path(data_dir)
+        if name == "cifar10":
+            train, test, classes = _cifar10(root, image_size)
+            mean, std = CIFAR10_MEAN, CIFAR10_STD
+        else:
+            train, test, classes = _image_folder_pair(root, image_size)
+            mean, std = (0.5,) * 3, (0.5,) * 3
+        pad, flip = max(1, train.x.shape[1] // 8), True
+    if train_per_class is not None:
+        sub = per_class_subset(train.y, train_per_class)
+        train = Split(train.x[sub], train.y[sub])
+    keep, held = stratified_split(train.y, val_size, seed=0)
+    return Dataset(
+        name=name,
+        classes=classes,
+        train=Split(train.x[keep], train.y[keep]),
+        val=Split(train.x[held], train.y[held]),
+        test=test,
+        mean=mean,
+        std=std,
+        pad=pad,
+        flip=flip,
+    )
+
+
+# --------------------------------------------------------------------------- tensor pipeline
+
+
+def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NCHW images and int64 labels on `device` (the whole split stays resident)."""
+    x = torch.from_numpy(np.ascontiguousarray(split.x.transpose(0, 3, 1, 2)))
+    return x.to(device), torch.from_numpy(split.y).to(device)
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip of a uint8 NCHW batch,
+    drawn from torch's global generator on x's device."""
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        ox = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if flip:
+        flips = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1], then per-channel (x - mean) / std."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The training order of one epoch: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)

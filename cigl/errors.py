@@ -1,0 +1,48 @@
+"""One error hierarchy for every side of cigl (stdlib only).
+
+Command-line tools turn a `CiglError` into a one-line message on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class CiglError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class InputError(CiglError, ValueError):
+    """Bad user input: a path, an option value, an array of the wrong shape."""
+
+
+class FormatError(CiglError):
+    """A file that exists but is not in the expected format."""
+
+
+class CheckpointError(CiglError):
+    """A checkpoint that cannot be loaded or resumed from."""
+
+
+def cli_entry(func: F) -> F:
+    """Wrap a CLI `main`: CiglError -> `error: <message>` on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CiglError as exc:
+            message = " ".join(str(exc).split())
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,54 @@
+"""Weight-and-mask averaging (WMA) and batch-norm recalibration of the averaged model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class WeightAverage:
+    """Running mean of parameter snapshots: avg <- avg + (w - avg) / (n + 1).
+
+    The snapshots are effective weights (w * M * R * scale for masked tensors), so the masks
+    are averaged together with the weights and the average's support is the union of masks.
+    """
+
+    def __init__(self) -> None:
+        self.avg: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def fold(self, snapshot: dict[str, torch.Tensor]) -> None:
+        if self.count == 0:
+            self.avg = {k: v.detach().clone() for k, v in snapshot.items()}
+        else:
+            for k, v in snapshot.items():
+                self.avg[k] += (v.detach() - self.avg[k]) / (self.count + 1)
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg, self.count = dict(state["avg"]), int(state["count"])
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Recompute batch-norm running statistics as a cumulative average over `batches`
+    (statistics reset first); weights are untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)

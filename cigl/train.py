@@ -1,0 +1,602 @@
+"""The training loop: Dense, Static, SET, RigL and CigL on one code path.
+
+Read top to bottom: configuration, set-up (data, model, optimiser, sparsity, averaging),
+resume, the epoch loop, then the product (averaged model when averaging is on), its
+temperature and the run directory files (config.json, metrics.jsonl, last.pt, model.pt,
+summary.json).
+
+Determinism: the data order of an epoch depends only on (seed, epoch), and torch's global
+generator is re-seeded from (seed, step) before every step, so augmentation, random masks and
+SET's growth are functions of the step. A resumed run therefore repeats exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cigl import calibration
+from cigl.data import DATASETS, augment, epoch_order, load_dataset, normalize, to_device
+from cigl.errors import CheckpointError, InputError, cli_entry
+from cigl.models import create_model
+from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
+from cigl.sparse.allocation import INITS, format_table
+
+ALL_METHODS = ("dense", "static", "set", "rigl", "cigl")
+CHECKPOINT_FORMAT = "cigl-checkpoint"
+MODEL_FORMAT = "cigl-model"
+FORMAT_VERSION = 1
+RESUMABLE_CHANGES = {"epochs"}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; `resolve` fills the ones that depend on others."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    val_size: float = 0.1
+    train_per_class: int | None = None
+    model: str = "resnet20"
+    method: str = "cigl"
+    density: float | None = None  # dense: 1.0, sparse methods: 0.1
+    sparse_init: str = "erk"
+    drop_fraction: float = 0.3
+    update_every: int = 100
+    update_end: float = 0.75  # fraction of all training steps
+    dpnum: int | None = None  # cigl: 100
+    avg_start: int | None = None  # first averaged epoch (1-based); cigl: 80% of the epochs
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    decay: float = 0.1
+    decay_every: float | None = None  # epochs between decays; default 40% of the epochs
+    warmup_epochs: float = 1.0
+    wd: float = 5e-4
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0 = torch's default
+    out: str | None = None  # default runs/<dataset>-<model>-<method>-s<seed>
+    save_every_steps: int = 0
+    eval_every: int = 1
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Validate and fill derived settings; raises InputError with the fix."""
+    cfg = replace(cfg)
+    if cfg.method not in ALL_METHODS:
+        raise InputError(f"unknown --method {cfg.method!r}; choose one of {', '.join(ALL_METHODS)}")
+    if cfg.dataset not in DATASETS:
+        raise InputError(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    for name in ("epochs", "batch_size", "update_every", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or not 0 < cfg.decay <= 1 or cfg.wd < 0 or cfg.warmup_epochs < 0:
+        raise InputError("need --lr > 0, 0 < --decay <= 1, --wd >= 0 and --warmup-epochs >= 0")
+    if cfg.sparse_init not in INITS:
+        raise InputError(f"--sparse-init must be one of {', '.join(INITS)}, got {cfg.sparse_init!r}")
+    if not 0 <= cfg.drop_fraction < 1 or not 0 < cfg.update_end <= 1:
+        raise InputError("need 0 <= --drop-fraction < 1 and 0 < --update-end <= 1")
+    if cfg.method == "dense":
+        if cfg.density not in (None, 1.0):
+            raise InputError(
+                f"--method dense trains every weight; drop --density {cfg.density} or pick a sparse method"
+            )
+        if cfg.dpnum is not None:
+            raise InputError("--dpnum needs a sparse method (static, set, rigl or cigl)")
+        cfg.density = 1.0
+    else:
+        cfg.density = 0.1 if cfg.density is None else cfg.density
+        if not 0 < cfg.density <= 1:
+            raise InputError(f"--density must lie in (0, 1], got {cfg.density}")
+    if cfg.method == "cigl":
+        cfg.dpnum = 100 if cfg.dpnum is None else cfg.dpnum
+        cfg.avg_start = math.floor(0.8 * cfg.epochs) + 1 if cfg.avg_start is None else cfg.avg_start
+    if cfg.dpnum is not None and (cfg.dpnum <= 1):
+        raise InputError(f"--dpnum must be an integer > 1 (drop probability 1/DPNUM), got {cfg.dpnum}")
+    if cfg.avg_start is not None and not 1 <= cfg.avg_start <= cfg.epochs:
+        raise InputError(
+            f"--avg-start {cfg.avg_start} is outside the run: use an epoch from 1 to {cfg.epochs} "
+            f"(--epochs {cfg.epochs}); averaging folds the weights after that epoch and every later one"
+        )
+    cfg.decay_every = cfg.decay_every or max(1.0, round(0.4 * cfg.epochs, 3))
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.seed}"
+    return cfg
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then lr * decay^floor(epoch / decay_every) (piecewise constant)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * cfg.decay ** math.floor(step / steps_per_epoch / cfg.decay_every)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True: a file that needs arbitrary pickle is refused."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start the run without --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {path} safely: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a cigl training checkpoint")
+    return ckpt
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, cfg_mean, cfg_std, batch: int, amp) -> np.ndarray:
+    """Logits (float32 numpy) of `model` in eval mode on uint8 images `x`."""
+    model.eval()
+    out = []
+    for i in range(0, x.shape[0], batch):
+        with amp():
+            out.append(model(normalize(x[i : i + batch], cfg_mean, cfg_std)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def split_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
+    z = logits / temperature
+    return {
+        "acc": calibration.accuracy(z, labels, kind="logits"),
+        "nll": calibration.nll(z, labels, kind="logits"),
+        "ece": calibration.ece(z, labels, kind="logits", n_bins=10),
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train as `cfg` says, write the run directory, return the summary."""
+    cfg = resolve(cfg)
+    out = Path(cfg.out)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    cuda = device.type == "cuda"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    ckpt = load_checkpoint(out / "last.pt") if resume else None
+    if not resume and (out / "last.pt").exists():
+        raise InputError(
+            f"{out} already holds a run; pass --resume {out} to continue it or choose another --out"
+        )
+
+    # ---- data, model, optimiser
+    data = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        image_size=cfg.image_size,
+        train_per_class=cfg.train_per_class,
+    )
+    train_x, train_y = to_device(data.train, device)
+    n_train = train_x.shape[0]
+    batch = min(cfg.batch_size, n_train)
+    steps_per_epoch = n_train // batch
+    total_steps = steps_per_epoch * cfg.epochs
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        cfg.model, num_classes=data.num_classes, in_chans=data.channels, image_size=data.image_size
+    ).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+    # ---- sparsity (masks M, random mask R) and weight-and-mask averaging
+    masking = None
+    if cfg.method != "dense":
+        masking = Masking(
+            model,
+            METHODS["rigl" if cfg.method == "cigl" else cfg.method],
+            density=cfg.density,
+            init=cfg.sparse_init,
+            alpha=cfg.drop_fraction,
+            update_every=cfg.update_every,
+            update_end=int(cfg.update_end * total_steps),
+            dpnum=cfg.dpnum,
+            seed=cfg.seed,
+        )
+    average = WeightAverage() if cfg.avg_start else None
+
+    # ---- resume
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if masking is not None:
+            masking.load_state_dict(ckpt["sparse"])
+        if average is not None and ckpt["average"] is not None:
+            average.load_state_dict(
+                {
+                    "avg": {k: v.to(device) for k, v in ckpt["average"]["avg"].items()},
+                    "count": ckpt["average"]["count"],
+                }
+            )
+        step = int(ckpt["step"])
+        say(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
+    out.mkdir(parents=True, exist_ok=True)
+    layers = masking.table() if masking is not None else []
+    atomic_write_text(
+        out / "config.json",
+        json.dumps(
+            {
+                **asdict(cfg),
+                "classes": data.classes,
+                "n_train": n_train,
+                "n_val": len(data.val),
+                "n_test": len(data.test),
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "sparse_layers": layers,
+            },
+            indent=2,
+        ),
+    )
+    if masking is not None and step == 0:
+        say(format_table(layers))
+    metrics_path = out / "metrics.jsonl"
+    done_epochs = step // steps_per_epoch
+    kept = metrics_path.read_text().splitlines()[:done_epochs] if metrics_path.exists() else []
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+
+    def checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": FORMAT_VERSION,
+                "config": asdict(cfg),
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sparse": masking.state_dict() if masking is not None else None,
+                "average": average.state_dict() if average is not None else None,
+            },
+            out / "last.pt",
+        )
+
+    val_x, val_y = to_device(data.val, device)
+    test_x, test_y = to_device(data.test, device)
+    show_bar = not quiet and sys.stderr.isatty()
+    say(
+        f"training {cfg.model} ({cfg.method}, density {cfg.density:g}) on {cfg.dataset}: "
+        f"{n_train} images, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}"
+    )
+
+    # ---- the epoch loop
+    for epoch in range(done_epochs, cfg.epochs):
+        t0 = time.time()
+        order = epoch_order(n_train, cfg.seed, epoch, device)
+        model.train()
+        losses = []
+        first = step - epoch * steps_per_epoch
+        bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=first,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+        for b in range(first, steps_per_epoch):
+            torch.manual_seed(step_seed(cfg.seed, step))
+            idx = order[b * batch : (b + 1) * batch]
+            x = normalize(augment(train_x[idx], data.pad, data.flip), data.mean, data.std)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step, steps_per_epoch)
+            losses.append(train_step(model, optimizer, masking, x, train_y[idx], step, amp))
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                checkpoint()
+        if bar is not None:
+            bar.close()
+        if average is not None and epoch + 1 >= cfg.avg_start:
+            average.fold(
+                masking.snapshot(model)
+                if masking is not None
+                else {n: p.detach().clone() for n, p in model.named_parameters()}
+            )
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr_at(cfg, step - 1, steps_per_epoch),
+            "train_loss": float(torch.stack(losses).mean()) if losses else None,
+            "density": masking.density() if masking is not None else 1.0,
+        }
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            for split, (xs, ys) in (("val", (val_x, val_y)), ("test", (test_x, test_y))):
+                if xs.shape[0]:
+                    m = split_metrics(
+                        predict_logits(model, xs, data.mean, data.std, 512, amp), ys.cpu().numpy()
+                    )
+                    row.update({f"{split}_{k}": v for k, v in m.items()})
+        row["time_s"] = round(time.time() - t0, 3)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        checkpoint()
+        say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    # ---- the product: averaged model (BN recomputed) or the final training weights
+    results = {"final_weights": evaluate(model, data, val_x, val_y, test_x, test_y, amp)}
+    product, masks = model, ({n: m.clone() for n, m in masking.masks.items()} if masking else {})
+    if average is not None:
+        product = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in product.named_parameters():
+                p.copy_(average.avg[name])
+        recalibrate_bn(
+            product,
+            (normalize(train_x[i : i + batch], data.mean, data.std) for i in range(0, n_train, batch)),
+        )
+        masks = {n: average.avg[n] != 0 for n in masks}
+        results["averaged"] = evaluate(product, data, val_x, val_y, test_x, test_y, amp)
+    best = results["averaged" if average is not None else "final_weights"]
+    summary = make_summary(cfg, masks, results, best)
+    atomic_torch_save(
+        {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "arch": cfg.model,
+            "model_kwargs": {
+                "num_classes": data.num_classes,
+                "in_chans": data.channels,
+                "image_size": data.image_size,
+            },
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in product.state_dict().items()},
+            "masks": {n: m.cpu().contiguous() for n, m in masks.items()},
+            "classes": data.classes,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "temperature": summary["temperature"],
+            "method": cfg.method,
+            "config": asdict(cfg),
+            "summary": summary,
+        },
+        out / "model.pt",
+    )
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    t = summary["test"]
+    say(
+        f"test acc {t['acc']:.4f}  ece {t['ece']:.4f}  nll {t['nll']:.4f}  "
+        f"temperature {summary['temperature']:.3f}  density {summary['actual_density']:.4f} "
+        f"(target {cfg.density:g})\nresults in {out}/ (summary.json, model.pt, metrics.jsonl)"
+    )
+    return summary
+
+
+def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
+    """One SGD step; on a mask-update step the masks change and, as in the reference, the
+    optimiser step is skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    update = masking is not None and masking.is_update_step(step)
+    with amp():
+        if masking is None:
+            logits = model(x)
+        else:
+            weights = masking.effective_weights(
+                step_random=True, keep_grad=update and masking.method.needs_grad
+            )
+            logits = torch.func.functional_call(model, weights, (x,))
+        loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    if update:
+        grads = {n: w.grad for n, w in weights.items()} if masking.method.needs_grad else {}
+        masking.update(step, grads, optimizer)
+    else:
+        if masking is not None:
+            masking.hold_dropped()
+        optimizer.step()
+        if masking is not None:
+            masking.restore_dropped()
+    return loss.detach()
+
+
+def evaluate(model, data, val_x, val_y, test_x, test_y, amp) -> dict:
+    """Test metrics raw and at the temperature fitted on the validation split."""
+    test_logits = predict_logits(model, test_x, data.mean, data.std, 512, amp)
+    labels = test_y.cpu().numpy()
+    temperature = 1.0
+    if val_x.shape[0]:
+        val_logits = predict_logits(model, val_x, data.mean, data.std, 512, amp)
+        temperature = calibration.fit_temperature(val_logits, val_y.cpu().numpy(), kind="logits")
+    return {
+        "test": split_metrics(test_logits, labels),
+        "temperature": temperature,
+        "test_calibrated": split_metrics(test_logits, labels, temperature),
+    }
+
+
+def make_summary(cfg: TrainConfig, masks: dict[str, torch.Tensor], results: dict, best: dict) -> dict:
+    layers = [
+        {"name": n, "numel": m.numel(), "nnz": int(m.sum()), "density": int(m.sum()) / m.numel()}
+        for n, m in masks.items()
+    ]
+    numel = sum(r["numel"] for r in layers)
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "target_density": cfg.density,
+        "actual_density": sum(r["nnz"] for r in layers) / numel if numel else 1.0,
+        "product": "averaged" if "averaged" in results else "final_weights",
+        "test": best["test"],
+        "temperature": best["temperature"],
+        "test_calibrated": best["test_calibrated"],
+        **results,
+        "layers": layers,
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="cigl-train",
+        argument_default=argparse.SUPPRESS,
+        description="Train a (sparse) network: dense, static, SET, RigL or CigL. Writes a run directory "
+        "with config.json, metrics.jsonl, last.pt, model.pt and summary.json.",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help=f"default {d.dataset}")
+    g.add_argument(
+        "--data-dir", help="dataset folder (cifar10: ImageFolder with train/ test/ or cifar-10-batches-py)"
+    )
+    g.add_argument("--image-size", type=int, help="resize images to N x N (needed when sizes differ)")
+    g.add_argument(
+        "--val-size",
+        type=float,
+        help=f"share of train held out for validation (default {d.val_size}; 0 = paper)",
+    )
+    g.add_argument(
+        "--train-per-class", type=int, help="train on a class-balanced subset of N images per class"
+    )
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help=f"cigl or timm model name (default {d.model})")
+    g.add_argument(
+        "--method", choices=ALL_METHODS, help=f"default {d.method} (= rigl + --dpnum 100 + averaging)"
+    )
+    g.add_argument("--density", type=float, help="DENSITY: share of weights kept (default 0.1; dense: 1)")
+    g.add_argument(
+        "--sparse-init", choices=INITS, help=f"per-layer density allocation (default {d.sparse_init})"
+    )
+    g.add_argument(
+        "--drop-fraction",
+        type=float,
+        help=f"initial share of weights exchanged per update (default {d.drop_fraction})",
+    )
+    g.add_argument("--update-every", type=int, help=f"steps between mask updates (default {d.update_every})")
+    g.add_argument(
+        "--update-end", type=float, help=f"stop updating after this share of steps (default {d.update_end})"
+    )
+    g.add_argument(
+        "--dpnum", type=int, help="DPNUM: random mask drops each weight with p=1/DPNUM (cigl default 100)"
+    )
+    g.add_argument(
+        "--avg-start",
+        type=int,
+        help="BS: first epoch (1-based) of weight-and-mask averaging (cigl: 80%% of epochs)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=float, help=f"LR: peak learning rate (default {d.lr})")
+    g.add_argument("--decay", type=float, help=f"DECAY: lr factor at each decay (default {d.decay})")
+    g.add_argument("--decay-every", type=float, help="epochs between decays (default 40%% of --epochs)")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length (default {d.warmup_epochs})")
+    g.add_argument("--wd", type=float, help=f"weight decay (default {d.wd})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--seed", type=int, help=f"SEED (default {d.seed})")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto = CUDA when present")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<method>-s<seed>)")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last.pt (only --epochs may change)",
+    )
+    g.add_argument(
+        "--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)"
+    )
+    g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """TrainConfig from explicitly given options; with --resume, the rest comes from the run."""
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
+    if not getattr(args, "resume", None):
+        return TrainConfig(**given), False
+    run = Path(args.resume)
+    if "out" in given and Path(given["out"]) != run:
+        raise InputError("--out and --resume name different runs; give only --resume RUN_DIR")
+    if not (run / "config.json").is_file() or not (run / "last.pt").is_file():
+        raise CheckpointError(f"--resume {run}: no run there (config.json and last.pt missing)")
+    saved = json.loads((run / "config.json").read_text())
+    names = {f.name for f in fields(TrainConfig)}
+    for key, value in given.items():
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"--resume {run}: the run was started with --{key.replace('_', '-')} {saved[key]}, "
+                f"not {value}; only --epochs may change on resume"
+            )
+    merged = {k: v for k, v in saved.items() if k in names} | given | {"out": str(run)}
+    return TrainConfig(**merged), True
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, resume = config_from_args(args)
+    train(cfg, resume=resume, quiet=getattr(args, "quiet", False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
