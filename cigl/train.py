@@ -18,9 +18,11 @@ import copy
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from torch import nn
 
 from cigl import calibration
 from cigl.data import DATASETS, augment, epoch_order, load_dataset, normalize, to_device
-from cigl.errors import CheckpointError, InputError, cli_entry
+from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.allocation import INITS, format_table
@@ -166,10 +168,20 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; start the run without --resume")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load {path} safely: {first}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"cannot load {path} safely: it needs arbitrary code to unpickle, which cigl refuses; "
+                "use a checkpoint written by cigl-train"
+            ) from None
+        raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({exc})") from None
+    except Exception as exc:  # zip/EOF/runtime errors of a damaged file
+        raise CheckpointError(
+            f"cannot load {path}: the file is corrupt or truncated ({type(exc).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a cigl training checkpoint")
     return ckpt
@@ -392,7 +404,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         masks = {n: average.avg[n] != 0 for n in masks}
         results["averaged"] = evaluate(product, data, val_x, val_y, test_x, test_y, amp)
     best = results["averaged" if average is not None else "final_weights"]
-    summary = make_summary(cfg, masks, results, best)
+    summary = make_summary(cfg, masks, masking.nnz if masking else {}, results, best)
     atomic_torch_save(
         {
             "format": MODEL_FORMAT,
@@ -467,9 +479,19 @@ def evaluate(model, data, val_x, val_y, test_x, test_y, amp) -> dict:
     }
 
 
-def make_summary(cfg: TrainConfig, masks: dict[str, torch.Tensor], results: dict, best: dict) -> dict:
+def make_summary(
+    cfg: TrainConfig, masks: dict[str, torch.Tensor], target_nnz: dict[str, int], results: dict, best: dict
+) -> dict:
+    """summary.json: the product's test metrics (raw and at the fitted temperature), both
+    models' metrics when averaging is on, and target vs actual density per layer and total."""
     layers = [
-        {"name": n, "numel": m.numel(), "nnz": int(m.sum()), "density": int(m.sum()) / m.numel()}
+        {
+            "name": n,
+            "numel": m.numel(),
+            "target_density": target_nnz[n] / m.numel(),
+            "nnz": int(m.sum()),
+            "density": int(m.sum()) / m.numel(),
+        }
         for n, m in masks.items()
     ]
     numel = sum(r["numel"] for r in layers)
@@ -495,7 +517,7 @@ def make_summary(cfg: TrainConfig, masks: dict[str, torch.Tensor], results: dict
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cigl-train",
         argument_default=argparse.SUPPRESS,
         description="Train a (sparse) network: dense, static, SET, RigL or CigL. Writes a run directory "

@@ -1,0 +1,73 @@
+# Set-up and everyday commands. Everything runs inside .venv (created on first use).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared
+# CIFAR-10 in ImageFolder layout (make data extracts the offline copy from $(SHARED)/data)
+DATA   ?= data/cifar10
+
+# the reference's command-line names (METHOD.md): make cifar10.ERK.RigL DENSITY=0.1 DPNUM=100 ...
+DENSITY ?= 0.1
+DPNUM   ?= 100
+LR      ?= 0.1
+DECAY   ?= 0.6
+BS      ?= 200
+SEED    ?= 0
+EPOCHS  ?= 250
+MODEL   ?= resnet50
+DECAY_EVERY ?= 30
+
+.PHONY: install demo test bench lint data clean cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,test]'
+	touch $@
+
+demo: install
+	$(BIN)/cigl-train --dataset digits --method cigl --density 0.1 --epochs 30 --out runs/demo-cigl
+	@echo "demo results: runs/demo-cigl/summary.json (model: runs/demo-cigl/model.pt)"
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/sparse_overhead.py
+	$(BIN)/python benchmarks/calibration.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+data: $(DATA)/train
+
+$(DATA)/train:
+	mkdir -p $(dir $(DATA))
+	tar -xJf $(SHARED)/data/cifar10-jpeg.tar.xz -C $(dir $(DATA))
+	test -d $(DATA)/train
+
+# CigL as the reference's command intends: RigL masks + random mask (DPNUM) + averaging from epoch BS
+cifar10.ERK.RigL: install
+	$(BIN)/cigl-train --dataset cifar10 --data-dir $(DATA) --model $(MODEL) --method rigl --sparse-init erk \
+	  --density $(DENSITY) --dpnum $(DPNUM) --avg-start $(BS) --lr $(LR) --decay $(DECAY) \
+	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
+	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED)
+
+cifar10.ERK.Dense: install
+	$(BIN)/cigl-train --dataset cifar10 --data-dir $(DATA) --model $(MODEL) --method dense \
+	  --lr $(LR) --decay $(DECAY) --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) \
+	  --batch-size 128 --wd 1e-4 --val-size 0 --seed $(SEED) --out runs/$@.s$(SEED)
+
+# CIFAR-100 needs an ImageFolder copy (train/ and test/ with 100 class folders) passed as DATA=
+cifar100.ERK.RigL: install
+	$(BIN)/cigl-train --dataset imagefolder --data-dir $(DATA) --model $(MODEL) --method rigl --sparse-init erk \
+	  --density $(DENSITY) --dpnum $(DPNUM) --avg-start $(BS) --lr $(LR) --decay $(DECAY) \
+	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
+	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED)
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,185 @@
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_cli
+
+import cigl.data as data
+from cigl.errors import FormatError, InputError
+
+
+def test_digits_splits_are_deterministic_and_disjoint():
+    a = data.load_dataset("digits")
+    b = data.load_dataset("digits")
+    for split in ("train", "val", "test"):
+        assert np.array_equal(getattr(a, split).x, getattr(b, split).x)
+        assert np.array_equal(getattr(a, split).y, getattr(b, split).y)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert len(a.test) == 359 and len(a.val) == 143
+    rows = {
+        split: {getattr(a, split).x[i].tobytes() for i in range(len(getattr(a, split)))}
+        for split in ("train", "val", "test")
+    }
+    # digits has a handful of duplicate images; a split leak would share far more
+    assert len(rows["train"] & rows["test"]) <= 3 and len(rows["train"] & rows["val"]) <= 3
+    assert a.train.x.dtype == np.uint8 and a.train.x.shape[1:] == (8, 8, 1)
+    # stratified: every class has its share of the validation split
+    assert np.bincount(a.val.y).min() >= 13
+
+
+def test_stratified_split_partitions_the_indices():
+    y = np.repeat(np.arange(5), 20)
+    keep, held = data.stratified_split(y, 0.25, seed=0)
+    assert np.intersect1d(keep, held).size == 0
+    assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(100))
+    assert np.array_equal(np.bincount(y[held]), np.full(5, 5))
+    assert np.array_equal(held, data.stratified_split(y, 0.25, seed=0)[1])
+
+
+def test_val_size_zero_keeps_all_training_images():
+    d = data.load_dataset("digits", val_size=0)
+    assert len(d.val) == 0 and len(d.train) == 1797 - 359
+
+
+def test_cifar_image_folder_loads_real_jpegs(cifar_small):
+    d = data.load_dataset("cifar10", cifar_small, val_size=0.1)
+    assert d.classes == data.CIFAR10_CLASSES
+    assert d.train.x.shape == (270, 32, 32, 3) and len(d.val) == 30 and len(d.test) == 100
+    assert np.array_equal(np.bincount(d.test.y), np.full(10, 10))
+    assert 60 < d.train.x.mean() < 200  # real photos, not blank arrays
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, cifar_small, monkeypatch):
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    first, _ = data.load_image_folder(root / "test")
+    calls = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda p, s: calls.append(p) or real_decode(p, s))
+    again, _ = data.load_image_folder(root / "test")
+    assert calls == [] and np.array_equal(first.x, again.x)
+    # replace one image's content: the cache key changes and everything is decoded again
+    cat = sorted((root / "test" / "cat").iterdir())
+    shutil.copy(sorted((root / "test" / "dog").iterdir())[0], cat[0])
+    rebuilt, _ = data.load_image_folder(root / "test")
+    assert len(calls) == 100
+    assert not np.array_equal(rebuilt.x, first.x)
+
+
+def test_python_batches_format(tmp_path, cifar_small):
+    src = data.load_dataset("cifar10", cifar_small, val_size=0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    def dump(name, split):
+        flat = split.x.transpose(0, 3, 1, 2).reshape(len(split), -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": flat, b"labels": split.y.tolist()}, f)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", data.Split(src.train.x[i - 1 :: 5], src.train.y[i - 1 :: 5]))
+    dump("test_batch", src.test)
+    d = data.load_dataset("cifar10", tmp_path, val_size=0)
+    assert np.array_equal(d.test.x, src.test.x) and np.array_equal(d.test.y, src.test.y)
+    assert len(d.train) == len(src.train)
+
+
+def test_python_batch_with_code_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (shutil.copy, (__file__, str(marker)))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(FormatError, match="refusing to load shutil.copy"):
+        data.load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_corrupt_jpeg_is_named(tmp_path, cifar_small):
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    bad = root / "train" / "cat" / "0003.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(InputError, match="cannot read image .*0003.jpg"):
+        data.load_dataset("cifar10", root)
+    proc = run_cli(
+        str(ROOT / "tools" / "train.py"),
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert_one_line_error(proc, "0003.jpg")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(InputError, match="zebra has no images"):
+        data.load_dataset("imagefolder", root)
+    with pytest.raises(InputError, match="needs train/ and test/"):
+        data.load_dataset("imagefolder", root / "train")
+    with pytest.raises(InputError, match="not found"):
+        data.load_dataset("imagefolder", tmp_path / "nowhere")
+    with pytest.raises(InputError, match="--data-dir"):
+        data.load_dataset("cifar10")
+
+
+def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
+    from PIL import Image
+
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    Image.new("RGB", (40, 36), (10, 20, 30)).save(root / "train" / "cat" / "big.png")
+    with pytest.raises(InputError, match="mixed sizes.*--image-size"):
+        data.load_dataset("imagefolder", root)
+    d = data.load_dataset("imagefolder", root, image_size=24)
+    assert d.train.x.shape[1:] == (24, 24, 3) and d.test.x.shape[1:] == (24, 24, 3)
+
+
+def test_augment_is_a_padded_crop_or_its_mirror():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = data.augment(x, pad=2, flip=True)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(16):
+        views = {
+            (oy, ox, f): (
+                padded[i, :, oy : oy + 8, ox : ox + 8].flip(2)
+                if f
+                else padded[i, :, oy : oy + 8, ox : ox + 8]
+            )
+            for oy in range(5)
+            for ox in range(5)
+            for f in (0, 1)
+        }
+        matches = [k for k, v in views.items() if torch.equal(v, out[i])]
+        assert matches, f"image {i} is not a crop of its padded input"
+        flips += matches[0][2]
+    assert 0 < flips < 16
+    assert torch.equal(data.augment(x, pad=0, flip=False), x)
+
+
+def test_normalize_matches_formula():
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    y = data.normalize(x, (0.5,), (0.25,))
+    assert torch.allclose(y, torch.tensor([[[[-2.0, 2.0]]]]))
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = data.epoch_order(100, 0, 3, torch.device("cpu"))
+    assert torch.equal(a, data.epoch_order(100, 0, 3, torch.device("cpu")))
+    assert not torch.equal(a, data.epoch_order(100, 0, 4, torch.device("cpu")))
+    assert sorted(a.tolist()) == list(range(100))

@@ -1,0 +1,226 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_cli
+
+from cigl.train import TrainConfig, lr_at, resolve, train
+
+TRAIN = str(ROOT / "tools" / "train.py")
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
+    out = tmp_path / "dense"
+    summary = train(TrainConfig(method="dense", epochs=8, out=str(out), batch_size=64), quiet=True)
+    assert summary["test"]["acc"] >= 0.90
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "model.pt",
+        "summary.json",
+    }
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "dense" and config["density"] == 1.0 and config["seed"] == 0
+    assert config["decay_every"] == 3.2 and config["classes"] == [str(i) for i in range(10)]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert {
+        "train_loss",
+        "val_acc",
+        "val_nll",
+        "val_ece",
+        "test_acc",
+        "test_nll",
+        "test_ece",
+        "lr",
+        "time_s",
+    } <= set(rows[0])
+    assert rows[-1]["test_acc"] == pytest.approx(summary["final_weights"]["test"]["acc"])
+    model = _load(out / "model.pt")
+    assert model["format"] == "cigl-model" and model["arch"] == "resnet20"
+    assert model["temperature"] == pytest.approx(summary["temperature"]) and model["temperature"] > 0
+    assert summary["test_calibrated"]["nll"] <= summary["test"]["nll"] + 0.02
+
+
+def test_lr_schedule():
+    cfg = resolve(TrainConfig(epochs=10, lr=0.1, decay=0.5, decay_every=2, warmup_epochs=1))
+    assert lr_at(cfg, 0, 10) == pytest.approx(0.01)
+    assert lr_at(cfg, 9, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 19, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 20, 10) == pytest.approx(0.05)
+    assert lr_at(cfg, 45, 10) == pytest.approx(0.025)
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = train(TrainConfig(method="rigl", epochs=2, update_every=5, out=str(tmp_path / "a")), quiet=True)
+    b = train(TrainConfig(method="rigl", epochs=2, update_every=5, out=str(tmp_path / "b")), quiet=True)
+    assert a["test"] == b["test"]
+    sa, sb = (
+        _load(tmp_path / "a" / "model.pt")["state_dict"],
+        _load(tmp_path / "b" / "model.pt")["state_dict"],
+    )
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("method", ["dense", "cigl"])
+def test_kill_and_resume_gives_identical_weights(tmp_path, method):
+    args = [
+        "--method",
+        method,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--update-every",
+        "7",
+        "--save-every-steps",
+        "5",
+        "--quiet",
+    ]
+    full = run_cli(TRAIN, *args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(out / "last.pt", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
+    step = _load(out / "last.pt")["step"]
+    assert 0 < step < 4 * 80
+    resumed = run_cli(TRAIN, "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _load(tmp_path / "full" / "model.pt"), _load(out / "model.pt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(TRAIN, "--method", "rigl", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
+    proc = run_cli(TRAIN, "--resume", str(out), "--lr", "0.05")
+    assert_one_line_error(proc, "--lr 0.1, not 0.05", "only --epochs may change")
+    proc = run_cli(TRAIN, "--resume", str(out), "--epochs", "2", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    again = run_cli(TRAIN, "--method", "rigl", "--epochs", "1", "--out", str(out))
+    assert_one_line_error(again, "already holds a run", "--resume")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_checkpoint_needing_pickle_is_refused_not_run(tmp_path):
+    out = tmp_path / "evil"
+    assert run_cli(TRAIN, "--method", "dense", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
+    marker = tmp_path / "pwned"
+    with open(out / "last.pt", "wb") as f:
+        pickle.dump({"format": "cigl-checkpoint", "x": _Payload(str(marker))}, f)
+    proc = run_cli(TRAIN, "--resume", str(out))
+    assert_one_line_error(proc, "cannot load", "safely")
+    assert not marker.exists()
+    (out / "last.pt").write_bytes(b"truncated")
+    assert_one_line_error(run_cli(TRAIN, "--resume", str(out)), "cannot load")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "cigl", "--epochs", "5", "--avg-start", "6"], "use an epoch from 1 to 5"),
+        (["--method", "rigl", "--dpnum", "1"], "--dpnum must be an integer > 1"),
+        (["--method", "dense", "--density", "0.1"], "drop --density 0.1"),
+        (["--density", "1.5"], "--density must lie in (0, 1]"),
+        (["--model", "nope_net"], "unknown model 'nope_net'"),
+        (["--dataset", "cifar10"], "needs --data-dir"),
+        (["--resume", "/nonexistent/run"], "no run there"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    proc = (
+        run_cli(TRAIN, *args, "--out", str(tmp_path / "x"))
+        if "--resume" not in args
+        else run_cli(TRAIN, *args)
+    )
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_cigl_train_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "cigl-train")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ("--density", "--dpnum", "--lr", "--decay", "--avg-start", "--seed", "--resume"):
+        assert option in proc.stdout
+
+
+def test_import_cigl_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import cigl, cigl.calibration, cigl.errors\n"
+        "import numpy as np\n"
+        "print(cigl.calibration.ece(np.array([[2.0, 0.0]]), np.array([0]), kind='logits'))\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == pytest.approx(1 - 1 / (1 + torch.exp(torch.tensor(-2.0)).item()))
+
+
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "cigl"])
+def test_each_sparse_method_trains_and_keeps_density(tmp_path, method):
+    out = tmp_path / method
+    summary = train(
+        TrainConfig(method=method, density=0.2, epochs=6, batch_size=64, update_every=5, out=str(out)),
+        quiet=True,
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    layers = json.loads((out / "config.json").read_text())["sparse_layers"]
+    total = sum(r["numel"] for r in layers)
+    assert sum(r["nnz"] for r in layers) / total == pytest.approx(0.2, rel=1e-3)
+    assert all(r["density"] == pytest.approx(0.2, rel=1e-3) for r in rows)  # training masks
+    assert summary["target_density"] == 0.2
+    assert summary["final_weights"]["test"]["acc"] > 0.6
+    model = _load(out / "model.pt")
+    for layer in summary["layers"]:
+        mask = model["masks"][layer["name"]]
+        assert int(mask.sum()) == layer["nnz"]
+        assert not model["state_dict"][layer["name"]][~mask].any()
+    if method == "cigl":
+        assert summary["product"] == "averaged" and "averaged" in summary
+        assert json.loads((out / "config.json").read_text())["dpnum"] == 100
+        # the average's support is the union of the averaged masks: a little above the target
+        assert 0.19 < summary["actual_density"] < 0.3
+    else:
+        assert summary["product"] == "final_weights"
+        assert summary["actual_density"] == pytest.approx(0.2, rel=1e-3)
