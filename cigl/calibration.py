@@ -6,9 +6,10 @@ the values. Inputs are validated first (InputError naming the problem), then com
 vectorised numpy. Notation: p_i is the predicted distribution of sample i, conf_i = max_k p_ik
 its confidence, pred_i = argmax_k p_ik, and c_i = [pred_i == y_i].
 
-Binning: "uniform" bins are [e_b, e_{b+1}) with e = linspace(0, 1, B+1); a confidence of
+Binning: "uniform" bins are [e_b, e_{b+1}) with e_b = b / B; a confidence of
 exactly 1.0 belongs to the last bin. "adaptive" bins hold equal numbers of samples
-(confidences ranked, then split into B consecutive groups, sizes differing by at most one).
+(confidences ranked, ties in input order, then split into B consecutive groups whose sizes
+differ by at most one, the larger ones first).
 
     ECE   = sum_b n_b/N * |acc_b - conf_b|          (Guo et al., 2017)
     MCE   = max_b |acc_b - conf_b| over non-empty bins
@@ -152,14 +153,21 @@ class ReliabilityBins:
         return np.nan_to_num(np.abs(self.accuracy - self.confidence))
 
 
+def _uniform_edges(n_bins: int) -> np.ndarray:
+    """Edges b / B, each the double nearest to the exact fraction (linspace is off by an ulp)."""
+    return np.arange(n_bins + 1) / n_bins
+
+
 def _uniform_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = _uniform_edges(n_bins)
     return np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
 
 
 def _adaptive_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     n = conf.shape[0]
-    bounds = (np.arange(1, n_bins) * n) // n_bins  # first rank of bins 1..B-1
+    sizes = np.full(n_bins, n // n_bins)
+    sizes[: n % n_bins] += 1  # the first n % B bins hold one sample more (as np.array_split)
+    bounds = np.cumsum(sizes)[:-1]  # first rank of bins 1..B-1
     ranks = np.empty(n, dtype=np.int64)
     order = np.argsort(conf, kind="stable")
     ranks[order] = np.arange(n)
@@ -177,7 +185,7 @@ def _bin_stats(conf: np.ndarray, correct: np.ndarray, index: np.ndarray, n_bins:
 def _bins(conf: np.ndarray, correct: np.ndarray, n_bins: int, scheme: str) -> ReliabilityBins:
     if scheme == "uniform":
         index = _uniform_index(conf, n_bins)
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        edges = _uniform_edges(n_bins)
     else:
         index = _adaptive_index(conf, n_bins)
         edges = np.quantile(conf, np.linspace(0.0, 1.0, n_bins + 1))

@@ -1,0 +1,333 @@
+"""`confidence-audit`: calibration report, reliability diagram and a pass/fail gate.
+
+Inputs are prediction files: `.npz` with `logits` or `probs` plus `labels`, or `.csv` with a
+label column and one column per class. Writes report.json, report.md and reliability.png into
+--out (all or nothing) and exits 1 when any model's ECE exceeds --max-ece. numpy + matplotlib
+only: no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cigl import calibration as cal
+from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
+
+
+@dataclass
+class Predictions:
+    name: str
+    scores: np.ndarray
+    labels: np.ndarray
+    kind: str  # "logits" or "probs"
+    classes: list[str] | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise FormatError(f"{path} is not a readable .npz file ({exc})") from None
+    kind = "logits" if "logits" in arrays else "probs" if "probs" in arrays else None
+    if kind is None or "labels" not in arrays:
+        raise FormatError(f"{path} needs arrays 'labels' and 'logits' or 'probs'; it has {sorted(arrays)}")
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+    return arrays[kind], arrays["labels"], kind, classes
+
+
+def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise FormatError(f"{path} needs a header row and at least one prediction row")
+    header = rows[0]
+    if label_column not in header:
+        raise FormatError(
+            f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column"
+        )
+    li = header.index(label_column)
+    classes = [c for i, c in enumerate(header) if i != li]
+    try:
+        table = np.array([[float(v) for v in row] for row in rows[1:]], dtype=np.float64)
+    except ValueError as exc:
+        raise FormatError(f"{path}: every cell must be a number ({exc})") from None
+    if table.shape[1] != len(header):
+        raise FormatError(f"{path}: rows have {table.shape[1]} cells but the header has {len(header)}")
+    return np.delete(table, li, axis=1), table[:, li], kind, classes
+
+
+def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = "probs") -> Predictions:
+    """`NAME=path` or `path` (named by its stem) -> validated Predictions."""
+    name, _, path = spec.rpartition("=")
+    path = Path(path)
+    name = name or path.stem
+    if not path.is_file():
+        raise InputError(f"prediction file not found: {path}")
+    if path.suffix == ".npz":
+        scores, labels, kind, classes = _load_npz(path)
+    elif path.suffix == ".csv":
+        scores, labels, kind, classes = _load_csv(path, label_column, csv_kind)
+    else:
+        raise InputError(f"{path}: expected a .npz or .csv prediction file")
+    try:
+        scores, labels = cal.validate(scores, labels, kind)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return Predictions(name, scores, labels, kind, classes)
+
+
+# --------------------------------------------------------------------------- auditing
+
+
+def _as_logits(p: Predictions) -> np.ndarray:
+    return p.scores if p.kind == "logits" else np.log(np.clip(p.scores, 1e-300, None))
+
+
+def audit_one(
+    p: Predictions, *, n_bins: int, scheme: str, temperature: str, fit_split: float, n_boot: int, seed: int
+) -> dict:
+    """Metrics of one model on its report split (all samples, or those not used to fit T)."""
+    idx = np.random.default_rng(seed).permutation(p.labels.shape[0])
+    if temperature == "fit":
+        n_fit = int(round(fit_split * idx.size))
+        if n_fit < 1 or n_fit >= idx.size:
+            raise InputError(f"--fit-split {fit_split} leaves no samples to fit or to report on for {p.name}")
+        fit, report = np.sort(idx[:n_fit]), np.sort(idx[n_fit:])
+        t = cal.fit_temperature(p.scores[fit], p.labels[fit], kind=p.kind)
+    else:
+        report = np.arange(p.labels.shape[0])
+        t = 1.0 if temperature == "none" else float(temperature)
+    scores, labels = p.scores[report], p.labels[report]
+    metrics = cal.summary(scores, labels, kind=p.kind, n_bins=n_bins)
+    if scheme == "adaptive":
+        metrics["ece"], metrics["adaptive_ece"] = metrics["adaptive_ece"], metrics["ece"]
+        metrics["mce"] = cal.mce(scores, labels, kind=p.kind, n_bins=n_bins, scheme="adaptive")
+    if n_boot:
+        metric = "adaptive_ece" if scheme == "adaptive" else "ece"
+        metrics["ece_ci"] = list(
+            cal.bootstrap_ci(
+                scores, labels, kind=p.kind, metric=metric, n_boot=n_boot, seed=seed, n_bins=n_bins
+            )
+        )
+    scaled = cal.softmax(_as_logits(p)[report], t)
+    after = cal.summary(scaled, labels, kind="probs", n_bins=n_bins)
+    bins = cal.reliability_bins(scores, labels, kind=p.kind, n_bins=n_bins, scheme=scheme)
+    metrics.update(
+        {
+            "temperature": t,
+            "ece_after_t": after["adaptive_ece" if scheme == "adaptive" else "ece"],
+            "nll_after_t": after["nll"],
+            "n_fit": int(p.labels.shape[0] - report.size),
+            "bins": {
+                "edges": bins.edges.tolist(),
+                "count": bins.count.astype(int).tolist(),
+                "confidence": np.nan_to_num(bins.confidence).tolist(),
+                "accuracy": np.nan_to_num(bins.accuracy).tolist(),
+            },
+        }
+    )
+    return metrics
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def markdown_table(models: dict[str, dict]) -> str:
+    """One table, models side by side."""
+    names = list(models)
+
+    def ece_cell(m: dict) -> str:
+        ci = m.get("ece_ci")
+        return _pct(m["ece"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+    rows = [
+        ("samples", lambda m: str(m["n"])),
+        ("accuracy", lambda m: _pct(m["accuracy"])),
+        ("ECE (95% CI)", ece_cell),
+        ("adaptive ECE", lambda m: _pct(m["adaptive_ece"])),
+        ("MCE", lambda m: _pct(m["mce"])),
+        ("NLL", lambda m: f"{m['nll']:.4f}"),
+        ("Brier", lambda m: f"{m['brier']:.4f}"),
+        ("mean confidence", lambda m: _pct(m["mean_confidence"])),
+        ("temperature T", lambda m: f"{m['temperature']:.3f}"),
+        ("ECE after T", lambda m: _pct(m["ece_after_t"])),
+    ]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(fn(models[n]) for n in names) + " |" for label, fn in rows]
+    return "\n".join(lines)
+
+
+def plot_reliability(models: dict[str, dict], path: Path) -> None:
+    """Reliability curves overlaid (top) and confidence histograms (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, m in models.items():
+        b = m["bins"]
+        count = np.asarray(b["count"])
+        keep = count > 0
+        conf, acc = np.asarray(b["confidence"])[keep], np.asarray(b["accuracy"])[keep]
+        (line,) = top.plot(conf, acc, marker="o", label=f"{name} (ECE {_pct(m['ece'])})")
+        edges = np.asarray(b["edges"])
+        bottom.stairs(count / count.sum(), edges, color=line.get_color(), linewidth=1.5)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set(xlabel="confidence", ylabel="share of samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write report.json, report.md and reliability.png into `out` all at once (temp dir, then move)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        gate = report["gate"]
+        verdict = (
+            ""
+            if gate["max_ece"] is None
+            else (
+                f"\n\nGate: ECE <= {_pct(gate['max_ece'])}: "
+                + ("PASS" if gate["passed"] else "FAIL (" + ", ".join(gate["failed"]) + ")")
+            )
+        )
+        (tmp / "report.md").write_text(
+            "# Calibration audit\n\n" + markdown_table(report["models"]) + verdict + "\n"
+        )
+        plot_reliability(report["models"], tmp / "reliability.png")
+        out.mkdir(exist_ok=True)
+        for f in ("report.json", "report.md", "reliability.png"):
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="confidence-audit",
+        description="Audit the calibration of one or more models from prediction files and gate on ECE.",
+        epilog="exit codes: 0 pass, 1 an ECE above --max-ece, 2 bad input",
+    )
+    p.add_argument(
+        "predictions",
+        nargs="+",
+        metavar="[NAME=]FILE",
+        help=".npz (logits or probs, labels[, classes]) or .csv (label column + one column per class)",
+    )
+    p.add_argument("--bins", type=int, default=10, help="number of bins (default 10)")
+    p.add_argument(
+        "--scheme",
+        choices=cal.SCHEMES,
+        default="uniform",
+        help="ECE bins: equal width (uniform, default) or equal mass (adaptive)",
+    )
+    p.add_argument(
+        "--temperature",
+        default="fit",
+        help="fit (on --fit-split, report on the rest; default), none, or a value T > 0",
+    )
+    p.add_argument(
+        "--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap")
+    p.add_argument("--max-ece", type=float, help="gate: exit 1 when any model's ECE exceeds this (e.g. 0.05)")
+    p.add_argument("--out", default="audit", help="report folder (default ./audit)")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    p.add_argument("--label-column", default="label", help="CSV label column (default label)")
+    p.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold")
+    return p
+
+
+def _check_options(args) -> None:
+    if args.bins < 1:
+        raise InputError(f"--bins must be >= 1, got {args.bins}")
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.temperature not in ("fit", "none"):
+        try:
+            t = float(args.temperature)
+        except ValueError:
+            t = float("nan")
+        if not t > 0 or not np.isfinite(t):
+            raise InputError(f"--temperature must be fit, none or a number > 0, got {args.temperature!r}")
+    if not 0 < args.fit_split < 1:
+        raise InputError(f"--fit-split must lie in (0, 1), got {args.fit_split}")
+    if args.max_ece is not None and not 0 <= args.max_ece <= 1:
+        raise InputError(f"--max-ece must lie in [0, 1] (e.g. 0.05 for 5%), got {args.max_ece}")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_options(args)
+    preds = [
+        load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind) for s in args.predictions
+    ]
+    names = [p.name for p in preds]
+    if len(set(names)) != len(names):
+        raise InputError(f"two inputs share the name {max(names, key=names.count)!r}; name them NAME=path")
+    models = {
+        p.name: audit_one(
+            p,
+            n_bins=args.bins,
+            scheme=args.scheme,
+            temperature=args.temperature,
+            fit_split=args.fit_split,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+        )
+        for p in preds
+    }
+    failed = [n for n, m in models.items() if args.max_ece is not None and m["ece"] > args.max_ece]
+    report = {
+        "settings": {
+            k: getattr(args, k) for k in ("bins", "scheme", "temperature", "fit_split", "bootstrap", "seed")
+        },
+        "inputs": dict(zip(names, args.predictions, strict=True)),
+        "models": models,
+        "gate": {"max_ece": args.max_ece, "passed": not failed, "failed": failed},
+    }
+    out = Path(args.out)
+    write_report(report, out)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(markdown_table(models))
+        if args.max_ece is not None:
+            print(
+                f"gate ECE <= {_pct(args.max_ece)}: "
+                + ("PASS" if not failed else "FAIL: " + ", ".join(failed))
+            )
+        print(f"report: {out / 'report.md'}, {out / 'report.json'}; diagram: {out / 'reliability.png'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

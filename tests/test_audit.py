@@ -1,0 +1,170 @@
+"""confidence-audit on real prediction files: report contents, plot, gate, errors."""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from cigl import calibration as cal
+
+AUDIT = os.path.join(os.path.dirname(sys.executable), "confidence-audit")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two real models on digits: a logistic regression (probs) and an over-sharpened copy (logits)."""
+    d = load_digits()
+    clf = LogisticRegression(max_iter=300).fit(d.data[:1000], d.target[:1000])
+    probs, labels = clf.predict_proba(d.data[1000:]), d.target[1000:]
+    root = tmp_path_factory.mktemp("preds")
+    np.savez(root / "calm.npz", probs=probs, labels=labels)
+    np.savez(root / "sharp.npz", logits=np.log(probs) * 4, labels=labels)
+    with open(root / "calm.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label"] + [f"digit{k}" for k in range(10)])
+        for p, y in zip(probs, labels, strict=True):
+            w.writerow([y] + [repr(float(v)) for v in p])
+    return root, probs, labels
+
+
+def audit(*args):
+    return run_cli("-c", "from cigl.serve.audit import main; raise SystemExit(main())", *args)
+
+
+def test_report_contents_and_plot(files, tmp_path):
+    root, probs, labels = files
+    out = tmp_path / "report"
+    proc = run_cli(
+        AUDIT,
+        f"lr={root / 'calm.npz'}",
+        str(root / "sharp.npz"),
+        "--temperature",
+        "none",
+        "--bootstrap",
+        "200",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["lr", "sharp"]
+    lr = report["models"]["lr"]
+    assert lr["ece"] == pytest.approx(cal.ece(probs, labels, kind="probs"))
+    assert lr["nll"] == pytest.approx(cal.nll(probs, labels, kind="probs"))
+    assert lr["brier"] == pytest.approx(cal.brier(probs, labels, kind="probs"))
+    assert lr["adaptive_ece"] == pytest.approx(cal.adaptive_ece(probs, labels, kind="probs"))
+    assert lr["ece_ci"][0] < lr["ece"] < lr["ece_ci"][1]
+    assert sum(lr["bins"]["count"]) == len(labels) and lr["temperature"] == 1.0
+    sharp = report["models"]["sharp"]
+    assert sharp["ece"] > lr["ece"] and sharp["accuracy"] == lr["accuracy"]
+    md = (out / "report.md").read_text()
+    assert "| metric | lr | sharp |" in md and "ECE (95% CI)" in md and f"{100 * lr['ece']:.2f}%" in md
+    png = (out / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| metric | lr | sharp |" in proc.stdout
+
+
+def test_temperature_fit_on_split_improves_the_sharp_model(files, tmp_path):
+    root, _, labels = files
+    proc = audit(
+        str(root / "sharp.npz"),
+        "--fit-split",
+        "0.5",
+        "--bootstrap",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["models"]["sharp"]
+    assert m["n"] + m["n_fit"] == len(labels) and m["n_fit"] == round(0.5 * len(labels))
+    assert m["temperature"] > 2.0  # logits were sharpened 4x
+    assert m["ece_after_t"] < m["ece"] and m["nll_after_t"] < m["nll"] and "ece_ci" not in m
+
+
+def test_csv_matches_npz(files, tmp_path):
+    root, _, _ = files
+    a = json.loads(
+        audit(str(root / "calm.csv"), "--temperature", "none", "--json", "--out", str(tmp_path / "a")).stdout
+    )
+    b = json.loads(
+        audit(str(root / "calm.npz"), "--temperature", "none", "--json", "--out", str(tmp_path / "b")).stdout
+    )
+    for key in ("ece", "nll", "brier", "accuracy", "adaptive_ece", "mce"):
+        assert a["models"]["calm"][key] == pytest.approx(b["models"]["calm"][key], abs=1e-9)
+
+
+def test_adaptive_scheme(files, tmp_path):
+    root, probs, labels = files
+    proc = audit(
+        str(root / "calm.npz"),
+        "--scheme",
+        "adaptive",
+        "--temperature",
+        "none",
+        "--bins",
+        "5",
+        "--bootstrap",
+        "50",
+        "--json",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    m = json.loads(proc.stdout)["models"]["calm"]
+    assert m["ece"] == pytest.approx(cal.adaptive_ece(probs, labels, kind="probs", n_bins=5))
+    assert len(set(m["bins"]["count"])) <= 2  # equal mass
+
+
+def test_gate_exit_codes(files, tmp_path):
+    root, _, _ = files
+    calm, sharp = str(root / "calm.npz"), str(root / "sharp.npz")
+    ok = audit(calm, "--max-ece", "0.2", "--temperature", "none", "--out", str(tmp_path / "a"))
+    assert ok.returncode == 0 and "PASS" in ok.stdout
+    bad = audit(calm, sharp, "--max-ece", "0.05", "--temperature", "none", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 1 and "FAIL: sharp" in bad.stdout
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["gate"] == {"max_ece": 0.05, "passed": False, "failed": ["sharp"]}
+    assert "Gate: ECE <= 5.00%: FAIL (sharp)" in (tmp_path / "b" / "report.md").read_text()
+
+
+def _write(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_bad_inputs_one_line_and_nothing_written(files, tmp_path):
+    root, probs, labels = files
+    calm = str(root / "calm.npz")
+    nan = probs.copy()
+    nan[3, 2] = np.nan
+    bad_csv = tmp_path / "nolabel.csv"
+    bad_csv.write_text("a,b\n0.5,0.5\n")
+    cases = [
+        ([str(tmp_path / "missing.npz")], "prediction file not found"),
+        ([_write(tmp_path / "nokeys.npz", scores=probs)], "needs arrays 'labels' and 'logits' or 'probs'"),
+        ([_write(tmp_path / "nan.npz", probs=nan, labels=labels)], "NaN or Inf"),
+        ([_write(tmp_path / "shape.npz", probs=probs, labels=labels[:-1])], "shape mismatch"),
+        ([_write(tmp_path / "oor.npz", probs=probs, labels=labels + 5)], "labels out of range"),
+        ([_write(tmp_path / "sum.npz", probs=probs * 0.5, labels=labels)], "do not sum to 1"),
+        ([str(bad_csv)], "no 'label' column"),
+        ([calm, f"calm={root / 'sharp.npz'}"], "share the name 'calm'"),
+        ([calm, "--temperature", "hot"], "--temperature must be fit, none or a number > 0"),
+        ([calm, "--bins", "0"], "--bins must be >= 1"),
+        ([calm, "--max-ece", "5"], "--max-ece must lie in [0, 1]"),
+        ([calm, "--scheme", "quantile"], "invalid choice"),
+        ([str(root / "calm.txt")], "prediction file not found"),
+    ]
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
+    cases.append(([str(tmp_path / "corrupt.npz")], "not a readable .npz"))
+    for args, needle in cases:
+        out = tmp_path / "never"
+        proc = audit(*args, "--out", str(out))
+        assert_one_line_error(proc, needle)
+        assert not out.exists(), args
