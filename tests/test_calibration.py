@@ -95,6 +95,8 @@ def _adaptive_reference(probs, labels, n_bins):
     order = np.argsort(conf, kind="stable")
     total = 0.0
     for group in np.array_split(order, n_bins):
+        if len(group) == 0:
+            continue
         total += len(group) / len(conf) * abs(correct[group].mean() - conf[group].mean())
     return total
 
@@ -125,6 +127,17 @@ def test_adaptive_and_classwise_match_reference_loops(digits_predictions):
         )
 
 
+def test_adaptive_bins_with_ties_follow_input_order():
+    rng = np.random.default_rng(2)
+    rows = np.array([[0.9, 0.1], [0.6, 0.4], [1.0, 0.0], [0.75, 0.25]])
+    probs = rows[rng.integers(0, 4, size=103)]  # four distinct confidences, many ties
+    labels = rng.integers(0, 2, size=103)
+    for n_bins in (2, 3, 10, 103, 150):
+        assert cal.adaptive_ece(probs, labels, kind="probs", n_bins=n_bins) == pytest.approx(
+            _adaptive_reference(probs, labels, n_bins), abs=1e-12
+        )
+
+
 def test_reliability_bins_and_summary_agree():
     logits, labels = random_predictions(n=2000)
     b = cal.reliability_bins(logits, labels, kind="logits")
@@ -139,6 +152,16 @@ def test_reliability_bins_and_summary_agree():
     assert s["nll"] == pytest.approx(cal.nll(logits, labels, kind="logits"))
     assert s["brier"] == pytest.approx(cal.brier(logits, labels, kind="logits"))
     assert s["mce"] == pytest.approx(cal.mce(logits, labels, kind="logits"))
+
+
+def test_uniform_bins_follow_the_exact_edges():
+    edges = np.arange(11) / 10
+    conf = np.concatenate(
+        [edges, np.nextafter(edges, 0), np.nextafter(edges, 1), np.random.default_rng(0).random(1000)]
+    )
+    conf = np.clip(conf, 0.0, 1.0)
+    expected = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, 9)
+    assert np.array_equal(cal._uniform_index(conf, 10), expected)
 
 
 def test_permutation_invariance():
