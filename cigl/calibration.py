@@ -241,9 +241,7 @@ def _prepared(scores, labels, kind, n_bins, scheme="uniform"):
 # --------------------------------------------------------------------------- public metrics
 
 
-def reliability_bins(
-    scores, labels, *, kind: str, n_bins: int = 10, scheme: str = "uniform"
-) -> ReliabilityBins:
+def reliability_bins(scores, labels, *, kind: str, n_bins: int = 10, scheme: str = "uniform") -> ReliabilityBins:
     """Reliability-diagram data: per bin the count, mean confidence and accuracy."""
     conf, correct = _prepared(scores, labels, kind, n_bins, scheme)
     return _bins(conf, correct, n_bins, scheme)
@@ -369,9 +367,7 @@ def bootstrap_ci(
 # --------------------------------------------------------------------------- temperature
 
 
-def fit_temperature(
-    scores, labels, *, kind: str = "logits", t_min: float = 0.01, t_max: float = 100.0
-) -> float:
+def fit_temperature(scores, labels, *, kind: str = "logits", t_min: float = 0.01, t_max: float = 100.0) -> float:
     """Temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017).
 
     NLL is convex in beta = 1/T, so Newton's method on beta, kept inside [1/t_max, 1/t_min]

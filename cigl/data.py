@@ -99,9 +99,7 @@ def per_class_subset(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if idx.size < per_class:
-            raise InputError(
-                f"--train-per-class {per_class} but class {c} has only {idx.size} training images"
-            )
+            raise InputError(f"--train-per-class {per_class} but class {c} has only {idx.size} training images")
         chosen.append(rng.choice(idx, per_class, replace=False))
     return np.sort(np.concatenate(chosen))
 
@@ -123,9 +121,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _list_image_folder(
-    root: Path, classes: list[str] | None = None
-) -> tuple[list[Path], np.ndarray, list[str]]:
+def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     if not root.is_dir():
         raise InputError(f"folder not found: {root} (expected one subfolder per class)")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -296,6 +292,28 @@ def load_dataset(
         pad=pad,
         flip=flip,
     )
+
+
+def extract_archive_subset(archive: str | Path, dest: str | Path, per_class: dict[str, int]) -> Path:
+    """Copy the first `per_class[split]` images of every class of an ImageFolder tarball
+    (<root>/<split>/<class>/<file>, e.g. the offline CIFAR-10 copy) into `dest`."""
+    import tarfile
+
+    dest = Path(dest)
+    seen: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 4 or parts[1] not in per_class:
+                continue
+            key = (parts[1], parts[2])
+            if seen.get(key, 0) >= per_class[parts[1]]:
+                continue
+            seen[key] = seen.get(key, 0) + 1
+            target = dest / parts[1] / parts[2] / parts[3]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return dest
 
 
 # --------------------------------------------------------------------------- tensor pipeline

@@ -179,22 +179,23 @@ def load_checkpoint(path: Path) -> dict:
             ) from None
         raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({exc})") from None
     except Exception as exc:  # zip/EOF/runtime errors of a damaged file
-        raise CheckpointError(
-            f"cannot load {path}: the file is corrupt or truncated ({type(exc).__name__})"
-        ) from None
+        raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a cigl training checkpoint")
     return ckpt
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, cfg_mean, cfg_std, batch: int, amp) -> np.ndarray:
-    """Logits (float32 numpy) of `model` in eval mode on uint8 images `x`."""
+def predict_logits(model: nn.Module, x: torch.Tensor, mean, std, batch: int, amp, weights=None) -> np.ndarray:
+    """Logits (float32 numpy) of `model` in eval mode on uint8 images `x`, optionally with some
+    parameters replaced by `weights` (name -> tensor)."""
     model.eval()
     out = []
     for i in range(0, x.shape[0], batch):
+        inputs = (normalize(x[i : i + batch], mean, std),)
         with amp():
-            out.append(model(normalize(x[i : i + batch], cfg_mean, cfg_std)).float().cpu())
+            logits = model(*inputs) if weights is None else torch.func.functional_call(model, weights, inputs)
+        out.append(logits.float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -224,9 +225,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     ckpt = load_checkpoint(out / "last.pt") if resume else None
     if not resume and (out / "last.pt").exists():
-        raise InputError(
-            f"{out} already holds a run; pass --resume {out} to continue it or choose another --out"
-        )
+        raise InputError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
 
     # ---- data, model, optimiser
     data = load_dataset(
@@ -379,9 +378,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for split, (xs, ys) in (("val", (val_x, val_y)), ("test", (test_x, test_y))):
                 if xs.shape[0]:
-                    m = split_metrics(
-                        predict_logits(model, xs, data.mean, data.std, 512, amp), ys.cpu().numpy()
-                    )
+                    weights = masking.weights() if masking is not None else None
+                    logits = predict_logits(model, xs, data.mean, data.std, 512, amp, weights)
+                    m = split_metrics(logits, ys.cpu().numpy())
                     row.update({f"{split}_{k}": v for k, v in m.items()})
         row["time_s"] = round(time.time() - t0, 3)
         with open(metrics_path, "a") as f:
@@ -390,6 +389,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     # ---- the product: averaged model (BN recomputed) or the final training weights
+    if masking is not None:  # training is over: the parameters become w (they held u = scale * w)
+        with torch.no_grad():
+            for name, w in masking.weights().items():
+                masking.params[name].copy_(w)
     results = {"final_weights": evaluate(model, data, val_x, val_y, test_x, test_y, amp)}
     product, masks = model, ({n: m.clone() for n, m in masking.masks.items()} if masking else {})
     if average is not None:
@@ -438,29 +441,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
 
 
 def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
-    """One SGD step; on a mask-update step the masks change and, as in the reference, the
+    """One SGD step. With masking: the random mask is drawn before the forward pass, and on a
+    mask-update step the masks change from the dense gradient and, as in the reference, the
     optimiser step is skipped."""
     optimizer.zero_grad(set_to_none=True)
-    update = masking is not None and masking.is_update_step(step)
+    if masking is not None:
+        masking.begin_step()
     with amp():
-        if masking is None:
-            logits = model(x)
-        else:
-            weights = masking.effective_weights(
-                step_random=True, keep_grad=update and masking.method.needs_grad
-            )
-            logits = torch.func.functional_call(model, weights, (x,))
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
-    if update:
-        grads = {n: w.grad for n, w in weights.items()} if masking.method.needs_grad else {}
-        masking.update(step, grads, optimizer)
-    else:
-        if masking is not None:
-            masking.hold_dropped()
-        optimizer.step()
-        if masking is not None:
-            masking.restore_dropped()
+    if masking is not None and masking.is_update_step(step):
+        masking.update(step, optimizer)
+        return loss.detach()
+    if masking is not None:
+        masking.mask_gradients()
+    optimizer.step()
+    if masking is not None:
+        masking.end_step()
     return loss.detach()
 
 
@@ -525,39 +522,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"default {d.dataset}")
-    g.add_argument(
-        "--data-dir", help="dataset folder (cifar10: ImageFolder with train/ test/ or cifar-10-batches-py)"
-    )
+    g.add_argument("--data-dir", help="dataset folder (cifar10: ImageFolder with train/ test/ or cifar-10-batches-py)")
     g.add_argument("--image-size", type=int, help="resize images to N x N (needed when sizes differ)")
     g.add_argument(
         "--val-size",
         type=float,
         help=f"share of train held out for validation (default {d.val_size}; 0 = paper)",
     )
-    g.add_argument(
-        "--train-per-class", type=int, help="train on a class-balanced subset of N images per class"
-    )
+    g.add_argument("--train-per-class", type=int, help="train on a class-balanced subset of N images per class")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help=f"cigl or timm model name (default {d.model})")
-    g.add_argument(
-        "--method", choices=ALL_METHODS, help=f"default {d.method} (= rigl + --dpnum 100 + averaging)"
-    )
+    g.add_argument("--method", choices=ALL_METHODS, help=f"default {d.method} (= rigl + --dpnum 100 + averaging)")
     g.add_argument("--density", type=float, help="DENSITY: share of weights kept (default 0.1; dense: 1)")
-    g.add_argument(
-        "--sparse-init", choices=INITS, help=f"per-layer density allocation (default {d.sparse_init})"
-    )
+    g.add_argument("--sparse-init", choices=INITS, help=f"per-layer density allocation (default {d.sparse_init})")
     g.add_argument(
         "--drop-fraction",
         type=float,
         help=f"initial share of weights exchanged per update (default {d.drop_fraction})",
     )
     g.add_argument("--update-every", type=int, help=f"steps between mask updates (default {d.update_every})")
-    g.add_argument(
-        "--update-end", type=float, help=f"stop updating after this share of steps (default {d.update_end})"
-    )
-    g.add_argument(
-        "--dpnum", type=int, help="DPNUM: random mask drops each weight with p=1/DPNUM (cigl default 100)"
-    )
+    g.add_argument("--update-end", type=float, help=f"stop updating after this share of steps (default {d.update_end})")
+    g.add_argument("--dpnum", type=int, help="DPNUM: random mask drops each weight with p=1/DPNUM (cigl default 100)")
     g.add_argument(
         "--avg-start",
         type=int,
@@ -582,9 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last.pt (only --epochs may change)",
     )
-    g.add_argument(
-        "--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)"
-    )
+    g.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)")
     g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p

@@ -56,9 +56,7 @@ def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.
         raise FormatError(f"{path} needs a header row and at least one prediction row")
     header = rows[0]
     if label_column not in header:
-        raise FormatError(
-            f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column"
-        )
+        raise FormatError(f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column")
     li = header.index(label_column)
     classes = [c for i, c in enumerate(header) if i != li]
     try:
@@ -119,9 +117,7 @@ def audit_one(
     if n_boot:
         metric = "adaptive_ece" if scheme == "adaptive" else "ece"
         metrics["ece_ci"] = list(
-            cal.bootstrap_ci(
-                scores, labels, kind=p.kind, metric=metric, n_boot=n_boot, seed=seed, n_bins=n_bins
-            )
+            cal.bootstrap_ci(scores, labels, kind=p.kind, metric=metric, n_boot=n_boot, seed=seed, n_bins=n_bins)
         )
     scaled = cal.softmax(_as_logits(p)[report], t)
     after = cal.summary(scaled, labels, kind="probs", n_bins=n_bins)
@@ -179,9 +175,7 @@ def plot_reliability(models: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
     for name, m in models.items():
         b = m["bins"]
@@ -214,9 +208,7 @@ def write_report(report: dict, out: Path) -> None:
                 + ("PASS" if gate["passed"] else "FAIL (" + ", ".join(gate["failed"]) + ")")
             )
         )
-        (tmp / "report.md").write_text(
-            "# Calibration audit\n\n" + markdown_table(report["models"]) + verdict + "\n"
-        )
+        (tmp / "report.md").write_text("# Calibration audit\n\n" + markdown_table(report["models"]) + verdict + "\n")
         plot_reliability(report["models"], tmp / "reliability.png")
         out.mkdir(exist_ok=True)
         for f in ("report.json", "report.md", "reliability.png"):
@@ -249,12 +241,8 @@ def build_parser() -> ArgumentParser:
         default="fit",
         help="fit (on --fit-split, report on the rest; default), none, or a value T > 0",
     )
-    p.add_argument(
-        "--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)"
-    )
-    p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (0: none)"
-    )
+    p.add_argument("--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap")
     p.add_argument("--max-ece", type=float, help="gate: exit 1 when any model's ECE exceeds this (e.g. 0.05)")
     p.add_argument("--out", default="audit", help="report folder (default ./audit)")
@@ -286,9 +274,7 @@ def _check_options(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_options(args)
-    preds = [
-        load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind) for s in args.predictions
-    ]
+    preds = [load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind) for s in args.predictions]
     names = [p.name for p in preds]
     if len(set(names)) != len(names):
         raise InputError(f"two inputs share the name {max(names, key=names.count)!r}; name them NAME=path")
@@ -306,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = [n for n, m in models.items() if args.max_ece is not None and m["ece"] > args.max_ece]
     report = {
-        "settings": {
-            k: getattr(args, k) for k in ("bins", "scheme", "temperature", "fit_split", "bootstrap", "seed")
-        },
+        "settings": {k: getattr(args, k) for k in ("bins", "scheme", "temperature", "fit_split", "bootstrap", "seed")},
         "inputs": dict(zip(names, args.predictions, strict=True)),
         "models": models,
         "gate": {"max_ece": args.max_ece, "passed": not failed, "failed": failed},
@@ -321,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(markdown_table(models))
         if args.max_ece is not None:
-            print(
-                f"gate ECE <= {_pct(args.max_ece)}: "
-                + ("PASS" if not failed else "FAIL: " + ", ".join(failed))
-            )
+            print(f"gate ECE <= {_pct(args.max_ece)}: " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
         print(f"report: {out / 'report.md'}, {out / 'report.json'}; diagram: {out / 'reliability.png'}")
     return 1 if failed else 0
 

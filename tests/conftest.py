@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+
+from cigl.data import extract_archive_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -19,31 +20,12 @@ def _isolated_cache(tmp_path_factory):
     os.environ["CIGL_CACHE"] = str(tmp_path_factory.mktemp("cigl-cache"))
 
 
-def extract_cifar(dest: Path, train_per_class: int, test_per_class: int) -> Path:
-    """Copy the first N train / M test JPEGs of each class out of the offline archive."""
-    limits = {"train": train_per_class, "test": test_per_class}
-    seen: dict[tuple[str, str], int] = {}
-    with tarfile.open(CIFAR_ARCHIVE, "r:xz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts  # cifar10/<split>/<class>/<file>
-            if not member.isfile() or len(parts) != 4:
-                continue
-            key = (parts[1], parts[2])
-            if seen.get(key, 0) >= limits[parts[1]]:
-                continue
-            seen[key] = seen.get(key, 0) + 1
-            target = dest / parts[1] / parts[2] / parts[3]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    return dest
-
-
 @pytest.fixture(scope="session")
 def cifar_small(tmp_path_factory) -> Path:
     """A few hundred real CIFAR-10 JPEGs: 30 train and 10 test images per class."""
     if not CIFAR_ARCHIVE.is_file():
         pytest.fail(f"missing {CIFAR_ARCHIVE}: tests need ../shared/data beside the checkout")
-    return extract_cifar(tmp_path_factory.mktemp("cifar10"), 30, 10)
+    return extract_archive_subset(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cifar10"), {"train": 30, "test": 10})
 
 
 def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

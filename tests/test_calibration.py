@@ -57,12 +57,8 @@ def test_top_label_metrics_match_torchmetrics_and_netcal(source, digits_predicti
     assert ours == pytest.approx(_torchmetrics(probs, labels, "l1"), abs=1e-6)
     assert ours == pytest.approx(NetcalECE(bins=10).measure(probs, labels), abs=1e-6)
     assert cal.ece(logits, labels, kind="logits") == pytest.approx(ours, abs=1e-6)
-    assert cal.mce(probs, labels, kind="probs") == pytest.approx(
-        _torchmetrics(probs, labels, "max"), abs=1e-6
-    )
-    assert cal.mce(probs, labels, kind="probs") == pytest.approx(
-        NetcalMCE(bins=10).measure(probs, labels), abs=1e-6
-    )
+    assert cal.mce(probs, labels, kind="probs") == pytest.approx(_torchmetrics(probs, labels, "max"), abs=1e-6)
+    assert cal.mce(probs, labels, kind="probs") == pytest.approx(NetcalMCE(bins=10).measure(probs, labels), abs=1e-6)
     assert cal.rms_calibration_error(probs, labels, kind="probs") == pytest.approx(
         _torchmetrics(probs, labels, "l2"), abs=1e-6
     )
@@ -77,12 +73,8 @@ def test_nll_brier_accuracy_match_scikit_learn(source, digits_predictions):
         probs, labels = digits_predictions
         logits = np.log(probs)
     k = probs.shape[1]
-    assert cal.nll(probs, labels, kind="probs") == pytest.approx(
-        log_loss(labels, probs, labels=range(k)), abs=1e-6
-    )
-    assert cal.nll(logits, labels, kind="logits") == pytest.approx(
-        log_loss(labels, probs, labels=range(k)), abs=1e-6
-    )
+    assert cal.nll(probs, labels, kind="probs") == pytest.approx(log_loss(labels, probs, labels=range(k)), abs=1e-6)
+    assert cal.nll(logits, labels, kind="logits") == pytest.approx(log_loss(labels, probs, labels=range(k)), abs=1e-6)
     assert cal.brier(probs, labels, kind="probs") == pytest.approx(
         brier_score_loss(labels, probs, labels=range(k)), abs=1e-6
     )
@@ -143,9 +135,7 @@ def test_reliability_bins_and_summary_agree():
     b = cal.reliability_bins(logits, labels, kind="logits")
     assert b.count.sum() == 2000 and len(b.edges) == 11
     filled = b.count > 0
-    assert np.all(
-        (b.confidence[filled] >= b.edges[:-1][filled]) & (b.confidence[filled] <= b.edges[1:][filled])
-    )
+    assert np.all((b.confidence[filled] >= b.edges[:-1][filled]) & (b.confidence[filled] <= b.edges[1:][filled]))
     s = cal.summary(logits, labels, kind="logits")
     assert s["ece"] == pytest.approx(cal.ece(logits, labels, kind="logits"))
     assert s["adaptive_ece"] == pytest.approx(cal.adaptive_ece(logits, labels, kind="logits"))
@@ -168,9 +158,7 @@ def test_permutation_invariance():
     logits, labels = random_predictions(n=3000)
     perm = np.random.default_rng(5).permutation(3000)
     for fn in (cal.ece, cal.adaptive_ece, cal.mce, cal.classwise_ece, cal.nll, cal.brier):
-        assert fn(logits[perm], labels[perm], kind="logits") == pytest.approx(
-            fn(logits, labels, kind="logits")
-        )
+        assert fn(logits[perm], labels[perm], kind="logits") == pytest.approx(fn(logits, labels, kind="logits"))
 
 
 def test_perfectly_calibrated_data_ece_vanishes():

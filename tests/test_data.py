@@ -157,9 +157,7 @@ def test_augment_is_a_padded_crop_or_its_mirror():
     for i in range(16):
         views = {
             (oy, ox, f): (
-                padded[i, :, oy : oy + 8, ox : ox + 8].flip(2)
-                if f
-                else padded[i, :, oy : oy + 8, ox : ox + 8]
+                padded[i, :, oy : oy + 8, ox : ox + 8].flip(2) if f else padded[i, :, oy : oy + 8, ox : ox + 8]
             )
             for oy in range(5)
             for ox in range(5)

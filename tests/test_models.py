@@ -30,10 +30,7 @@ def test_timm_resnet_gets_cifar_stem_only_for_small_inputs():
 
 
 def test_cifar_resnet_sizes():
-    params = {
-        n: sum(p.numel() for p in create_model(n, num_classes=10).parameters())
-        for n in ("resnet20", "resnet56")
-    }
+    params = {n: sum(p.numel() for p in create_model(n, num_classes=10).parameters()) for n in ("resnet20", "resnet56")}
     assert 0.26e6 < params["resnet20"] < 0.28e6  # He et al.: 0.27M
     assert 0.84e6 < params["resnet56"] < 0.87e6  # 0.85M
     assert set(list_models()) >= {"resnet20", "resnet32", "resnet56", "wrn22_2"}

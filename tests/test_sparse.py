@@ -1,4 +1,5 @@
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -80,23 +81,46 @@ def _masking(method="rigl", dpnum=None, density=0.1, model=None, **kw):
     )
 
 
+def _step(model, opt, masking, x, y, step):
+    from cigl.train import train_step
+
+    torch.manual_seed(step)
+    return train_step(model, opt, masking, x, y, step, nullcontext)
+
+
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_nnz_constant_over_20_updates_and_masked_weights_zero(method):
-    model, opt, masking = _masking(method)
+    model, opt, masking = _masking(method, dpnum=10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     before = {n: int(m.sum()) for n, m in masking.masks.items()}
     start = {n: m.clone() for n, m in masking.masks.items()}
-    for step in range(1, 21):
-        torch.manual_seed(step)
-        w = masking.effective_weights(step_random=False, keep_grad=True)
-        loss = nn.functional.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
-        loss.backward()
-        masking.update(step, {n: t.grad for n, t in w.items()}, opt)
-        opt.zero_grad()
+    for step in range(1, 41):  # update_every=1 in _masking: every step is an update step
+        masking.update_every = 1 if step % 2 else 10**6  # alternate update and SGD steps
+        _step(model, opt, masking, x, y, step)
     assert {n: int(m.sum()) for n, m in masking.masks.items()} == before
     assert any(not torch.equal(start[n], m) for n, m in masking.masks.items())
     for n, p in masking.params.items():
         assert not p[~masking.masks[n]].any()
+        assert not opt.state[p]["momentum_buffer"][~masking.masks[n]].any()
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest():
+    model, opt, masking = _masking("rigl")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    name = "fc.weight"
+    masking.masks[name].view(-1)[:320] = False  # give the classifier room to grow
+    masking._refresh()
+    with torch.no_grad():
+        masking.params[name].mul_(masking.masks[name])
+    old = masking.masks[name].clone()
+    masking.begin_step()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = masking.params[name].grad.clone()
+    masking.update(1, opt)
+    grown = masking.masks[name] & ~old
+    if grown.any():
+        inactive = ~old
+        assert grad[grown].abs().min() >= grad[inactive & ~masking.masks[name]].abs().max()
 
 
 def test_static_never_updates():
@@ -123,44 +147,94 @@ def test_dpnum_is_honoured_and_expected_effective_weight_kept():
     assert masking.scale == pytest.approx(10 / 9)
     name = "layers.3.conv2.weight"
     p, mask = masking.params[name], masking.masks[name]
+    w = masking.weights()[name]
+    assert torch.equal(p, w * masking.scale) or torch.allclose(p, w * masking.scale, rtol=1e-6)
     total = torch.zeros_like(p)
     dropped = 0
     for i in range(400):
         torch.manual_seed(i)
-        w = masking.effective_weights(step_random=True)[name].detach()
-        dropped += int(((w == 0) & mask & (p != 0)).sum())
-        total += w
-        masking.restore_dropped()
-    active = int((mask & (p != 0)).sum())
+        masking.begin_step()
+        eff = p.detach().clone()  # what the forward pass sees: w * R * scale
+        dropped += int(((eff == 0) & mask & (w != 0)).sum())
+        total += eff
+        masking.end_step()
+    active = int((mask & (w != 0)).sum())
     assert dropped / (400 * active) == pytest.approx(0.1, abs=0.005)
     mean = total / 400
-    assert torch.allclose(mean[mask], p[mask], rtol=0.12, atol=1e-3)
-    # effective weights never leave the mask
-    assert not mean[~mask].any()
+    assert torch.allclose(mean[mask], w[mask], rtol=0.12, atol=1e-3)
+    assert not mean[~mask].any()  # effective weights never leave the mask
+    assert torch.equal(masking.weights()[name], w)  # begin/end leave the weights as they were
 
 
 def test_dropped_weights_unchanged_by_the_step():
     model, opt, masking = _masking(dpnum=10)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for step in range(3):  # build up momentum first
+    masking.update_every = 10**6
+    for step in range(1, 4):  # momentum builds up after the first step
         torch.manual_seed(step)
-        w = masking.effective_weights(step_random=True)
-        nn.functional.cross_entropy(torch.func.functional_call(model, w, (x,)), y).backward()
         before = {n: p.detach().clone() for n, p in masking.params.items()}
-        dropped_mask = {n: (t.detach() == 0) & masking.masks[n] & (before[n] != 0) for n, t in w.items()}
-        masking.hold_dropped()
+        masking.begin_step()
+        seen = {n: p.detach().clone() for n, p in masking.params.items()}
+        dropped = {n: (seen[n] == 0) & (before[n] != 0) for n in seen}
+        nn.functional.cross_entropy(model(x), y).backward()
+        masking.mask_gradients()
         opt.step()
-        masking.restore_dropped()
+        masking.end_step()
         opt.zero_grad()
         moved = 0
         for n, p in masking.params.items():
-            d = dropped_mask[n]
-            assert torch.equal(p[d], before[n][d])
-            moved += int((p[~d & masking.masks[n]] != before[n][~d & masking.masks[n]]).sum())
-        assert moved > 0
-    assert sum(int(m.sum()) for m in dropped_mask.values()) > 0
-    # the multiplier is back to M * scale after restore
-    assert torch.equal(masking._mult_views["fc.weight"], masking.masks["fc.weight"] * masking.scale)
+            assert torch.equal(p[dropped[n]], before[n][dropped[n]])
+            live = ~dropped[n] & masking.masks[n]
+            moved += int((p[live] != before[n][live]).sum())
+        assert moved > 0 and sum(int(d.sum()) for d in dropped.values()) > 0
+
+
+def test_sgd_on_scaled_weights_equals_sgd_on_weights():
+    """u = scale * w with gradient scale^2 * dL/du and weight decay on u moves w like plain SGD
+    (in float64, so that rounding cannot hide a wrong factor)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        _compare_with_plain_sgd()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _compare_with_plain_sgd():
+    torch.manual_seed(0)
+    model, opt, masking = _masking(dpnum=4, density=1.0)  # dense masks isolate the scaling
+    masking.update_every = 10**6
+    masking.dpnum = None  # no random drops: compare against the deterministic reference
+    ref = create_model("resnet20", num_classes=10)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for n, w in masking.weights().items():
+            dict(ref.named_parameters())[n].copy_(w)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ref_start = {n: w.clone() for n, w in masking.weights().items()}
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        masking.begin_step()
+        nn.functional.cross_entropy(model(x), y).backward()
+        masking.mask_gradients()
+        opt.step()
+        masking.end_step()
+        ref_opt.zero_grad()
+        # the reference sees the same effective weights: w * scale
+        with torch.no_grad():
+            for n in masking.params:
+                dict(ref.named_parameters())[n].mul_(masking.scale)
+        loss = nn.functional.cross_entropy(ref(x), y)
+        loss.backward()
+        with torch.no_grad():
+            for n in masking.params:
+                p = dict(ref.named_parameters())[n]
+                p.div_(masking.scale)
+                p.grad.mul_(masking.scale)  # dL/dw = scale * dL/d(w * scale)
+        ref_opt.step()
+    for n, w in masking.weights().items():
+        assert torch.allclose(w, dict(ref.named_parameters())[n], rtol=1e-10, atol=1e-12), n
+        assert not torch.allclose(w, ref_start[n], rtol=1e-3)  # and they did move
 
 
 def test_rejects_bad_dpnum():

@@ -99,9 +99,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, method):
     full = run_cli(TRAIN, *args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, TRAIN, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True)
     _wait_for(out / "last.pt", proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
@@ -167,11 +165,7 @@ def test_checkpoint_needing_pickle_is_refused_not_run(tmp_path):
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, needle):
-    proc = (
-        run_cli(TRAIN, *args, "--out", str(tmp_path / "x"))
-        if "--resume" not in args
-        else run_cli(TRAIN, *args)
-    )
+    proc = run_cli(TRAIN, *args, "--out", str(tmp_path / "x")) if "--resume" not in args else run_cli(TRAIN, *args)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "x" / "last.pt").exists()
 

@@ -72,9 +72,7 @@ def layer_table(masks: dict[str, torch.Tensor]) -> list[dict]:
     rows = []
     for name, m in masks.items():
         nnz, numel = int(m.sum()), m.numel()
-        rows.append(
-            {"name": name, "shape": list(m.shape), "nnz": nnz, "numel": numel, "density": nnz / numel}
-        )
+        rows.append({"name": name, "shape": list(m.shape), "nnz": nnz, "numel": numel, "density": nnz / numel})
     return rows
 
 

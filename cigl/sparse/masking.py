@@ -1,9 +1,18 @@
-"""The sparse state of a model during training: masks M, the random mask R and updates.
+"""The sparse state of a model during training: masks M, the random mask R and mask updates.
 
-Each training step runs the model on effective weights w * mult, where mult = M * R * scale
-lives in one flat buffer (per-layer views), so the random mask is applied and undone with a
-single index write of O(nnz/DPNUM) entries. Gradients reaching w are therefore zero outside
-M and at dropped entries; parameters stay exactly zero outside M.
+Per step the work is O(nnz/DPNUM) plus one in-place pass over the gradients:
+
+- Masked parameters hold u = scale * w, where w is the weight of the method and scale =
+  DPNUM/(DPNUM-1) (1 without a random mask). The forward pass then needs w * R * scale = u * R,
+  which is u with the dropped entries zeroed in place: no full-size multiply, no copy.
+- SGD on u with gradient scale^2 * dL/du (and weight decay on u) moves w = u / scale exactly
+  as SGD on w with dL/dw would (dL/dw = scale * dL/du). The gradient is multiplied in place by
+  M * scale^2, with zeros at the dropped entries; this pass is also what keeps every weight
+  outside M at exactly zero (no gradient, so no momentum there).
+- A dropped entry is written back after the optimiser step, so it keeps its value.
+
+`weights()` gives w (for evaluation and export), `snapshot()` the effective weights u * R of
+the last step (for weight-and-mask averaging).
 """
 
 from __future__ import annotations
@@ -15,6 +24,11 @@ from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
 from cigl.sparse.schedule import drop_fraction, is_update_step
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """1-D view of a dense tensor in memory order (contiguous or channels_last alike)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 class Masking:
@@ -42,38 +56,32 @@ class Masking:
         self.scale = random_mask.scale(dpnum) if dpnum else 1.0
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
-        self.target_density = density
-        self.masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
+        masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
+        self.masks = {n: torch.empty_like(p, dtype=torch.bool).copy_(masks[n]) for n, p in self.params.items()}
         device = next(iter(self.params.values())).device
         sizes = [p.numel() for p in self.params.values()]
         self._offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
-        self._mult = torch.empty(int(self._offsets[-1]), device=device)
-        segments = torch.split(self._mult, sizes)
-        self._mult_views = {
-            n: seg.view(p.shape) for (n, p), seg in zip(self.params.items(), segments, strict=True)
-        }
-        self._dropped = torch.zeros(0, dtype=torch.long, device=device)
-        self._saved: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+        self._grad_scale = torch.empty(int(self._offsets[-1]), device=device)  # M * scale^2, 0 where dropped
+        self._segments = dict(zip(self.params, torch.split(self._grad_scale, sizes), strict=True))
+        self._dropped = torch.zeros(0, dtype=torch.long, device=device)  # global positions, last step
+        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._refresh()
-        self.apply_masks()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.mul_(self.masks[name]).mul_(self.scale)
 
     # ------------------------------------------------------------------ state
 
     def _refresh(self) -> None:
-        """Rebuild mult = M * scale and the flat list of active positions after a mask change."""
+        """Rebuild the gradient multiplier and the list of active positions after a mask change."""
         for name, mask in self.masks.items():
-            self._mult_views[name].copy_(mask).mul_(self.scale)
+            self._segments[name].copy_(flat(mask)).mul_(self.scale**2)
         self._active = torch.cat(
             [
-                torch.nonzero(m.reshape(-1)).squeeze(1) + off
-                for m, off in zip(self.masks.values(), self._offsets[:-1], strict=True)
+                torch.nonzero(flat(m)).squeeze(1) + off
+                for m, off in zip(self.masks.values(), self._offsets[:-1].tolist(), strict=True)
             ]
         )
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for name, p in self.params.items():
-            p.mul_(self.masks[name])
 
     def state_dict(self) -> dict:
         return {"masks": {n: m.clone() for n, m in self.masks.items()}}
@@ -90,62 +98,75 @@ class Masking:
         nnz = sum(int(m.sum()) for m in self.masks.values())
         return nnz / sum(m.numel() for m in self.masks.values())
 
+    @torch.no_grad()
+    def weights(self) -> dict[str, torch.Tensor]:
+        """name -> w = u / scale: the trained weights, for evaluation and saving."""
+        return {n: p.detach() / self.scale for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter of `model`; masked ones as the effective weights u * R of the last step."""
+        snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for name, local in self._split_dropped():
+            flat(snap[name])[local] = 0.0
+        return snap
+
     # ------------------------------------------------------------------ a training step
 
     def is_update_step(self, step: int) -> bool:
         return self.method.updates and is_update_step(step, self.update_every, self.update_end)
 
-    def effective_weights(self, step_random: bool, keep_grad: bool = False) -> dict[str, torch.Tensor]:
-        """name -> w * M * R * scale for a forward pass. With `step_random`, a fresh R is drawn
-        (kept until `restore`); with `keep_grad`, the tensors keep their (dense) gradients."""
-        if step_random and self.dpnum:
-            pos = random_mask.sample_dropped(self._active.numel(), self.dpnum, self._active.device)
-            self._dropped = self._active[pos]
-            self._mult[self._dropped] = 0.0
-        weights = {}
-        for name, p in self.params.items():
-            w = p * self._mult_views[name]
-            if keep_grad:
-                w.retain_grad()
-            weights[name] = w
-        return weights
-
-    @torch.no_grad()
-    def hold_dropped(self) -> None:
-        """Remember the dropped weights' values before the optimiser step (which would move them
-        through momentum and weight decay)."""
-        self._saved = []
-        if not self.dpnum or self._dropped.numel() == 0:
-            return
+    def _split_dropped(self) -> list[tuple[str, torch.Tensor]]:
+        """(layer, positions within the layer) of the last step's dropped entries."""
+        if self._dropped.numel() == 0:
+            return []
         counts = torch.searchsorted(self._dropped, self._offsets).diff().tolist()
         chunks = torch.split(self._dropped, counts)
-        for p, chunk, off in zip(self.params.values(), chunks, self._offsets[:-1], strict=True):
-            if chunk.numel():
-                index = torch.unravel_index(chunk - off, p.shape)
-                self._saved.append((p, index, p[index].clone()))
+        starts = self._offsets[:-1].tolist()
+        return [(n, c - off) for n, c, off in zip(self.params, chunks, starts, strict=True) if c.numel()]
 
     @torch.no_grad()
-    def restore_dropped(self) -> None:
-        """Put the dropped weights back as they were and undo R in the multiplier."""
-        for p, index, values in self._saved:
-            p[index] = values
-        self._saved = []
+    def begin_step(self) -> None:
+        """Draw R and zero the dropped weights in place for the forward pass (values kept)."""
+        if not self.dpnum:
+            return
+        pos = random_mask.sample_dropped(self._active.numel(), self.dpnum, self._active.device)
+        self._dropped = self._active[pos]
+        self._grad_scale[self._dropped] = 0.0
+        self._held = []
+        for name, local in self._split_dropped():
+            w = flat(self.params[name])
+            self._held.append((w, local, w[local].clone()))
+            w[local] = 0.0
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
+        for name, p in self.params.items():
+            if p.grad is not None:
+                flat(p.grad).mul_(self._segments[name])
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Put the dropped weights back as they were before the step."""
+        for w, local, values in self._held:
+            w[local] = values
+        self._held = []
         if self.dpnum and self._dropped.numel():
-            self._mult[self._dropped] = self.scale
+            self._grad_scale[self._dropped] = self.scale**2
 
     @torch.no_grad()
-    def update(
-        self, step: int, dense_grads: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Drop and grow in every layer; new and dropped weights (and their momentum) become 0."""
+    def update(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Drop and grow in every layer from the dense gradient in p.grad; new and dropped
+        weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
+        self.end_step()
         frac = drop_fraction(step, self.alpha, self.update_end)
         for name, p in self.params.items():
             mask = self.masks[name]
             n = int(frac * self.nnz[name])
             if n == 0:
                 continue
-            scores = self.method.grow_scores(p, dense_grads.get(name))
-            new = drop_and_grow(p, mask, scores, n)
+            new = drop_and_grow(p, mask, self.method.grow_scores(p, p.grad), n)
             cleared = ~new | (new & ~mask)
             p.masked_fill_(cleared, 0.0)
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -153,15 +174,4 @@ class Masking:
                 buf.masked_fill_(cleared, 0.0)
             mask.copy_(new)
         self._refresh()
-        if self.dpnum:
-            self._dropped = self._dropped[:0]
-
-    @torch.no_grad()
-    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter of `model`, masked ones as the effective weights of the last step."""
-        if self.dpnum and self._dropped.numel():
-            self._mult[self._dropped] = 0.0
-        eff = {n: p * self._mult_views[n] for n, p in self.params.items()}
-        if self.dpnum and self._dropped.numel():
-            self._mult[self._dropped] = self.scale
-        return {n: eff.get(n, p).detach().clone() for n, p in model.named_parameters()}
+        self._dropped = self._dropped[:0]

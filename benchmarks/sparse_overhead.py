@@ -1,0 +1,162 @@
+"""What sparse training costs on top of dense training, measured side by side in one process.
+
+1. Sparse bookkeeping per step for CIFAR ResNet-50 masks at density 0.1 with the random mask
+   (DPNUM 100): cigl's Masking (sample the dropped set in O(nnz/DPNUM) and zero it in place,
+   mask the gradients in one in-place pass, restore the dropped weights) against a
+   reference-style loop per parameter (full-size uniform random mask, clone, multiply, restore,
+   re-apply the mask). Goal: >= 10x faster.
+2. CigL step time / dense step time, ResNet-20, batch 128, on CPU. Goal: <= 1.03.
+3. On CUDA (when present): the same ratio for CIFAR ResNet-50 at batch 128. Goal: <= 1.02.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time, write_results  # noqa: E402
+
+from cigl.models import create_model  # noqa: E402
+from cigl.sparse import METHODS, Masking  # noqa: E402
+from cigl.train import train_step  # noqa: E402
+
+DPNUM = 100
+
+
+def reference_bookkeeping(params: dict, masks: dict, scale: float) -> None:
+    """One step of the reference's random-mask handling, a Python loop over parameters."""
+    saved = {}
+    keep = {}
+    for name, w in params.items():  # before the forward pass
+        keep[name] = torch.rand_like(w) >= 1.0 / DPNUM
+        saved[name] = w.detach().clone()
+        w.data.mul_(masks[name] * keep[name] * scale)
+    for name, w in params.items():  # after the optimiser step: restore dropped, re-apply mask
+        w.data.copy_(torch.where(keep[name], w.data / scale, saved[name]))
+        w.data.mul_(masks[name])
+
+
+def cigl_bookkeeping(masking: Masking) -> None:
+    masking.begin_step()
+    masking.mask_gradients()
+    masking.end_step()
+
+
+def bookkeeping(device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=10, image_size=32).to(device)
+    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_end=1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    masks = {n: m.float() for n, m in masking.masks.items()}
+    for p in masking.params.values():  # gradients as a backward pass leaves them
+        p.grad = torch.randn_like(p)
+    with torch.no_grad():
+        ref = median_time(lambda: (reference_bookkeeping(masking.params, masks, masking.scale), sync()), 5)
+        ours = median_time(lambda: (cigl_bookkeeping(masking), sync()), 20)
+    return {
+        "device": str(device),
+        "model": "resnet50 (CIFAR stem)",
+        "params_masked": int(masking._offsets[-1]),
+        "reference_ms": 1000 * ref,
+        "cigl_ms": 1000 * ours,
+        "speedup": ref / ours,
+        "goal_speedup": 10,
+    }
+
+
+def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
+    """Dense and CigL steps on the same batch, interleaved one by one (order alternating) so
+    that machine noise hits both alike; the ratio is the median of the per-pair ratios."""
+    cuda = device.type == "cuda"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    x = torch.randn(128, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for method in ("dense", "cigl"):
+        torch.manual_seed(0)
+        model = create_model(model_name, num_classes=10, image_size=32).to(device)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        masking = None
+        if method == "cigl":  # mask-update steps (every 100 steps) are timed separately below
+            masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_end=10**9)
+        runs[method] = (model, opt, masking)
+
+    def timed(method: str) -> float:
+        model, opt, masking = runs[method]
+        sync()
+        t0 = time.perf_counter()
+        train_step(model, opt, masking, x, y, 1, amp)
+        sync()
+        return time.perf_counter() - t0
+
+    for method in runs:
+        timed(method)  # warm-up
+    times = {"dense": [], "cigl": []}
+    for i in range(pairs):
+        for method in ("dense", "cigl") if i % 2 == 0 else ("cigl", "dense"):
+            times[method].append(timed(method))
+    ratios = sorted(c / d for c, d in zip(times["cigl"], times["dense"], strict=True))
+    med = {m: statistics.median(t) for m, t in times.items()}
+    masking = runs["cigl"][2]
+    book = median_time(lambda: (masking.begin_step(), masking.mask_gradients(), masking.end_step(), sync()), 20)
+    # the mask-update step (drop/grow in every layer, optimiser step skipped), amortised over dT=100
+    model, opt, _ = runs["cigl"]
+    upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_end=10**9)
+    update_s = median_time(lambda: (train_step(model, opt, upd, x, y, 1, amp), sync()), 3)
+    ratio = ratios[len(ratios) // 2]
+    return {
+        "device": str(device),
+        "model": model_name,
+        "batch": 128,
+        "pairs": pairs,
+        "dense_step_ms": 1000 * med["dense"],
+        "cigl_step_ms": 1000 * med["cigl"],
+        "ratio": ratio,
+        "ratio_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]],
+        "bookkeeping_ms": 1000 * book,
+        "bookkeeping_share_of_dense_step": book / med["dense"],
+        "update_step_ms": 1000 * update_s,
+        "ratio_with_updates_every_100": ratio + (update_s - med["cigl"]) / 100 / med["dense"],
+    }
+
+
+def main() -> None:
+    cpu = torch.device("cpu")
+    results = {
+        "bookkeeping": [bookkeeping(cpu)],
+        "step_ratio": [step_ratio(cpu, "resnet20")],
+        "goals": {"bookkeeping_speedup": 10, "cpu_resnet20_ratio": 1.03, "cuda_resnet50_ratio": 1.02},
+    }
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        results["bookkeeping"].append(bookkeeping(gpu))
+        results["step_ratio"].append(step_ratio(gpu, "resnet50"))
+    print(write_results("sparse_overhead", results))
+    for b in results["bookkeeping"]:
+        print(
+            f"bookkeeping {b['device']}: reference {b['reference_ms']:.1f} ms, cigl {b['cigl_ms']:.2f} ms, "
+            f"{b['speedup']:.1f}x"
+        )
+    for r in results["step_ratio"]:
+        print(
+            f"{r['model']} {r['device']}: dense {r['dense_step_ms']:.1f} ms, cigl {r['cigl_step_ms']:.1f} ms, "
+            f"ratio {r['ratio']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}; "
+            f"with updates {r['ratio_with_updates_every_100']:.3f}); bookkeeping {r['bookkeeping_ms']:.2f} ms "
+            f"= {100 * r['bookkeeping_share_of_dense_step']:.2f}% of a dense step"
+        )
+
+
+if __name__ == "__main__":
+    main()
