@@ -168,7 +168,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIGL_CACHE", Path.home() / ".cache" / "cigl"))
 
 
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
@@ -198,7 +198,7 @@ def load_image_folder(
             "pass --image-size N to resize them all to N x N"
         )
     split = Split(np.stack(images), labels)
-    _atomic_save_npz(cached, x=split.x, y=split.y)
+    atomic_save_npz(cached, x=split.x, y=split.y)
     return split, found
 
 

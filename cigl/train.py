@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cigl import calibration
-from cigl.data import DATASETS, augment, epoch_order, load_dataset, normalize, to_device
+from cigl.data import DATASETS, atomic_save_npz, augment, epoch_order, load_dataset, normalize, to_device
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
@@ -200,12 +200,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, mean, std, batch: int, amp
 
 
 def split_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
-    z = logits / temperature
-    return {
-        "acc": calibration.accuracy(z, labels, kind="logits"),
-        "nll": calibration.nll(z, labels, kind="logits"),
-        "ece": calibration.ece(z, labels, kind="logits", n_bins=10),
-    }
+    """Accuracy, NLL, ECE (10 bins), Brier and mean confidence of softmax(logits / T)."""
+    s = calibration.summary(logits / temperature, labels, kind="logits", n_bins=10)
+    return {"acc": s["accuracy"], "nll": s["nll"], "ece": s["ece"], "brier": s["brier"], "conf": s["mean_confidence"]}
 
 
 # --------------------------------------------------------------------------- training
@@ -393,7 +390,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         with torch.no_grad():
             for name, w in masking.weights().items():
                 masking.params[name].copy_(w)
-    results = {"final_weights": evaluate(model, data, val_x, val_y, test_x, test_y, amp)}
+    results, logits = {}, {}
+    results["final_weights"], logits["final_weights"] = evaluate(model, data, val_x, val_y, test_x, test_y, amp)
     product, masks = model, ({n: m.clone() for n, m in masking.masks.items()} if masking else {})
     if average is not None:
         product = copy.deepcopy(model)
@@ -405,8 +403,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             (normalize(train_x[i : i + batch], data.mean, data.std) for i in range(0, n_train, batch)),
         )
         masks = {n: average.avg[n] != 0 for n in masks}
-        results["averaged"] = evaluate(product, data, val_x, val_y, test_x, test_y, amp)
-    best = results["averaged" if average is not None else "final_weights"]
+        results["averaged"], logits["averaged"] = evaluate(product, data, val_x, val_y, test_x, test_y, amp)
+    chosen = "averaged" if average is not None else "final_weights"
+    best = results[chosen]
     summary = make_summary(cfg, masks, masking.nnz if masking else {}, results, best)
     atomic_torch_save(
         {
@@ -430,6 +429,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         },
         out / "model.pt",
     )
+    atomic_save_npz(out / "predictions.npz", logits=logits[chosen], labels=test_y.cpu().numpy(),
+                    classes=np.asarray(data.classes))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     t = summary["test"]
     say(
@@ -461,19 +462,20 @@ def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
     return loss.detach()
 
 
-def evaluate(model, data, val_x, val_y, test_x, test_y, amp) -> dict:
-    """Test metrics raw and at the temperature fitted on the validation split."""
+def evaluate(model, data, val_x, val_y, test_x, test_y, amp) -> tuple[dict, np.ndarray]:
+    """(test metrics raw and at the temperature fitted on the validation split, test logits)."""
     test_logits = predict_logits(model, test_x, data.mean, data.std, 512, amp)
     labels = test_y.cpu().numpy()
     temperature = 1.0
     if val_x.shape[0]:
         val_logits = predict_logits(model, val_x, data.mean, data.std, 512, amp)
         temperature = calibration.fit_temperature(val_logits, val_y.cpu().numpy(), kind="logits")
-    return {
+    metrics = {
         "test": split_metrics(test_logits, labels),
         "temperature": temperature,
         "test_calibrated": split_metrics(test_logits, labels, temperature),
     }
+    return metrics, test_logits
 
 
 def make_summary(

@@ -29,6 +29,7 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
         "last.pt",
         "model.pt",
         "summary.json",
+        "predictions.npz",
     }
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "dense" and config["density"] == 1.0 and config["seed"] == 0
@@ -51,6 +52,20 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
     assert model["format"] == "cigl-model" and model["arch"] == "resnet20"
     assert model["temperature"] == pytest.approx(summary["temperature"]) and model["temperature"] > 0
     assert summary["test_calibrated"]["nll"] <= summary["test"]["nll"] + 0.02
+    # the saved test predictions reproduce the summary through the audit tool
+    audit = run_cli(
+        "-c", "from cigl.serve.audit import main; raise SystemExit(main())", str(out / "predictions.npz"),
+        "--temperature", "none", "--bootstrap", "0", "--json", "--out", str(tmp_path / "audit"),
+    )
+    measured = json.loads(audit.stdout)["models"]["predictions"]
+    for ours, theirs in (("acc", "accuracy"), ("ece", "ece"), ("nll", "nll"), ("brier", "brier")):
+        assert measured[theirs] == pytest.approx(summary["test"][ours], abs=1e-6)
+    # the saved test predictions reproduce the summary through the audit tool
+    audit = run_cli("-c", "from cigl.serve.audit import main; raise SystemExit(main())", str(out / "predictions.npz"),
+                    "--temperature", "none", "--bootstrap", "0", "--json", "--out", str(tmp_path / "audit"))
+    measured = json.loads(audit.stdout)["models"]["predictions"]
+    for ours, theirs in (("acc", "accuracy"), ("ece", "ece"), ("nll", "nll"), ("brier", "brier")):
+        assert measured[theirs] == pytest.approx(summary["test"][ours], abs=1e-6)
 
 
 def test_lr_schedule():

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""The CPU reproduction study: Dense vs RigL vs CigL on a CIFAR-10 subset, several seeds.
+
+    python tools/study.py run --data-dir data/cifar10      # train the grid, 2 runs at a time
+    python tools/study.py report                           # table + reliability diagram
+
+`run` skips finished runs and resumes interrupted ones, so it can be restarted at any time.
+`make repro-cpu` does both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RUNS = Path("runs/study")
+RESULTS = Path("docs/results")
+
+
+def grid(args) -> list[tuple[str, list[str]]]:
+    """(run name, cigl-train options) for every run of the study."""
+    common = ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", args.model,
+              "--train-per-class", str(args.per_class), "--epochs", str(args.epochs), "--wd", "5e-4",
+              "--batch-size", "128", "--lr", "0.1", "--warmup-epochs", "2", "--eval-every", "10",
+              "--threads", "1", "--quiet"]
+    runs = []
+    for seed in args.seeds:
+        runs.append((f"dense-s{seed}", ["--method", "dense", "--seed", str(seed)]))
+        for d in args.densities:
+            for method in ("rigl", "cigl"):
+                runs.append((f"{method}-d{d}-s{seed}", ["--method", method, "--density", str(d), "--seed", str(seed)]))
+    return [(name, common + opts) for name, opts in runs]
+
+
+def run_one(name: str, options: list[str], root: Path) -> str:
+    out = root / name
+    if (out / "summary.json").is_file():
+        return f"{name}: done before"
+    cmd = [sys.executable, "-m", "cigl.train", *options, "--out", str(out)]
+    if (out / "last.pt").is_file():
+        cmd = [sys.executable, "-m", "cigl.train", "--resume", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return f"{name}: " + ("ok" if proc.returncode == 0 else f"FAILED {proc.stderr.strip()[-300:]}")
+
+
+def cmd_run(args) -> int:
+    root = Path(args.runs)
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = grid(args)
+    (root / "study.json").write_text(json.dumps({"runs": dict(jobs)}, indent=2))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(lambda job: run_one(*job, root), jobs):
+            print(line, flush=True)
+    return 0
+
+
+def _mean_sd(values: list[float], pct: bool = True) -> str:
+    scale = 100 if pct else 1
+    mean = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {sd:.2f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+
+def cmd_report(args) -> int:
+    root, out = Path(args.runs), Path(args.out)
+    groups: dict[str, list[dict]] = {}
+    for summary_path in sorted(root.glob("*/summary.json")):
+        s = json.loads(summary_path.read_text())
+        label = "Dense" if s["method"] == "dense" else f"{s['method'].upper().replace('CIGL', 'CigL').replace('RIGL', 'RigL')}"
+        label += "" if s["method"] == "dense" else f", density {s['target_density']:g}"
+        groups.setdefault(label, []).append(s["averaged" if "averaged" in s else "final_weights"] | {
+            "actual_density": s["actual_density"], "target_density": s["target_density"], "seed": s["seed"]})
+        if "averaged" in s:  # what averaging bought: the same run's final training weights
+            groups.setdefault(label + " (final weights, no averaging)", []).append(
+                s["final_weights"] | {"actual_density": s["target_density"], "target_density": s["target_density"],
+                                      "seed": s["seed"]})
+    if not groups:
+        print(f"no finished runs under {root}", file=sys.stderr)
+        return 2
+    header = ("| run | seeds | accuracy % | ECE % | ECE after T % | T | NLL | Brier | mean conf. % | target / actual density |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    lines = [header]
+    for label, rows in groups.items():
+        t, tc = [r["test"] for r in rows], [r["test_calibrated"] for r in rows]
+        lines.append(
+            f"| {label} | {len(rows)} | {_mean_sd([m['acc'] for m in t])} | {_mean_sd([m['ece'] for m in t])} | "
+            f"{_mean_sd([m['ece'] for m in tc])} | {_mean_sd([r['temperature'] for r in rows], False)} | "
+            f"{_mean_sd([m['nll'] for m in t], False)} | {_mean_sd([m['brier'] for m in t], False)} | "
+            f"{_mean_sd([m['conf'] for m in t])} | {rows[0]['target_density']:g} / "
+            f"{statistics.mean(r['actual_density'] for r in rows):.4f} |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_study_table.md").write_text(table + "\n")
+    print(table)
+    preds = [f"{p.parent.name}={p}" for p in sorted(root.glob("*-s0/predictions.npz"))]
+    if preds:
+        subprocess.run([sys.executable, "-m", "cigl.serve.audit", *preds, "--out", str(out / "cpu_study_audit"),
+                        "--bootstrap", "200"], check=True, capture_output=True)
+        print(f"reliability diagram and audit: {out / 'cpu_study_audit'}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the grid")
+    r.add_argument("--data-dir", default="data/cifar10")
+    r.add_argument("--runs", default=str(RUNS))
+    r.add_argument("--model", default="resnet20")
+    r.add_argument("--per-class", type=int, default=400)
+    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    r.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    r.add_argument("--jobs", type=int, default=2)
+    r.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="aggregate finished runs")
+    rep.add_argument("--runs", default=str(RUNS))
+    rep.add_argument("--out", default=str(RESULTS))
+    rep.set_defaults(fn=cmd_report)
+    args = p.parse_args()
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
