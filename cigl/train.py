@@ -17,12 +17,8 @@ import argparse
 import copy
 import json
 import math
-import os
-import pickle
 import sys
-import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -35,6 +31,7 @@ from torch import nn
 from cigl import calibration
 from cigl.data import DATASETS, atomic_save_npz, augment, epoch_order, load_dataset, normalize, to_device
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
+from cigl.io import atomic_open, atomic_torch_save, load_torch_file
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.allocation import INITS, format_table
@@ -142,47 +139,15 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start the run without --resume")
+    return load_torch_file(path, CHECKPOINT_FORMAT, "cigl training checkpoint")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with weights_only=True: a file that needs arbitrary pickle is refused."""
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; start the run without --resume")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
-            raise CheckpointError(
-                f"cannot load {path} safely: it needs arbitrary code to unpickle, which cigl refuses; "
-                "use a checkpoint written by cigl-train"
-            ) from None
-        raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({exc})") from None
-    except Exception as exc:  # zip/EOF/runtime errors of a damaged file
-        raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cigl training checkpoint")
-    return ckpt
 
 
 @torch.no_grad()
@@ -429,8 +394,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         },
         out / "model.pt",
     )
-    atomic_save_npz(out / "predictions.npz", logits=logits[chosen], labels=test_y.cpu().numpy(),
-                    classes=np.asarray(data.classes))
+    atomic_save_npz(
+        out / "predictions.npz", logits=logits[chosen], labels=test_y.cpu().numpy(), classes=np.asarray(data.classes)
+    )
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     t = summary["test"]
     say(

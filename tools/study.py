@@ -20,14 +20,36 @@ from pathlib import Path
 
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
+NAMES = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "cigl": "CigL"}
 
 
 def grid(args) -> list[tuple[str, list[str]]]:
     """(run name, cigl-train options) for every run of the study."""
-    common = ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", args.model,
-              "--train-per-class", str(args.per_class), "--epochs", str(args.epochs), "--wd", "5e-4",
-              "--batch-size", "128", "--lr", "0.1", "--warmup-epochs", "2", "--eval-every", "10",
-              "--threads", "1", "--quiet"]
+    common = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        args.data_dir,
+        "--model",
+        args.model,
+        "--train-per-class",
+        str(args.per_class),
+        "--epochs",
+        str(args.epochs),
+        "--wd",
+        "5e-4",
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.1",
+        "--warmup-epochs",
+        "2",
+        "--eval-every",
+        "10",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     runs = []
     for seed in args.seeds:
         runs.append((f"dense-s{seed}", ["--method", "dense", "--seed", str(seed)]))
@@ -71,19 +93,23 @@ def cmd_report(args) -> int:
     groups: dict[str, list[dict]] = {}
     for summary_path in sorted(root.glob("*/summary.json")):
         s = json.loads(summary_path.read_text())
-        label = "Dense" if s["method"] == "dense" else f"{s['method'].upper().replace('CIGL', 'CigL').replace('RIGL', 'RigL')}"
-        label += "" if s["method"] == "dense" else f", density {s['target_density']:g}"
-        groups.setdefault(label, []).append(s["averaged" if "averaged" in s else "final_weights"] | {
-            "actual_density": s["actual_density"], "target_density": s["target_density"], "seed": s["seed"]})
+        label = NAMES[s["method"]] + ("" if s["method"] == "dense" else f", density {s['target_density']:g}")
+        groups.setdefault(label, []).append(
+            s["averaged" if "averaged" in s else "final_weights"]
+            | {"actual_density": s["actual_density"], "target_density": s["target_density"], "seed": s["seed"]}
+        )
         if "averaged" in s:  # what averaging bought: the same run's final training weights
             groups.setdefault(label + " (final weights, no averaging)", []).append(
-                s["final_weights"] | {"actual_density": s["target_density"], "target_density": s["target_density"],
-                                      "seed": s["seed"]})
+                s["final_weights"]
+                | {"actual_density": s["target_density"], "target_density": s["target_density"], "seed": s["seed"]}
+            )
     if not groups:
         print(f"no finished runs under {root}", file=sys.stderr)
         return 2
-    header = ("| run | seeds | accuracy % | ECE % | ECE after T % | T | NLL | Brier | mean conf. % | target / actual density |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| run | seeds | acc. % | ECE % | ECE after T % | T | NLL | Brier | mean conf. % | density target / actual |"
+        "\n" + "|---" * 10 + "|"
+    )
     lines = [header]
     for label, rows in groups.items():
         t, tc = [r["test"] for r in rows], [r["test_calibrated"] for r in rows]
@@ -92,15 +118,28 @@ def cmd_report(args) -> int:
             f"{_mean_sd([m['ece'] for m in tc])} | {_mean_sd([r['temperature'] for r in rows], False)} | "
             f"{_mean_sd([m['nll'] for m in t], False)} | {_mean_sd([m['brier'] for m in t], False)} | "
             f"{_mean_sd([m['conf'] for m in t])} | {rows[0]['target_density']:g} / "
-            f"{statistics.mean(r['actual_density'] for r in rows):.4f} |")
+            f"{statistics.mean(r['actual_density'] for r in rows):.4f} |"
+        )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_study_table.md").write_text(table + "\n")
     print(table)
     preds = [f"{p.parent.name}={p}" for p in sorted(root.glob("*-s0/predictions.npz"))]
     if preds:
-        subprocess.run([sys.executable, "-m", "cigl.serve.audit", *preds, "--out", str(out / "cpu_study_audit"),
-                        "--bootstrap", "200"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cigl.serve.audit",
+                *preds,
+                "--out",
+                str(out / "cpu_study_audit"),
+                "--bootstrap",
+                "200",
+            ],
+            check=True,
+            capture_output=True,
+        )
         print(f"reliability diagram and audit: {out / 'cpu_study_audit'}")
     return 0
 
