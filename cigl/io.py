@@ -19,6 +19,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
     error it is removed, so `path` is never left half-written."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
             yield f

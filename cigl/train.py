@@ -372,27 +372,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     chosen = "averaged" if average is not None else "final_weights"
     best = results[chosen]
     summary = make_summary(cfg, masks, masking.nnz if masking else {}, results, best)
-    atomic_torch_save(
-        {
-            "format": MODEL_FORMAT,
-            "version": FORMAT_VERSION,
-            "arch": cfg.model,
-            "model_kwargs": {
-                "num_classes": data.num_classes,
-                "in_chans": data.channels,
-                "image_size": data.image_size,
-            },
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in product.state_dict().items()},
-            "masks": {n: m.cpu().contiguous() for n, m in masks.items()},
-            "classes": data.classes,
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "temperature": summary["temperature"],
-            "method": cfg.method,
-            "config": asdict(cfg),
-            "summary": summary,
-        },
+    save_model_file(
         out / "model.pt",
+        arch=cfg.model,
+        model=product,
+        masks=masks,
+        classes=data.classes,
+        mean=data.mean,
+        std=data.std,
+        in_chans=data.channels,
+        image_size=data.image_size,
+        temperature=summary["temperature"],
+        method=cfg.method,
+        config=asdict(cfg),
+        summary=summary,
     )
     atomic_save_npz(
         out / "predictions.npz", logits=logits[chosen], labels=test_y.cpu().numpy(), classes=np.asarray(data.classes)
@@ -405,6 +398,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         f"(target {cfg.density:g})\nresults in {out}/ (summary.json, model.pt, metrics.jsonl)"
     )
     return summary
+
+
+def save_model_file(
+    path: Path,
+    *,
+    arch: str,
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    classes: list[str],
+    mean,
+    std,
+    in_chans: int,
+    image_size: int,
+    temperature: float = 1.0,
+    method: str = "dense",
+    config: dict | None = None,
+    summary: dict | None = None,
+) -> None:
+    """model.pt, the product of a run: weights, masks (support of each masked tensor; {} for
+    dense) and everything export and serving need to rebuild and feed the model."""
+    atomic_torch_save(
+        {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "arch": arch,
+            "model_kwargs": {"num_classes": len(classes), "in_chans": in_chans, "image_size": image_size},
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            "masks": {n: m.detach().cpu().contiguous() for n, m in masks.items()},
+            "classes": list(classes),
+            "mean": list(mean),
+            "std": list(std),
+            "temperature": float(temperature),
+            "method": method,
+            "config": config or {},
+            "summary": summary or {},
+        },
+        path,
+    )
 
 
 def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:

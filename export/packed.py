@@ -1,0 +1,111 @@
+"""Packed sparse safetensors: nonzero values plus a 1-bit-per-element mask per masked tensor.
+
+Format (docs/FORMAT.md): for a masked tensor NAME of shape S,
+    NAME::values  1-D, float32 (or float16), the entries where the mask is set, in C order
+    NAME::mask    1-D uint8, ceil(numel / 8) bytes, the C-order mask packed little-endian
+                  (bit i of byte j is element 8 j + i)
+and every other tensor (masked tensors whose mask is all ones included) is stored as it is.
+The header metadata (string -> string) holds `format` = "cigl-sparse", `format_version`,
+`packed` = JSON {NAME: S} of the packed tensors, and the model card written by cigl-export.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from cigl.errors import FormatError, InputError
+from cigl.io import atomic_open
+
+FORMAT = "cigl-sparse"
+VERSION = "1"
+VALUES, MASK = "::values", "::mask"
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 bytes (C order, little-endian bit order)."""
+    bits = np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little")
+    return torch.from_numpy(bits)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little").astype(bool)
+    return torch.from_numpy(bits).view(shape)
+
+
+def pack_state_dict(
+    state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], fp16: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """(tensors to store, {packed name: shape}). A masked tensor with nonzeros outside its mask
+    is refused: packing would silently change the model."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"tensor {name} holds NaN or Inf values; refusing to export a broken model")
+        if name not in masks:
+            tensors[name] = t
+            continue
+        mask = masks[name].cpu().bool()
+        if mask.shape != t.shape:
+            raise FormatError(f"mask of {name} has shape {tuple(mask.shape)}, the tensor {tuple(t.shape)}")
+        if t[~mask].any():
+            raise FormatError(f"{name} has nonzero weights outside its mask; the checkpoint is inconsistent")
+        if bool(mask.all()):  # a fully dense layer: the mask would only add numel / 8 bytes
+            tensors[name] = t
+            continue
+        values = t[mask]
+        tensors[name + VALUES] = values.half() if fp16 else values.float()
+        tensors[name + MASK] = pack_bits(mask)
+        shapes[name] = list(t.shape)
+    return tensors, shapes
+
+
+def unpack_state_dict(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Dense tensors back from packed ones (float32; zeros outside the mask)."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((VALUES, MASK))}
+    for name, shape in shapes.items():
+        try:
+            mask = unpack_bits(tensors[name + MASK], tuple(shape))
+            values = tensors[name + VALUES].float()
+        except KeyError as exc:
+            raise FormatError(f"packed tensor {name} is missing its part {exc}") from None
+        if int(mask.sum()) != values.numel():
+            raise FormatError(f"packed tensor {name}: {values.numel()} values for {int(mask.sum())} mask bits")
+        dense = torch.zeros(tuple(shape), dtype=torch.float32)
+        dense[mask] = values
+        out[name] = dense
+    return out
+
+
+def write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors bytes, written atomically (the same input always gives the same bytes)."""
+    from safetensors.torch import save
+
+    data = save(dict(sorted(tensors.items())), metadata=dict(sorted(metadata.items())))
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, as a FormatError when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not a valid safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def shapes_of(metadata: dict[str, str]) -> dict[str, list[int]]:
+    try:
+        return json.loads(metadata.get("packed", "{}"))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"corrupt 'packed' metadata ({exc})") from None
