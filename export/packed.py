@@ -82,11 +82,40 @@ def unpack_state_dict(tensors: dict[str, torch.Tensor], shapes: dict[str, list[i
     return out
 
 
-def write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors bytes, written atomically (the same input always gives the same bytes)."""
-    from safetensors.torch import save
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
 
-    data = save(dict(sorted(tensors.items())), metadata=dict(sorted(metadata.items())))
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with every key sorted, so the same input always gives the same bytes
+    (the safetensors library keeps metadata in a hash map, whose order changes between runs)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _DTYPES:
+            raise InputError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
+def write(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Serialise and write atomically."""
+    data = serialize(tensors, metadata)
     with atomic_open(path) as f:
         f.write(data)
 

@@ -1,0 +1,234 @@
+"""cigl-export: packed safetensors round trips, ONNX checks against torch on real images, safety."""
+
+import json
+import math
+import os
+import pickle
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+
+import cigl.export as cx
+from cigl.export.onnx_export import ort_session
+from cigl.models import create_model
+from cigl.sparse import METHODS, Masking
+from cigl.train import save_model_file
+
+EXPORT = os.path.join(os.path.dirname(sys.executable), "cigl-export")
+
+
+def make_model_pt(path, arch, *, dataset="digits", data_dir=None, density=0.1, in_chans=1, size=8, temperature=1.3):
+    """A model.pt as cigl-train writes it: sparse masks (ERK), BN statistics that are not the
+    defaults, a temperature and a config that names the dataset for the export check."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_chans=in_chans, image_size=size)
+    masking = Masking(model, METHODS["rigl"], density=density)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(
+        path,
+        arch=arch,
+        model=model,
+        masks=masking.masks,
+        classes=[str(i) for i in range(10)],
+        mean=(0.5,) * in_chans,
+        std=(0.25,) * in_chans,
+        in_chans=in_chans,
+        image_size=size,
+        temperature=temperature,
+        method="rigl",
+        config={"dataset": dataset, "data_dir": data_dir, "density": density},
+        summary={"target_density": density, "test": {"acc": 0.5, "ece": 0.1, "nll": 1.2}},
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    src = make_model_pt(root / "run" / "model.pt", "resnet20")
+    proc = run_cli(EXPORT, str(src))
+    assert proc.returncode == 0, proc.stderr
+    return src, proc.stdout
+
+
+def test_fp32_round_trip_is_exact(digits_export):
+    src, stdout = digits_export
+    ckpt = torch.load(src, weights_only=True)
+    state = cx.load_state_dict(src.parent / "model.safetensors")
+    assert state.keys() == ckpt["state_dict"].keys()
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(state[k], v), k
+    model = cx.load_model(src.parent / "model.safetensors")
+    x = torch.randn(4, 1, 8, 8)
+    ref = create_model("resnet20", num_classes=10, in_chans=1, image_size=8)
+    ref.load_state_dict(ckpt["state_dict"])
+    assert torch.equal(model(x), ref.eval()(x))
+    assert "compression" in stdout and "layers.8.conv2.weight" in stdout
+
+
+def _formula_bytes(ckpt):
+    """4 x nnz + numel / 8 for packed tensors, plus every other tensor at its size."""
+    expected = 0
+    for name, t in ckpt["state_dict"].items():
+        mask = ckpt["masks"].get(name)
+        if mask is not None and not bool(mask.all()):
+            expected += 4 * int(mask.sum()) + math.ceil(t.numel() / 8)
+        else:
+            expected += t.numel() * t.element_size()
+    return expected
+
+
+def test_file_size_matches_formula(tmp_path, digits_export):
+    src, _ = digits_export
+    path = src.parent / "model.safetensors"
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    # the data section is exactly the formula; the rest is the JSON header (names, shapes, card)
+    assert path.stat().st_size - 8 - header == _formula_bytes(torch.load(src, weights_only=True))
+    # for a model of some size the header is noise: within 2% of the formula (CIFAR ResNet-50, density 0.1)
+    wrn = make_model_pt(tmp_path / "r50" / "model.pt", "resnet50", in_chans=3, size=32)
+    assert run_cli(EXPORT, str(wrn), "--no-onnx").returncode == 0
+    expected = _formula_bytes(torch.load(wrn, weights_only=True))
+    assert expected <= (wrn.parent / "model.safetensors").stat().st_size <= 1.02 * expected
+
+
+def test_fp16_within_rounding(tmp_path, digits_export):
+    src, _ = digits_export
+    assert run_cli(EXPORT, str(src), "--fp16", "--no-onnx", "--out", str(tmp_path)).returncode == 0
+    half, full = (
+        cx.load_state_dict(tmp_path / "model.safetensors"),
+        cx.load_state_dict(src.parent / "model.safetensors"),
+    )
+    for k, v in full.items():
+        assert torch.equal(half[k] == 0, v == 0)
+        assert torch.allclose(half[k].float(), v.float(), rtol=1e-3, atol=1e-4), k
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.7 * (src.parent / "model.safetensors").stat().st_size
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_onnx_metadata_probs_and_sparse_storage(digits_export):
+    src, _ = digits_export
+    proto = onnx.load(str(src.parent / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    st_meta = cx.read_metadata(src.parent / "model.safetensors")
+    assert {k: v for k, v in st_meta.items() if k not in ("packed", "format", "format_version")} == meta
+    assert json.loads(meta["input_size"]) == [1, 8, 8] and float(meta["temperature"]) == pytest.approx(1.3)
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)] and meta["arch"] == "resnet20"
+    assert [i.name for i in proto.graph.input] == ["images"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probs"]
+    session = ort_session((src.parent / "model.onnx").read_bytes())
+    x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    logits, probs = session.run(None, {"images": x})
+    z = logits / 1.3
+    expected = np.exp(z - z.max(1, keepdims=True))
+    assert np.allclose(probs, expected / expected.sum(1, keepdims=True), atol=1e-6)
+    # the packed ONNX is much smaller than the dense weights
+    dense_bytes = sum(4 * v.numel() for v in torch.load(src, weights_only=True)["state_dict"].values())
+    assert (src.parent / "model.onnx").stat().st_size < 0.3 * dense_bytes
+
+
+def test_reexport_is_byte_identical(tmp_path, digits_export):
+    src, _ = digits_export
+    assert run_cli(EXPORT, str(src), "--out", str(tmp_path)).returncode == 0
+    for name in ("model.safetensors", "model.onnx"):
+        assert (tmp_path / name).read_bytes() == (src.parent / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "wrn22_2", "resnet18"])
+def test_onnx_matches_torch_on_cifar_images(tmp_path, cifar_small, arch):
+    src = make_model_pt(
+        tmp_path / "run" / "model.pt", arch, dataset="cifar10", data_dir=str(cifar_small), in_chans=3, size=32
+    )
+    proc = run_cli(EXPORT, str(src))  # the export itself compares ORT with torch on the run's test images
+    assert proc.returncode == 0, proc.stderr
+    from cigl.data import load_dataset, normalize, to_device
+
+    x, _ = to_device(load_dataset("cifar10", cifar_small).test, torch.device("cpu"))
+    images = normalize(x, (0.5,) * 3, (0.25,) * 3)
+    model = cx.load_model(src.parent / "model.safetensors")
+    with torch.no_grad():
+        ref = model(images).numpy()
+    logits, _ = ort_session((src.parent / "model.onnx").read_bytes()).run(None, {"images": images.numpy()})
+    assert np.abs(logits - ref).max() <= 1e-4 and np.array_equal(logits.argmax(1), ref.argmax(1))
+
+
+def test_dense_safetensors_load_into_fresh_timm_model(tmp_path, cifar_small):
+    import timm
+
+    src = make_model_pt(
+        tmp_path / "run" / "model.pt",
+        "mobilenetv3_small_050",
+        dataset="cifar10",
+        data_dir=str(cifar_small),
+        in_chans=3,
+        size=32,
+    )
+    proc = run_cli(EXPORT, str(src), "--dense", "--check-data", str(cifar_small / "test"))
+    assert proc.returncode == 0, proc.stderr
+    fresh = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    fresh.load_state_dict(load_file(src.parent / "model.safetensors"), strict=True)
+    ckpt = torch.load(src, weights_only=True)
+    assert torch.equal(fresh.state_dict()["conv_stem.weight"], ckpt["state_dict"]["conv_stem.weight"])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_malformed_inputs_give_one_line_errors(tmp_path, digits_export):
+    src, _ = digits_export
+    good = src.read_bytes()
+    cases = []
+    truncated = tmp_path / "truncated" / "model.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(good[: len(good) // 2])
+    cases.append((truncated, "corrupt or truncated"))
+    evil = tmp_path / "evil" / "model.pt"
+    evil.parent.mkdir()
+    marker = tmp_path / "pwned"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": "cigl-model", "x": _Payload(str(marker))}, f)
+    cases.append((evil, "needs arbitrary code"))
+    nomask = tmp_path / "nomask" / "model.pt"
+    nomask.parent.mkdir()
+    ckpt = torch.load(src, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "masks"}, nomask)
+    cases.append((nomask, "lacks masks"))
+    nan = tmp_path / "nan" / "model.pt"
+    nan.parent.mkdir()
+    bad = dict(ckpt)
+    bad["state_dict"] = dict(ckpt["state_dict"])
+    bad["state_dict"]["fc.bias"] = torch.full((10,), float("nan"))
+    torch.save(bad, nan)
+    cases.append((nan, "NaN or Inf"))
+    for path, needle in cases:
+        proc = run_cli(EXPORT, str(path))
+        assert_one_line_error(proc, needle)
+        assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"], path  # nothing written
+    assert not marker.exists()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_one_line_error(run_cli(EXPORT, "--inspect", str(corrupt)), "not a valid safetensors file")
+    assert_one_line_error(run_cli(EXPORT, str(src), "--opset", "13"), "--opset must be >= 17")
+
+
+def test_inspect_prints_the_table(digits_export):
+    src, _ = digits_export
+    for name in ("model.safetensors", "model.onnx"):
+        proc = run_cli(EXPORT, "--inspect", str(src.parent / name))
+        assert proc.returncode == 0, proc.stderr
+        assert "packed" in proc.stdout and "arch: resnet20" in proc.stdout and "nonzeros" in proc.stdout
