@@ -1,7 +1,7 @@
 """Images/s of a dense ResNet-20 training step at batch 128 (CPU, and CUDA when present), and
 the share of the step spent in data loading + augmentation (goal < 5%).
 
-Uses the training loop's own pieces (cigl.data's tensor pipeline and cigl.train.train_step)
+Uses the training loop's own pieces (cigl.pipeline and cigl.train.train_step)
 on real CIFAR-10 images from ../shared/data.
 """
 
@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from cigl.data import augment, epoch_order, extract_archive_subset, load_image_folder, normalize, to_device  # noqa: E402
+from cigl.data import extract_archive_subset, load_image_folder  # noqa: E402
 from cigl.models import create_model  # noqa: E402
+from cigl.pipeline import augment, epoch_order, normalize, to_device  # noqa: E402
 from cigl.train import train_step  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"

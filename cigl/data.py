@@ -1,9 +1,10 @@
-"""Datasets as uint8 arrays, decoded once and cached; augmentation as batched tensor ops.
+"""Datasets as uint8 arrays, decoded once and cached (numpy and pillow only, no torch).
 
 Sources: scikit-learn's bundled digits, CIFAR-10 (ImageFolder JPEGs or the standard
 `cifar-10-batches-py` folder) and any ImageFolder (train/ and test/, one folder per class).
 Images are held as uint8 (N, H, W, C); decoded image folders are cached on disk under a key
 derived from the files' content, so a second run skips decoding and a changed file rebuilds.
+Training turns them into batches with cigl.pipeline; serving and auditing use them directly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cigl.errors import FormatError, InputError
 from cigl.io import atomic_open
@@ -308,44 +308,3 @@ def extract_archive_subset(archive: str | Path, dest: str | Path, per_class: dic
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
     return dest
-
-
-# --------------------------------------------------------------------------- tensor pipeline
-
-
-def to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 NCHW images and int64 labels on `device` (the whole split stays resident)."""
-    x = torch.from_numpy(np.ascontiguousarray(split.x.transpose(0, 3, 1, 2)))
-    return x.to(device), torch.from_numpy(split.y).to(device)
-
-
-def augment(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a uint8 NCHW batch,
-    drawn from torch's global generator on x's device."""
-    n, _, h, w = x.shape
-    if pad > 0:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
-        ox = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
-        rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-        x = padded[batch, chans, rows, cols]
-    if flip:
-        flips = torch.rand(n, device=x.device) < 0.5
-        x = torch.where(flips[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1], then per-channel (x - mean) / std."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
-    return (x.float() - m) / s
-
-
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """The training order of one epoch: a permutation that depends only on (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cigl import calibration
-from cigl.data import DATASETS, atomic_save_npz, augment, epoch_order, load_dataset, normalize, to_device
+from cigl.data import DATASETS, atomic_save_npz, load_dataset
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.io import atomic_open, atomic_torch_save, load_torch_file
 from cigl.models import create_model
+from cigl.pipeline import augment, epoch_order, normalize, to_device
 from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.allocation import INITS, format_table
 

@@ -91,7 +91,8 @@ def load_run_model(path: Path) -> tuple[dict, torch.nn.Module]:
 def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
     """Normalised float images to compare ORT with torch: --check-data (ImageFolder) or the
     run's own test split."""
-    from cigl.data import load_dataset, load_image_folder, normalize, to_device
+    from cigl.data import load_dataset, load_image_folder
+    from cigl.pipeline import normalize, to_device
 
     size = ckpt["model_kwargs"]["image_size"]
     if check_data:

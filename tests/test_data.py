@@ -7,6 +7,7 @@ import torch
 from conftest import ROOT, assert_one_line_error, run_cli
 
 import cigl.data as data
+import cigl.pipeline as pipeline
 from cigl.errors import FormatError, InputError
 
 
@@ -151,7 +152,7 @@ def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
 def test_augment_is_a_padded_crop_or_its_mirror():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    out = data.augment(x, pad=2, flip=True)
+    out = pipeline.augment(x, pad=2, flip=True)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     flips = 0
     for i in range(16):
@@ -167,17 +168,17 @@ def test_augment_is_a_padded_crop_or_its_mirror():
         assert matches, f"image {i} is not a crop of its padded input"
         flips += matches[0][2]
     assert 0 < flips < 16
-    assert torch.equal(data.augment(x, pad=0, flip=False), x)
+    assert torch.equal(pipeline.augment(x, pad=0, flip=False), x)
 
 
 def test_normalize_matches_formula():
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
-    y = data.normalize(x, (0.5,), (0.25,))
+    y = pipeline.normalize(x, (0.5,), (0.25,))
     assert torch.allclose(y, torch.tensor([[[[-2.0, 2.0]]]]))
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
-    a = data.epoch_order(100, 0, 3, torch.device("cpu"))
-    assert torch.equal(a, data.epoch_order(100, 0, 3, torch.device("cpu")))
-    assert not torch.equal(a, data.epoch_order(100, 0, 4, torch.device("cpu")))
+    a = pipeline.epoch_order(100, 0, 3, torch.device("cpu"))
+    assert torch.equal(a, pipeline.epoch_order(100, 0, 3, torch.device("cpu")))
+    assert not torch.equal(a, pipeline.epoch_order(100, 0, 4, torch.device("cpu")))
     assert sorted(a.tolist()) == list(range(100))

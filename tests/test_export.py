@@ -151,7 +151,8 @@ def test_onnx_matches_torch_on_cifar_images(tmp_path, cifar_small, arch):
     )
     proc = run_cli(EXPORT, str(src))  # the export itself compares ORT with torch on the run's test images
     assert proc.returncode == 0, proc.stderr
-    from cigl.data import load_dataset, normalize, to_device
+    from cigl.data import load_dataset
+    from cigl.pipeline import normalize, to_device
 
     x, _ = to_device(load_dataset("cifar10", cifar_small).test, torch.device("cpu"))
     images = normalize(x, (0.5,) * 3, (0.25,) * 3)
