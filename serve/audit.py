@@ -31,6 +31,7 @@ class Predictions:
     labels: np.ndarray
     kind: str  # "logits" or "probs"
     classes: list[str] | None = None
+    model: dict | None = None  # for an audited .onnx: its sparsity and recorded calibration
 
 
 # --------------------------------------------------------------------------- loading
@@ -88,6 +89,62 @@ def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = 
     return Predictions(name, scores, labels, kind, classes)
 
 
+def _onnx_data(predictor, args) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised images and labels the model is audited on: an ImageFolder (--data) decoded as
+    cigl-predict would, or a dataset's test split (--dataset, the split training used)."""
+    from cigl.data import load_dataset
+
+    classes = predictor.card.classes
+    if args.data:
+        root = Path(args.data)
+        root = root / "test" if (root / "test").is_dir() else root
+        if not root.is_dir():
+            raise InputError(f"--data folder not found: {root}")
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        unknown = [f.name for f in folders if f.name not in classes]
+        if not folders or unknown:
+            raise InputError(
+                f"{root} needs one folder per class named as the model's classes "
+                f"({', '.join(classes)}); unexpected: {', '.join(unknown) or 'no class folders'}"
+            )
+        from cigl.serve.predict import expand_inputs
+
+        files = [(f, classes.index(folder.name)) for folder in folders for f in expand_inputs([str(folder)])]
+        images = np.stack([predictor.load_image(f) for f, _ in files])
+        labels = np.array([label for _, label in files], dtype=np.int64)
+    else:
+        split = load_dataset(args.dataset, args.data_dir, val_size=0).test
+        c, h, w = predictor.card.input_size
+        if split.x.shape[1:] != (h, w, c):
+            raise InputError(f"{args.dataset} images are {split.x.shape[1:]}, the model takes {(h, w, c)} (H, W, C)")
+        images, labels = split.x, split.y
+    return predictor.normalize(images), labels
+
+
+def onnx_predictions(spec: str, args) -> Predictions:
+    """Run an exported model over the audit data; the report then treats it like a file."""
+    from cigl.serve.predictor import Predictor
+
+    name, _, path = spec.rpartition("=")
+    predictor = Predictor(path, device="cpu")
+    x, labels = _onnx_data(predictor, args)
+    logits = np.concatenate([predictor.predict(x[i : i + 256])[0] for i in range(0, len(x), 256)])
+    card = predictor.card
+    model = {
+        "path": path,
+        "provider": predictor.provider,
+        "target_density": card.number("target_density"),
+        "actual_density": card.number("actual_density"),
+        "temperature_in_model": card.temperature,
+        "recorded": {
+            "accuracy": card.number("test_accuracy"),
+            "ece": card.number("test_ece"),
+            "nll": card.number("test_nll"),
+        },
+    }
+    return Predictions(name or Path(path).stem, logits, labels, "logits", card.classes, model)
+
+
 # --------------------------------------------------------------------------- auditing
 
 
@@ -136,6 +193,10 @@ def audit_one(
             },
         }
     )
+    if p.model is not None:
+        recorded, ci = p.model["recorded"]["ece"], metrics.get("ece_ci")
+        p.model["ece_drift"] = bool(recorded is not None and ci is not None and not ci[0] <= recorded <= ci[1])
+        metrics["model"] = p.model
     return metrics
 
 
@@ -163,6 +224,18 @@ def markdown_table(models: dict[str, dict]) -> str:
         ("temperature T", lambda m: f"{m['temperature']:.3f}"),
         ("ECE after T", lambda m: _pct(m["ece_after_t"])),
     ]
+    if any("model" in m for m in models.values()):
+
+        def recorded_ece(m: dict) -> str:
+            info = m.get("model")
+            if info is None or info["recorded"]["ece"] is None:
+                return "-"
+            return _pct(info["recorded"]["ece"]) + (" (drift: outside the CI)" if info["ece_drift"] else "")
+
+        rows += [
+            ("density (actual)", lambda m: f"{m['model']['actual_density']:.4f}" if m.get("model") else "-"),
+            ("ECE recorded in training", recorded_ece),
+        ]
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(fn(models[n]) for n in names) + " |" for label, fn in rows]
     return "\n".join(lines)
@@ -193,8 +266,9 @@ def plot_reliability(models: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out: Path) -> None:
-    """Write report.json, report.md and reliability.png into `out` all at once (temp dir, then move)."""
+def write_report(report: dict, out: Path, predictions: dict[str, Predictions] | None = None) -> None:
+    """Write report.json, report.md, reliability.png (and predictions-NAME.npz of audited ONNX
+    models) into `out` all at once: everything goes to a temp dir first, then is moved in."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
@@ -210,9 +284,11 @@ def write_report(report: dict, out: Path) -> None:
         )
         (tmp / "report.md").write_text("# Calibration audit\n\n" + markdown_table(report["models"]) + verdict + "\n")
         plot_reliability(report["models"], tmp / "reliability.png")
+        for name, p in (predictions or {}).items():
+            np.savez(tmp / f"predictions-{name}.npz", logits=p.scores, labels=p.labels, classes=np.asarray(p.classes))
         out.mkdir(exist_ok=True)
-        for f in ("report.json", "report.md", "reliability.png"):
-            os.replace(tmp / f, out / f)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -247,6 +323,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-ece", type=float, help="gate: exit 1 when any model's ECE exceeds this (e.g. 0.05)")
     p.add_argument("--out", default="audit", help="report folder (default ./audit)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    p.add_argument("--data", help="for .onnx models: ImageFolder (with test/ or class folders) to audit on")
+    p.add_argument(
+        "--dataset",
+        choices=("digits", "cifar10", "imagefolder"),
+        help="for .onnx models: audit on this dataset's test split (as training split it)",
+    )
+    p.add_argument("--data-dir", help="folder of --dataset cifar10 / imagefolder")
     p.add_argument("--label-column", default="label", help="CSV label column (default label)")
     p.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold")
     return p
@@ -274,7 +357,17 @@ def _check_options(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_options(args)
-    preds = [load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind) for s in args.predictions]
+    onnx_specs = [s for s in args.predictions if s.endswith(".onnx")]
+    if onnx_specs and not (args.data or args.dataset):
+        raise InputError("auditing a .onnx model needs --data DIR or --dataset NAME to run it on")
+    if onnx_specs and args.data and args.dataset:
+        raise InputError("give either --data or --dataset, not both")
+    preds = [
+        onnx_predictions(s, args)
+        if s.endswith(".onnx")
+        else load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind)
+        for s in args.predictions
+    ]
     names = [p.name for p in preds]
     if len(set(names)) != len(names):
         raise InputError(f"two inputs share the name {max(names, key=names.count)!r}; name them NAME=path")
@@ -298,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "gate": {"max_ece": args.max_ece, "passed": not failed, "failed": failed},
     }
     out = Path(args.out)
-    write_report(report, out)
+    write_report(report, out, {p.name: p for p in preds if p.model is not None})
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

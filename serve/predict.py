@@ -1,0 +1,197 @@
+"""`cigl-predict MODEL.onnx INPUT...`: calibrated predictions for images, folders and .npy arrays.
+
+One record per input (JSON lines or CSV): source, class, confidence (the calibrated
+probability of the predicted class), top_k, abstained (confidence < --abstain-below), and
+`error` for an input that could not be read. Exit codes: 0 all predicted, 1 some inputs
+unreadable (reported in their records), 2 bad usage or, with --strict, any unreadable input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cigl.data import IMAGE_EXTENSIONS
+from cigl.errors import ArgumentParser, InputError, cli_entry
+from cigl.io import atomic_open
+from cigl.serve.predictor import Predictor
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders searched recursively for images (sorted)."""
+    out = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise InputError(f"no images found under {path}")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise InputError(f"input not found: {path}")
+    return out
+
+
+def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a readable .npy array ({exc})") from None
+    if arr.dtype == np.uint8:  # raw images (N, H, W, C)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise InputError(f"{path}: uint8 images must have shape (N, H, W, C), got {arr.shape}")
+        arr = predictor.normalize(arr)
+    elif arr.ndim == 3:
+        arr = arr[None]
+    for i in range(0, len(arr), batch):
+        yield [f"{path}[{j}]" for j in range(i, min(i + batch, len(arr)))], arr[i : i + batch]
+
+
+def predict_all(
+    predictor: Predictor,
+    paths: list[Path],
+    *,
+    batch: int,
+    top_k: int,
+    abstain_below: float,
+    strict: bool,
+    progress: bool,
+) -> list[dict]:
+    """Records for every input, in input order."""
+    records: list[dict] = []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), unit="file", file=sys.stderr, leave=False)
+        except ImportError:
+            bar = None
+
+    pending: list[tuple[int, np.ndarray]] = []  # (record slot, decoded image)
+
+    def flush() -> None:
+        if pending:
+            slots = [slot for slot, _ in pending]
+            _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
+            for slot, rec in zip(
+                slots,
+                predictor.records([records[s]["source"] for s in slots], probs, top_k, abstain_below),
+                strict=True,
+            ):
+                records[slot] = rec
+            pending.clear()
+
+    for path in paths:
+        if path.suffix.lower() == ".npy":
+            flush()
+            for sources, x in _npy_batches(predictor, path, batch):
+                records.extend(predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below))
+        else:
+            try:
+                image = predictor.load_image(path)
+            except InputError as exc:
+                if strict:
+                    raise
+                records.append({"source": str(path), "error": str(exc)})
+            else:
+                records.append({"source": str(path)})
+                pending.append((len(records) - 1, image))
+                if len(pending) == batch:
+                    flush()
+        if bar is not None:
+            bar.update(1)
+    flush()
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def render(records: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in records)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["source", "class", "confidence", "top_k", "abstained", "error"])
+    for r in records:
+        top = ";".join(f"{c}:{p}" for c, p in r.get("top_k", []))
+        w.writerow(
+            [r["source"], r.get("class", ""), r.get("confidence", ""), top, r.get("abstained", ""), r.get("error", "")]
+        )
+    return buf.getvalue()
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="cigl-predict",
+        description="Calibrated predictions of an exported model.onnx (onnxruntime; no torch needed).",
+        epilog="exit codes: 0 ok, 1 some inputs unreadable, 2 error",
+    )
+    p.add_argument("model", help="model.onnx written by cigl-export")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, folders (searched recursively) or .npy arrays "
+        "(float32 normalised NCHW, or uint8 images NHWC)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
+    p.add_argument("--top-k", type=int, default=1, help="classes listed per record (default 1)")
+    p.add_argument(
+        "--abstain-below",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="flag predictions whose calibrated confidence is below P",
+    )
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
+    p.add_argument("--out", help="write records to FILE (default stdout)")
+    p.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2, nothing written)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.top_k < 1:
+        raise InputError("--batch-size and --top-k must be >= 1")
+    if not 0 <= args.abstain_below <= 1:
+        raise InputError(f"--abstain-below must lie in [0, 1], got {args.abstain_below}")
+    predictor = Predictor(args.model, device=args.device)
+    paths = expand_inputs(args.inputs)
+    records = predict_all(
+        predictor,
+        paths,
+        batch=min(args.batch_size, predictor.max_batch),
+        top_k=args.top_k,
+        abstain_below=args.abstain_below,
+        strict=args.strict,
+        progress=sys.stderr.isatty(),
+    )
+    text = render(records, args.format)
+    if args.out:
+        with atomic_open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    failed = sum("error" in r for r in records)
+    abstained = sum(bool(r.get("abstained")) for r in records)
+    print(
+        f"{len(records) - failed} predicted, {failed} unreadable, {abstained} abstained ({predictor.provider})",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
