@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cigl.data import extract_archive_subset
+from cigl.models import create_model
+from cigl.sparse import METHODS, Masking
+from cigl.train import save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -28,6 +32,17 @@ def cifar_small(tmp_path_factory) -> Path:
     return extract_archive_subset(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cifar10"), {"train": 30, "test": 10})
 
 
+# prepended to `python -c` code: any import of torch fails, as in an environment without it
+BLOCK_TORCH = (
+    "import sys\n"
+    "class _NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is not installed here')\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+)
+
+
 def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run a console entry point as a user would (python -m), capturing output."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
@@ -40,3 +55,34 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def make_model_pt(
+    path, arch, *, dataset="digits", data_dir=None, density=0.1, in_chans=1, size=8, temperature=1.3, classes=None
+):
+    """A model.pt as cigl-train writes it: sparse masks (ERK), BN statistics that are not the
+    defaults, a temperature and a config that names the dataset for the export check."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_chans=in_chans, image_size=size)
+    masking = Masking(model, METHODS["rigl"], density=density)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(
+        path,
+        arch=arch,
+        model=model,
+        masks=masking.masks,
+        classes=classes or [str(i) for i in range(10)],
+        mean=(0.5,) * in_chans,
+        std=(0.25,) * in_chans,
+        in_chans=in_chans,
+        image_size=size,
+        temperature=temperature,
+        method="rigl",
+        config={"dataset": dataset, "data_dir": data_dir, "density": density},
+        summary={"target_density": density, "test": {"acc": 0.5, "ece": 0.1, "nll": 1.2}},
+    )
+    return path

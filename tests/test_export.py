@@ -10,45 +10,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, make_model_pt, run_cli
 from safetensors.torch import load_file
 
 import cigl.export as cx
 from cigl.export.onnx_export import ort_session
 from cigl.models import create_model
-from cigl.sparse import METHODS, Masking
-from cigl.train import save_model_file
 
 EXPORT = os.path.join(os.path.dirname(sys.executable), "cigl-export")
-
-
-def make_model_pt(path, arch, *, dataset="digits", data_dir=None, density=0.1, in_chans=1, size=8, temperature=1.3):
-    """A model.pt as cigl-train writes it: sparse masks (ERK), BN statistics that are not the
-    defaults, a temperature and a config that names the dataset for the export check."""
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, in_chans=in_chans, image_size=size)
-    masking = Masking(model, METHODS["rigl"], density=density)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model_file(
-        path,
-        arch=arch,
-        model=model,
-        masks=masking.masks,
-        classes=[str(i) for i in range(10)],
-        mean=(0.5,) * in_chans,
-        std=(0.25,) * in_chans,
-        in_chans=in_chans,
-        image_size=size,
-        temperature=temperature,
-        method="rigl",
-        config={"dataset": dataset, "data_dir": data_dir, "density": density},
-        summary={"target_density": density, "test": {"acc": 0.5, "ece": 0.1, "nll": 1.2}},
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,192 @@
+"""Predictor, cigl-predict and confidence-audit on exported models (onnxruntime, no torch)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import BLOCK_TORCH, assert_one_line_error, make_model_pt, run_cli
+from PIL import Image
+
+import cigl.export as cx
+from cigl.data import CIFAR10_CLASSES, load_dataset
+from cigl.errors import InputError
+from cigl.serve.predictor import Predictor
+from cigl.train import TrainConfig, train
+
+BIN = os.path.dirname(sys.executable)
+PREDICT, AUDIT, EXPORT = (os.path.join(BIN, n) for n in ("cigl-predict", "confidence-audit", "cigl-export"))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A real CigL run on digits, exported."""
+    out = tmp_path_factory.mktemp("serve") / "run"
+    summary = train(TrainConfig(method="cigl", epochs=4, batch_size=64, update_every=5, out=str(out)), quiet=True)
+    assert run_cli(EXPORT, str(out / "model.pt")).returncode == 0
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def cifar_model(tmp_path_factory, cifar_small):
+    src = make_model_pt(
+        tmp_path_factory.mktemp("cifar") / "run" / "model.pt",
+        "resnet20",
+        dataset="cifar10",
+        data_dir=str(cifar_small),
+        in_chans=3,
+        size=32,
+        classes=CIFAR10_CLASSES,
+    )
+    assert run_cli(EXPORT, str(src)).returncode == 0
+    return src.parent / "model.onnx"
+
+
+def test_predictor_matches_torch_on_digits(digits_run):
+    out, _ = digits_run
+    p = Predictor(out / "model.onnx", device="cpu")
+    assert p.provider == "CPUExecutionProvider"
+    assert p.card.input_size == (1, 8, 8) and p.card.classes == [str(i) for i in range(10)]
+    test = load_dataset("digits").test
+    x = p.normalize(test.x)
+    logits, probs = p.predict(x)
+    model = cx.load_model(out / "model.safetensors")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(logits - ref).max() <= 1e-4
+    z = logits / p.card.temperature
+    e = np.exp(z - z.max(1, keepdims=True))
+    assert np.allclose(probs, e / e.sum(1, keepdims=True), atol=1e-6)
+
+
+def test_predictor_validates_inputs(digits_run):
+    out, _ = digits_run
+    p = Predictor(out / "model.onnx", device="cpu", max_batch=8)
+    good = np.zeros((2, 1, 8, 8), np.float32)
+    cases = [
+        (good.astype(np.int64), "must be float"),
+        (np.zeros((2, 8, 8), np.float32).reshape(2, 1, 8, 8)[:, 0], "channel"),
+        (np.zeros((2, 3, 8, 8), np.float32), "1 channel"),
+        (np.zeros((2, 1, 16, 16), np.float32), "8x8 images"),
+        (np.zeros((9, 1, 8, 8), np.float32), "exceeds the limit of 8"),
+        (np.full((1, 1, 8, 8), np.nan, np.float32), "NaN or Inf"),
+        (np.zeros((2, 2, 1, 8, 8), np.float32), "shape"),
+    ]
+    for x, needle in cases:
+        with pytest.raises(InputError, match=needle):
+            p.predict(x)
+    with pytest.raises(InputError, match="cuda"):
+        Predictor(out / "model.onnx", device="cuda") if "CUDAExecutionProvider" not in _providers() else _raise()
+
+
+def _providers():
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def _raise():
+    raise InputError("cuda available: nothing to check")
+
+
+def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, cifar_model):
+    folder = tmp_path / "imgs"
+    shutil.copytree(cifar_small / "test" / "cat", folder / "cat")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "preds.jsonl"
+    proc = run_cli(PREDICT, str(cifar_model), str(folder), "--top-k", "3", "--abstain-below", "0.99", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr  # some inputs unreadable
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 11
+    broken = [r for r in records if "error" in r]
+    assert len(broken) == 1 and broken[0]["source"].endswith("broken.jpg") and "cannot read image" in broken[0]["error"]
+    ok = [r for r in records if "error" not in r]
+    for r in ok:
+        assert r["class"] in CIFAR10_CLASSES and len(r["top_k"]) == 3
+        assert r["top_k"][0] == [r["class"], r["confidence"]]
+        assert r["top_k"][0][1] >= r["top_k"][1][1] >= r["top_k"][2][1]
+        assert r["abstained"] == (r["confidence"] < 0.99)
+    assert any(r["abstained"] for r in ok)
+    assert "10 predicted, 1 unreadable" in proc.stderr
+    strict = run_cli(PREDICT, str(cifar_model), str(folder), "--strict", "--out", str(tmp_path / "strict.jsonl"))
+    assert_one_line_error(strict, "broken.jpg")
+    assert not (tmp_path / "strict.jsonl").exists()
+    clean = run_cli(PREDICT, str(cifar_model), str(folder / "cat"), "--format", "csv")
+    assert clean.returncode == 0 and clean.stdout.splitlines()[0] == "source,class,confidence,top_k,abstained,error"
+    assert len(clean.stdout.splitlines()) == 11
+
+
+def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
+    out, _ = digits_run
+    test = load_dataset("digits").test
+    np.save(tmp_path / "raw.npy", test.x[:5])
+    p = Predictor(out / "model.onnx")
+    np.save(tmp_path / "norm.npy", p.normalize(test.x[:5]))
+    a = run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "raw.npy"))
+    b = run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "norm.npy"))
+    assert a.returncode == 0 and b.returncode == 0
+    ra, rb = [json.loads(x) for x in a.stdout.splitlines()], [json.loads(x) for x in b.stdout.splitlines()]
+    assert [r["class"] for r in ra] == [r["class"] for r in rb] and ra[0]["source"].endswith("raw.npy[0]")
+    assert_one_line_error(run_cli(PREDICT, str(tmp_path / "none.onnx"), str(tmp_path / "raw.npy")), "model not found")
+    assert_one_line_error(run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "missing")), "input not found")
+    assert_one_line_error(
+        run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "raw.npy"), "--abstain-below", "2"), "--abstain-below"
+    )
+    (tmp_path / "bad.onnx").write_bytes(b"not an onnx model")
+    assert_one_line_error(
+        run_cli(PREDICT, str(tmp_path / "bad.onnx"), str(tmp_path / "raw.npy")), "not a loadable ONNX"
+    )
+
+
+def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
+    out, summary = digits_run
+    # the digits test split written out as an ImageFolder of PNGs
+    test = load_dataset("digits").test
+    for i, (img, label) in enumerate(zip(test.x, test.y, strict=True)):
+        (tmp_path / "folder" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(tmp_path / "folder" / str(label) / f"{i:04d}.png")
+    for source in (["--dataset", "digits"], ["--data", str(tmp_path / "folder")]):
+        report_dir = tmp_path / f"report{len(source[1])}"
+        proc = run_cli(
+            AUDIT,
+            f"cigl={out / 'model.onnx'}",
+            *source,
+            "--temperature",
+            "none",
+            "--bootstrap",
+            "200",
+            "--out",
+            str(report_dir),
+            "--json",
+        )
+        assert proc.returncode == 0, proc.stderr
+        m = json.loads(proc.stdout)["models"]["cigl"]
+        for ours, theirs in (("acc", "accuracy"), ("ece", "ece"), ("nll", "nll"), ("brier", "brier")):
+            assert m[theirs] == pytest.approx(summary["test"][ours], abs=1e-4)
+        assert m["model"]["recorded"]["ece"] == pytest.approx(summary["test"]["ece"])
+        assert m["model"]["ece_drift"] is False
+        assert m["model"]["actual_density"] == pytest.approx(summary["actual_density"])
+        saved = np.load(report_dir / "predictions-cigl.npz")
+        assert saved["logits"].shape == (len(test), 10)
+        assert "ECE recorded in training" in (report_dir / "report.md").read_text()
+    assert_one_line_error(run_cli(AUDIT, str(out / "model.onnx"), "--out", str(tmp_path / "x")), "needs --data")
+
+
+def test_serving_never_imports_torch(tmp_path, digits_run):
+    out, _ = digits_run
+    np.save(tmp_path / "raw.npy", load_dataset("digits").test.x[:3])
+    code = BLOCK_TORCH + (
+        "from cigl.serve.predict import main\n"
+        f"rc = main([{str(out / 'model.onnx')!r}, {str(tmp_path / 'raw.npy')!r}])\n"
+        "from cigl.serve.audit import main as audit\n"
+        f"rc += audit([{str(out / 'model.onnx')!r}, '--dataset', 'digits', '--out', {str(tmp_path / 'a')!r}])\n"
+        "assert 'torch' not in sys.modules\n"
+        "raise SystemExit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) >= 3
