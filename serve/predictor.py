@@ -130,9 +130,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ image files
 
-    def load_image(self, path: str | Path) -> np.ndarray:
-        """Decode with Pillow, convert to the model's channels, resize the short side and
-        centre-crop to the model's size: uint8 (H, W, C)."""
+    def load_image(self, path, name: str | None = None) -> np.ndarray:
+        """Decode a file (path or file object) with Pillow, convert to the model's channels,
+        resize the short side and centre-crop to the model's size: uint8 (H, W, C)."""
         from PIL import Image, UnidentifiedImageError
 
         c, h, w = self.card.input_size
@@ -146,8 +146,10 @@ class Predictor:
                     left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
                     im = im.crop((left, top, left + w, top + h))
                 arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"cannot read image {path}: {exc}") from None
+        except UnidentifiedImageError:
+            raise InputError(f"cannot read image {name or path}: not a decodable image file") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"cannot read image {name or path}: {exc}") from None
         return arr[..., None] if arr.ndim == 2 else arr
 
     def records(self, sources: list[str], probs: np.ndarray, top_k: int = 1, abstain_below: float = 0.0) -> list[dict]:

@@ -1,0 +1,130 @@
+"""cigl-serve started for real (uvicorn on 127.0.0.1, a free port, in a subprocess)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from conftest import make_model_pt, run_cli
+
+from cigl.data import CIFAR10_CLASSES
+
+SERVE = os.path.join(os.path.dirname(sys.executable), "cigl-serve")
+EXPORT = os.path.join(os.path.dirname(sys.executable), "cigl-export")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cifar_small):
+    src = make_model_pt(
+        tmp_path_factory.mktemp("http") / "run" / "model.pt",
+        "resnet20",
+        dataset="cifar10",
+        data_dir=str(cifar_small),
+        in_chans=3,
+        size=32,
+        classes=CIFAR10_CLASSES,
+    )
+    assert run_cli(EXPORT, str(src)).returncode == 0
+    port = _free_port()
+    proc = subprocess.Popen(
+        [SERVE, str(src.parent / "model.onnx"), "--port", str(port), "--max-batch", "4", "--max-body-mb", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _jpegs(cifar_small, n):
+    files = sorted((cifar_small / "test" / "cat").iterdir())[:n]
+    return [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+
+
+def _good(base, cifar_small):
+    r = httpx.post(base + "/v1/predict", files=_jpegs(cifar_small, 2), params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 2 and all(p["class"] in CIFAR10_CLASSES and len(p["top_k"]) == 2 for p in preds)
+    return preds
+
+
+def test_predict_metadata_health_docs(server, cifar_small):
+    preds = _good(server, cifar_small)
+    assert preds[0]["source"] == "0000.jpg" and 0 < preds[0]["confidence"] <= 1
+    meta = httpx.get(server + "/v1/metadata").json()
+    assert meta["classes"] == CIFAR10_CLASSES and meta["input_size"] == [3, 32, 32]
+    assert meta["temperature"] == pytest.approx(1.3) and meta["target_density"] == pytest.approx(0.1)
+    assert meta["recorded"]["ece"] == pytest.approx(0.1)
+    assert httpx.get(server + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server + "/docs").status_code == 200
+    assert "/v1/predict" in httpx.get(server + "/openapi.json").json()["paths"]
+    x = np.zeros((2, 3, 32, 32)).tolist()
+    r = httpx.post(server + "/v1/predict", json={"inputs": x, "top_k": 3, "abstain_below": 1.0})
+    assert r.status_code == 200 and [p["source"] for p in r.json()["predictions"]] == ["inputs[0]", "inputs[1]"]
+    assert all(p["abstained"] for p in r.json()["predictions"])
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, cifar_small):
+    nan = np.zeros((1, 3, 32, 32))
+    nan[0, 0, 0, 0] = np.nan
+    cases = [
+        ({"files": [("files", ("bad.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"))]}, 400, "bad.jpg"),
+        ({"json": {"inputs": np.zeros((1, 3, 16, 16)).tolist()}}, 400, "32x32"),
+        ({"json": {"inputs": [[[1, 2], [3]]]}}, 400, "equally shaped"),
+        (
+            {
+                "content": json.dumps({"inputs": nan.tolist()}).replace("NaN", "NaN"),
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "NaN",
+        ),
+        ({"json": {"inputs": np.zeros((5, 3, 32, 32)).tolist()}}, 413, "larger than"),  # also over the body cap
+        ({"files": _jpegs(cifar_small, 5)}, 400, "at most 4"),
+        ({"json": {"inputs": [], "colour": "blue"}}, 422, "colour"),
+        ({"json": {"inputs": np.zeros((1, 3, 32, 32)).tolist(), "top_k": 0}}, 422, "top_k"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
+        ({"content": b"x" * 60_000, "headers": {"content-type": "application/json"}}, 413, "larger than"),
+    ]
+    for kwargs, status, needle in cases:
+        r = httpx.post(server + "/v1/predict", **kwargs)
+        assert r.status_code == status, (needle, r.status_code, r.text)
+        assert needle in r.json()["error"], r.json()
+        _good(server, cifar_small)  # and the next good request still succeeds
+    over_batch = httpx.post(server + "/v1/predict", json={"inputs": np.zeros((5, 3, 2, 2)).tolist()})
+    assert over_batch.status_code == 400 and "at most 4" in over_batch.json()["error"]
+
+
+def test_concurrent_requests(server, cifar_small):
+    def call(_):
+        return httpx.post(server + "/v1/predict", files=_jpegs(cifar_small, 2), timeout=60).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(48)))
+    assert codes == [200] * 48
