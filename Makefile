@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/sparse_overhead.py
 	$(BIN)/python benchmarks/calibration.py
+	$(BIN)/python benchmarks/export_size.py
+	$(BIN)/python benchmarks/serve.py
 
 lint: install
 	$(BIN)/ruff check .
