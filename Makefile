@@ -28,8 +28,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/cigl-train --dataset digits --method cigl --density 0.1 --epochs 30 --out runs/demo-cigl
-	@echo "demo results: runs/demo-cigl/summary.json (model: runs/demo-cigl/model.pt)"
+	$(BIN)/python tools/demo.py --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -165,7 +165,12 @@ def audit_one(
         t = cal.fit_temperature(p.scores[fit], p.labels[fit], kind=p.kind)
     else:
         report = np.arange(p.labels.shape[0])
-        t = 1.0 if temperature == "none" else float(temperature)
+        if temperature == "model":
+            if p.model is None:
+                raise InputError(f"--temperature model needs a .onnx model; {p.name} is a prediction file")
+            t = p.model["temperature_in_model"]
+        else:
+            t = 1.0 if temperature == "none" else float(temperature)
     scores, labels = p.scores[report], p.labels[report]
     metrics = cal.summary(scores, labels, kind=p.kind, n_bins=n_bins)
     if scheme == "adaptive":
@@ -315,7 +320,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--temperature",
         default="fit",
-        help="fit (on --fit-split, report on the rest; default), none, or a value T > 0",
+        help="fit (on --fit-split, report on the rest; default), none, model (the temperature stored in "
+        "each .onnx: what its probs output serves), or a value T > 0",
     )
     p.add_argument("--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (0: none)")
@@ -340,13 +346,13 @@ def _check_options(args) -> None:
         raise InputError(f"--bins must be >= 1, got {args.bins}")
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if args.temperature not in ("fit", "none"):
+    if args.temperature not in ("fit", "none", "model"):
         try:
             t = float(args.temperature)
         except ValueError:
             t = float("nan")
         if not t > 0 or not np.isfinite(t):
-            raise InputError(f"--temperature must be fit, none or a number > 0, got {args.temperature!r}")
+            raise InputError(f"--temperature must be fit, none, model or a number > 0, got {args.temperature!r}")
     if not 0 < args.fit_split < 1:
         raise InputError(f"--fit-split must lie in (0, 1), got {args.fit_split}")
     if args.max_ece is not None and not 0 <= args.max_ece <= 1:

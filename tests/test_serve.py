@@ -173,6 +173,32 @@ def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
         saved = np.load(report_dir / "predictions-cigl.npz")
         assert saved["logits"].shape == (len(test), 10)
         assert "ECE recorded in training" in (report_dir / "report.md").read_text()
+    # --temperature model: the ECE of the served probs equals training's calibrated test ECE
+    proc = run_cli(
+        AUDIT,
+        str(out / "model.onnx"),
+        "--dataset",
+        "digits",
+        "--temperature",
+        "model",
+        "--json",
+        "--bootstrap",
+        "0",
+        "--out",
+        str(tmp_path / "served"),
+    )
+    m = json.loads(proc.stdout)["models"]["model"]
+    assert m["temperature"] == pytest.approx(summary["temperature"])
+    assert m["ece_after_t"] == pytest.approx(summary["test_calibrated"]["ece"], abs=1e-4)
+    with_file = run_cli(
+        AUDIT,
+        str(tmp_path / "served" / "predictions-model.npz"),
+        "--temperature",
+        "model",
+        "--out",
+        str(tmp_path / "y"),
+    )
+    assert_one_line_error(with_file, "needs a .onnx model")
     assert_one_line_error(run_cli(AUDIT, str(out / "model.onnx"), "--out", str(tmp_path / "x")), "needs --data")
 
 
