@@ -17,7 +17,7 @@ EPOCHS  ?= 250
 MODEL   ?= resnet50
 DECAY_EVERY ?= 30
 
-.PHONY: install demo test bench lint data clean cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
+.PHONY: install demo test bench lint data clean repro-cpu repro-paper cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
 
 install: $(BIN)/.installed
 
@@ -69,6 +69,19 @@ cifar100.ERK.RigL: install
 	  --density $(DENSITY) --dpnum $(DPNUM) --avg-start $(BS) --lr $(LR) --decay $(DECAY) \
 	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
 	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED)
+
+# the CPU study (docs/results/): Dense vs RigL vs CigL at density 0.1 and 0.05, 2 seeds, ResNet-20 on a
+# 4,000-image CIFAR-10 subset, 30 epochs; two runs at a time, one thread each (about 75 minutes)
+repro-cpu: install data
+	$(BIN)/python tools/study.py run --data-dir $(DATA) --runs runs/study
+	$(BIN)/python tools/study.py report --runs runs/study --out docs/results
+
+# the paper-scale configuration (needs a GPU): CIFAR ResNet-50 (MODEL=wrn22_2 for WRN-22-2), 250 epochs,
+# all training images, the reference's recipe; one run at a time
+repro-paper: install data
+	$(BIN)/python tools/study.py run --paper --data-dir $(DATA) --model $(MODEL) --epochs $(EPOCHS) --jobs 1 \
+	  --runs runs/paper-$(MODEL)
+	$(BIN)/python tools/study.py report --runs runs/paper-$(MODEL) --out docs/results/paper-$(MODEL)
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

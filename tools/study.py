@@ -32,30 +32,29 @@ def grid(args) -> list[tuple[str, list[str]]]:
         args.data_dir,
         "--model",
         args.model,
-        "--train-per-class",
-        str(args.per_class),
         "--epochs",
         str(args.epochs),
-        "--wd",
-        "5e-4",
         "--batch-size",
         "128",
         "--lr",
         "0.1",
-        "--warmup-epochs",
-        "2",
         "--eval-every",
         "10",
-        "--threads",
-        "1",
         "--quiet",
     ]
+    if args.paper:  # the reference's recipe (METHOD.md section 4): all images, wd 1e-4, lr x0.6 every 30 epochs
+        common += ["--wd", "1e-4", "--decay", "0.6", "--decay-every", "30", "--warmup-epochs", "5", "--val-size", "0"]
+    else:
+        common += ["--train-per-class", str(args.per_class), "--wd", "5e-4", "--warmup-epochs", "2", "--threads", "1"]
     runs = []
     for seed in args.seeds:
         runs.append((f"dense-s{seed}", ["--method", "dense", "--seed", str(seed)]))
         for d in args.densities:
             for method in ("rigl", "cigl"):
-                runs.append((f"{method}-d{d}-s{seed}", ["--method", method, "--density", str(d), "--seed", str(seed)]))
+                opts = ["--method", method, "--density", str(d), "--seed", str(seed)]
+                if method == "cigl" and args.paper:  # the reference's BS=200 of 250 epochs
+                    opts += ["--avg-start", str(max(1, args.epochs * 4 // 5))]
+                runs.append((f"{method}-d{d}-s{seed}", opts))
     return [(name, common + opts) for name, opts in runs]
 
 
@@ -155,7 +154,8 @@ def main() -> int:
     r.add_argument("--epochs", type=int, default=30)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     r.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
-    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
+    r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
     r.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report", help="aggregate finished runs")
     rep.add_argument("--runs", default=str(RUNS))
