@@ -86,3 +86,22 @@ def make_model_pt(
         summary={"target_density": density, "test": {"acc": 0.5, "ece": 0.1, "nll": 1.2}},
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_onnx(tmp_path_factory, cifar_small) -> Path:
+    """An exported sparse CIFAR ResNet-20 (model.onnx) with the CIFAR-10 class names."""
+    from cigl.data import CIFAR10_CLASSES
+
+    src = make_model_pt(
+        tmp_path_factory.mktemp("cifar-model") / "run" / "model.pt",
+        "resnet20",
+        dataset="cifar10",
+        data_dir=str(cifar_small),
+        in_chans=3,
+        size=32,
+        classes=CIFAR10_CLASSES,
+    )
+    proc = run_cli(os.path.join(os.path.dirname(sys.executable), "cigl-export"), str(src))
+    assert proc.returncode == 0, proc.stderr
+    return src.parent / "model.onnx"

@@ -11,12 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import make_model_pt, run_cli
 
 from cigl.data import CIFAR10_CLASSES
 
 SERVE = os.path.join(os.path.dirname(sys.executable), "cigl-serve")
-EXPORT = os.path.join(os.path.dirname(sys.executable), "cigl-export")
 
 
 def _free_port() -> int:
@@ -26,20 +24,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cifar_small):
-    src = make_model_pt(
-        tmp_path_factory.mktemp("http") / "run" / "model.pt",
-        "resnet20",
-        dataset="cifar10",
-        data_dir=str(cifar_small),
-        in_chans=3,
-        size=32,
-        classes=CIFAR10_CLASSES,
-    )
-    assert run_cli(EXPORT, str(src)).returncode == 0
+def server(cifar_onnx):
     port = _free_port()
     proc = subprocess.Popen(
-        [SERVE, str(src.parent / "model.onnx"), "--port", str(port), "--max-batch", "4", "--max-body-mb", "0.05"],
+        [SERVE, str(cifar_onnx), "--port", str(port), "--max-batch", "4", "--max-body-mb", "0.05"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BLOCK_TORCH, assert_one_line_error, make_model_pt, run_cli
+from conftest import BLOCK_TORCH, assert_one_line_error, run_cli
 from PIL import Image
 
 import cigl.export as cx
@@ -29,21 +29,6 @@ def digits_run(tmp_path_factory):
     summary = train(TrainConfig(method="cigl", epochs=4, batch_size=64, update_every=5, out=str(out)), quiet=True)
     assert run_cli(EXPORT, str(out / "model.pt")).returncode == 0
     return out, summary
-
-
-@pytest.fixture(scope="module")
-def cifar_model(tmp_path_factory, cifar_small):
-    src = make_model_pt(
-        tmp_path_factory.mktemp("cifar") / "run" / "model.pt",
-        "resnet20",
-        dataset="cifar10",
-        data_dir=str(cifar_small),
-        in_chans=3,
-        size=32,
-        classes=CIFAR10_CLASSES,
-    )
-    assert run_cli(EXPORT, str(src)).returncode == 0
-    return src.parent / "model.onnx"
 
 
 def test_predictor_matches_torch_on_digits(digits_run):
@@ -93,12 +78,12 @@ def _raise():
     raise InputError("cuda available: nothing to check")
 
 
-def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, cifar_model):
+def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, cifar_onnx):
     folder = tmp_path / "imgs"
     shutil.copytree(cifar_small / "test" / "cat", folder / "cat")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "preds.jsonl"
-    proc = run_cli(PREDICT, str(cifar_model), str(folder), "--top-k", "3", "--abstain-below", "0.99", "--out", str(out))
+    proc = run_cli(PREDICT, str(cifar_onnx), str(folder), "--top-k", "3", "--abstain-below", "0.99", "--out", str(out))
     assert proc.returncode == 1, proc.stderr  # some inputs unreadable
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 11
@@ -112,10 +97,10 @@ def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, c
         assert r["abstained"] == (r["confidence"] < 0.99)
     assert any(r["abstained"] for r in ok)
     assert "10 predicted, 1 unreadable" in proc.stderr
-    strict = run_cli(PREDICT, str(cifar_model), str(folder), "--strict", "--out", str(tmp_path / "strict.jsonl"))
+    strict = run_cli(PREDICT, str(cifar_onnx), str(folder), "--strict", "--out", str(tmp_path / "strict.jsonl"))
     assert_one_line_error(strict, "broken.jpg")
     assert not (tmp_path / "strict.jsonl").exists()
-    clean = run_cli(PREDICT, str(cifar_model), str(folder / "cat"), "--format", "csv")
+    clean = run_cli(PREDICT, str(cifar_onnx), str(folder / "cat"), "--format", "csv")
     assert clean.returncode == 0 and clean.stdout.splitlines()[0] == "source,class,confidence,top_k,abstained,error"
     assert len(clean.stdout.splitlines()) == 11
 
