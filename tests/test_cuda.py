@@ -1,0 +1,46 @@
+"""CUDA code paths: run on a machine with a GPU, skipped (not failed) on CPU-only machines."""
+
+import pytest
+import torch
+
+from cigl.train import TrainConfig, train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@cuda
+def test_cigl_trains_on_cuda_with_bf16_and_channels_last(tmp_path):
+    summary = train(
+        TrainConfig(method="cigl", device="cuda", epochs=4, batch_size=64, update_every=5, out=str(tmp_path / "run")),
+        quiet=True,
+    )
+    assert summary["final_weights"]["test"]["acc"] > 0.6
+    assert summary["actual_density"] >= 0.099
+
+
+@cuda
+def test_masking_keeps_density_on_cuda():
+    from cigl.models import create_model
+    from cigl.sparse import METHODS, Masking
+
+    model = create_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last)
+    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=100, update_every=1, update_end=100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    for step in range(1, 5):
+        masking.begin_step()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        masking.update(step, opt)
+        opt.zero_grad()
+    assert masking.density() == pytest.approx(0.1, rel=1e-3)
+    for name, p in masking.params.items():
+        assert not p[~masking.masks[name]].any()
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from cigl.errors import InputError
+
+    with pytest.raises(InputError, match="no CUDA device is available"):
+        train(TrainConfig(device="cuda", out=str(tmp_path / "x")), quiet=True)
