@@ -321,7 +321,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             step += 1
             if bar is not None:
                 bar.update(1)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            # mid-epoch checkpoints only: an epoch's end is saved after its averaging fold and metrics
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and b + 1 < steps_per_epoch:
                 checkpoint()
         if bar is not None:
             bar.close()
