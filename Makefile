@@ -16,6 +16,8 @@ SEED    ?= 0
 EPOCHS  ?= 250
 MODEL   ?= resnet50
 DECAY_EVERY ?= 30
+# any further cigl-train options, e.g. EXTRA="--device cuda"
+EXTRA  ?=
 
 .PHONY: install demo test bench lint data clean repro-cpu repro-paper cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
 
@@ -56,19 +58,19 @@ cifar10.ERK.RigL: install
 	$(BIN)/cigl-train --dataset cifar10 --data-dir $(DATA) --model $(MODEL) --method rigl --sparse-init erk \
 	  --density $(DENSITY) --dpnum $(DPNUM) --avg-start $(BS) --lr $(LR) --decay $(DECAY) \
 	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
-	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED)
+	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED) $(EXTRA)
 
 cifar10.ERK.Dense: install
 	$(BIN)/cigl-train --dataset cifar10 --data-dir $(DATA) --model $(MODEL) --method dense \
 	  --lr $(LR) --decay $(DECAY) --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) \
-	  --batch-size 128 --wd 1e-4 --val-size 0 --seed $(SEED) --out runs/$@.s$(SEED)
+	  --batch-size 128 --wd 1e-4 --val-size 0 --seed $(SEED) --out runs/$@.s$(SEED) $(EXTRA)
 
 # CIFAR-100 needs an ImageFolder copy (train/ and test/ with 100 class folders) passed as DATA=
 cifar100.ERK.RigL: install
 	$(BIN)/cigl-train --dataset imagefolder --data-dir $(DATA) --model $(MODEL) --method rigl --sparse-init erk \
 	  --density $(DENSITY) --dpnum $(DPNUM) --avg-start $(BS) --lr $(LR) --decay $(DECAY) \
 	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
-	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED)
+	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED) $(EXTRA)
 
 # the CPU study (docs/results/): Dense vs RigL vs CigL at density 0.1 and 0.05, 2 seeds, ResNet-20 on a
 # 4,000-image CIFAR-10 subset, 30 epochs; two runs at a time, one thread each (about 75 minutes)
