@@ -155,7 +155,7 @@ def test_bad_inputs_one_line_and_nothing_written(files, tmp_path):
         ([_write(tmp_path / "sum.npz", probs=probs * 0.5, labels=labels)], "do not sum to 1"),
         ([str(bad_csv)], "no 'label' column"),
         ([calm, f"calm={root / 'sharp.npz'}"], "share the name 'calm'"),
-        ([calm, "--temperature", "hot"], "--temperature must be fit, none or a number > 0"),
+        ([calm, "--temperature", "hot"], "--temperature must be fit, none, model or a number > 0"),
         ([calm, "--bins", "0"], "--bins must be >= 1"),
         ([calm, "--max-ece", "5"], "--max-ece must lie in [0, 1]"),
         ([calm, "--scheme", "quantile"], "invalid choice"),
