@@ -135,6 +135,11 @@ def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
         data.load_dataset("imagefolder", tmp_path / "nowhere")
     with pytest.raises(InputError, match="--data-dir"):
         data.load_dataset("cifar10")
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    with pytest.raises(InputError, match="no class folders in .*train"):
+        data.load_dataset("imagefolder", empty)
 
 
 def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
