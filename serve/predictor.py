@@ -9,6 +9,7 @@ records = p.predict_files(["cat.jpg", ...]) # decode, resize / centre-crop, norm
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +51,21 @@ class ModelCard:
         return None if value in (None, "null") else float(value)
 
 
+def _gpu_present() -> bool:
+    """An NVIDIA driver is loaded (Linux); elsewhere onnxruntime's own check has to do."""
+    return Path("/proc/driver/nvidia/version").exists() or not sys.platform.startswith("linux")
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
-    cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers()
+    # onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU, then logs
+    # errors while falling back to CPU: only ask for CUDA where a GPU can be there
+    cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present()
     if device == "cuda" and not cuda_ok:
-        raise InputError("device cuda requested but onnxruntime has no CUDAExecutionProvider here; use --device cpu")
+        raise InputError("device cuda requested but no usable CUDA GPU / CUDAExecutionProvider here; use --device cpu")
     if device == "cpu" or not cuda_ok:
         return ["CPUExecutionProvider"]
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
