@@ -199,8 +199,12 @@ def audit_one(
         }
     )
     if p.model is not None:
+        # drift: recorded and measured ECE differ by more than the CI's half-width (ECE is biased
+        # upwards, so a percentile CI can lie entirely above a small ECE: compare widths, not ends)
         recorded, ci = p.model["recorded"]["ece"], metrics.get("ece_ci")
-        p.model["ece_drift"] = bool(recorded is not None and ci is not None and not ci[0] <= recorded <= ci[1])
+        p.model["ece_drift"] = bool(
+            recorded is not None and ci is not None and abs(recorded - metrics["ece"]) > (ci[1] - ci[0]) / 2
+        )
         metrics["model"] = p.model
     return metrics
 
@@ -235,7 +239,7 @@ def markdown_table(models: dict[str, dict]) -> str:
             info = m.get("model")
             if info is None or info["recorded"]["ece"] is None:
                 return "-"
-            return _pct(info["recorded"]["ece"]) + (" (drift: outside the CI)" if info["ece_drift"] else "")
+            return _pct(info["recorded"]["ece"]) + (" (drift beyond the CI)" if info["ece_drift"] else "")
 
         rows += [
             ("density (actual)", lambda m: f"{m['model']['actual_density']:.4f}" if m.get("model") else "-"),
