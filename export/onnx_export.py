@@ -1,11 +1,13 @@
 """ONNX export: `images` -> `logits`, `probs` (softmax of logits / T, T inside the graph).
 
 Sparse weights are stored packed, as in the safetensors format: nonzero values plus a 1-bit
-mask, with a small subgraph (BitShift, Mod, NonZero, ScatterND) that rebuilds the dense
-tensor. Every input of that subgraph is an initializer, so onnxruntime folds it into a dense
-constant once, when the session is created; inference runs the ordinary dense graph.
-(ONNX's own sparse initializers need 8-byte int64 indices per nonzero, 12 bytes per weight in
-all, which at density 0.1 saves only 70%; the bit mask costs 1/8 byte per element.)
+mask, with a small subgraph (BitShift, Mod, CumSum, Gather, Where) that rebuilds the dense
+tensor. Every input of that subgraph is an initializer and every op in it is one onnxruntime
+constant-folds, so the dense weights are built once, when the session is created, and inference
+runs the ordinary dense graph. (NonZero + ScatterND would be shorter, but onnxruntime does not
+fold NonZero: the weights would be rebuilt at every call.) ONNX's own sparse initializers need
+8-byte int64 indices per nonzero, 12 bytes per weight in all, which at density 0.1 saves only
+70%; the bit mask costs 1/8 byte per element.
 """
 
 from __future__ import annotations
@@ -93,12 +95,11 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
             helper.make_node("Reshape", [p + "b", SHARED + "minus1"], [p + "f"]),
             helper.make_node("Slice", [p + "f", SHARED + "zero", n + "::numel"], [p + "t"]),
             helper.make_node("Cast", [p + "t"], [p + "m"], to=TensorProto.BOOL),
-            helper.make_node("NonZero", [p + "m"], [p + "i"]),
-            helper.make_node("Transpose", [p + "i"], [p + "it"], perm=[1, 0]),
-            helper.make_node(
-                "ConstantOfShape", [n + "::numel"], [p + "z"], value=numpy_helper.from_array(np.zeros(1, np.float32))
-            ),
-            helper.make_node("ScatterND", [p + "z", p + "it", n + "::values"], [p + "d"]),
+            helper.make_node("Cast", [p + "t"], [p + "i"], to=TensorProto.INT64),
+            helper.make_node("CumSum", [p + "i", SHARED + "axis0"], [p + "c"]),  # k-th set bit -> k
+            helper.make_node("Sub", [p + "c", SHARED + "one"], [p + "k"]),
+            helper.make_node("Gather", [n + "::values", p + "k"], [p + "g"], axis=0),
+            helper.make_node("Where", [p + "m", p + "g", SHARED + "fzero"], [p + "d"]),
             helper.make_node("Reshape", [p + "d", n + "::shape"], [n]),
         ]
         rows.append(row | {"stored": "packed", "bytes": packed_bytes})
@@ -109,6 +110,9 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
             _const(SHARED + "two", np.array(2, np.uint8)),
             _const(SHARED + "minus1", np.array([-1], np.int64)),
             _const(SHARED + "zero", np.array([0], np.int64)),
+            _const(SHARED + "axis0", np.array(0, np.int64)),
+            _const(SHARED + "one", np.array(1, np.int64)),
+            _const(SHARED + "fzero", np.array(0.0, np.float32)),
         ]
         graph.ClearField("initializer")
         graph.initializer.extend(keep + added)
