@@ -82,7 +82,8 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
             continue
         n = init.name
         added += [
-            _const(n + "::values", w.reshape(-1)[mask]),
+            # an all-zero tensor keeps one padding value so that Gather has something to index
+            _const(n + "::values", w.reshape(-1)[mask] if nnz else np.zeros(1, np.float32)),
             _const(n + "::mask", np.packbits(mask, bitorder="little")),
             _const(n + "::numel", np.array([numel], np.int64)),
             _const(n + "::shape", np.array(w.shape, np.int64)),
