@@ -32,6 +32,9 @@ def cifar_small(tmp_path_factory) -> Path:
     return extract_archive_subset(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cifar10"), {"train": 30, "test": 10})
 
 
+# what cigl-train leaves in a run directory
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json", "predictions.npz")
+
 # prepended to `python -c` code: any import of torch fails, as in an environment without it
 BLOCK_TORCH = (
     "import sys\n"

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, RUN_FILES, run_cli
 
 METHODS = ("dense", "rigl", "cigl")
 
@@ -13,16 +13,7 @@ def test_demo_pipeline_leaves_every_artefact(tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     for m in METHODS:
         run = out / m
-        for name in (
-            "config.json",
-            "metrics.jsonl",
-            "last.pt",
-            "model.pt",
-            "summary.json",
-            "predictions.npz",
-            "model.safetensors",
-            "model.onnx",
-        ):
+        for name in (*RUN_FILES, "model.safetensors", "model.onnx"):
             assert (run / name).stat().st_size > 0, (m, name)
         summary = json.loads((run / "summary.json").read_text())
         assert summary["method"] == m and summary["target_density"] == (1.0 if m == "dense" else 0.1)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import BLOCK_TORCH, ROOT, assert_one_line_error, run_cli
+from conftest import BLOCK_TORCH, ROOT, RUN_FILES, assert_one_line_error, run_cli
 
 from cigl.train import TrainConfig, lr_at, resolve, train
 
@@ -23,14 +23,7 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
     out = tmp_path / "dense"
     summary = train(TrainConfig(method="dense", epochs=8, out=str(out), batch_size=64), quiet=True)
     assert summary["test"]["acc"] >= 0.90
-    assert {p.name for p in out.iterdir()} == {
-        "config.json",
-        "metrics.jsonl",
-        "last.pt",
-        "model.pt",
-        "summary.json",
-        "predictions.npz",
-    }
+    assert {p.name for p in out.iterdir()} == set(RUN_FILES)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "dense" and config["density"] == 1.0 and config["seed"] == 0
     assert config["decay_every"] == 3.2 and config["classes"] == [str(i) for i in range(10)]
