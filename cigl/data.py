@@ -108,7 +108,10 @@ def per_class_subset(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray
 
 
 def _digits() -> tuple[Split, Split, list[str]]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise InputError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
 
     d = load_digits()
     x = np.clip(d.images * 16.0, 0, 255).astype(np.uint8)[..., None]  # 0..16 -> 0..255
