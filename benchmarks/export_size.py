@@ -16,16 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import sparse_model_file, write_results  # noqa: E402
 
 from cigl.data import extract_archive_subset  # noqa: E402
 from cigl.export import cli, onnx_export  # noqa: E402
-from cigl.models import create_model  # noqa: E402
-from cigl.sparse import METHODS, Masking  # noqa: E402
-from cigl.train import save_model_file  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
@@ -38,26 +33,8 @@ def export(args: list[str]) -> float:
 
 
 def measure(arch: str, density: float, root: Path, check: Path) -> dict:
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, image_size=32)
-    masks = Masking(model, METHODS["static"], density=density).masks
-    for m in model.modules():  # trained-like batch norms (timm zero-initialises some BN weights,
-        if isinstance(m, torch.nn.BatchNorm2d):  # which would fold into all-zero, deduplicated convs)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_var.uniform_(0.5, 1.5)
     src = root / f"{arch}-{density}" / "model.pt"
-    src.parent.mkdir(parents=True)
-    save_model_file(
-        src,
-        arch=arch,
-        model=model,
-        masks=masks,
-        classes=[str(i) for i in range(10)],
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        in_chans=3,
-        image_size=32,
-    )
+    model, masks = sparse_model_file(src, arch, density, [str(i) for i in range(10)])
     state = model.state_dict()
     formula = sum(
         4 * int(masks[n].sum()) + math.ceil(t.numel() / 8)

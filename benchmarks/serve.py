@@ -26,37 +26,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, write_results  # noqa: E402
+from common import median_time, sparse_model_file, write_results  # noqa: E402
 
 import cigl.export as cx  # noqa: E402
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
 from cigl.export import cli  # noqa: E402
-from cigl.models import create_model  # noqa: E402
 from cigl.serve.predictor import Predictor  # noqa: E402
-from cigl.sparse import METHODS, Masking  # noqa: E402
-from cigl.train import save_model_file  # noqa: E402
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 CLIENTS, REQUESTS = 32, 640
 
 
 def engines(root: Path, check: Path) -> dict:
-    torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10, image_size=32)
-    masks = Masking(model, METHODS["static"], density=0.1).masks
     src = root / "run" / "model.pt"
-    src.parent.mkdir(parents=True)
-    save_model_file(
-        src,
-        arch="resnet20",
-        model=model,
-        masks=masks,
-        classes=CIFAR10_CLASSES,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        in_chans=3,
-        image_size=32,
-    )
+    sparse_model_file(src, "resnet20", 0.1, CIFAR10_CLASSES)
     with contextlib.redirect_stdout(io.StringIO()):
         cli.main([str(src), "--check-data", str(check)])
     predictor = Predictor(src.parent / "model.onnx", device="cpu")

@@ -36,6 +36,7 @@ from cigl.models import create_model
 from cigl.pipeline import augment, epoch_order, normalize, to_device
 from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.allocation import INITS, format_table
+from cigl.sparse.random_mask import check_dpnum
 
 ALL_METHODS = ("dense", "static", "set", "rigl", "cigl")
 CHECKPOINT_FORMAT = "cigl-checkpoint"
@@ -109,8 +110,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.method == "cigl":
         cfg.dpnum = 100 if cfg.dpnum is None else cfg.dpnum
         cfg.avg_start = math.floor(0.8 * cfg.epochs) + 1 if cfg.avg_start is None else cfg.avg_start
-    if cfg.dpnum is not None and (cfg.dpnum <= 1):
-        raise InputError(f"--dpnum must be an integer > 1 (drop probability 1/DPNUM), got {cfg.dpnum}")
+    if cfg.dpnum is not None:
+        check_dpnum(cfg.dpnum)
     if cfg.avg_start is not None and not 1 <= cfg.avg_start <= cfg.epochs:
         raise InputError(
             f"--avg-start {cfg.avg_start} is outside the run: use an epoch from 1 to {cfg.epochs} "

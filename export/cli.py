@@ -76,9 +76,7 @@ def load_run_model(path: Path) -> tuple[dict, torch.nn.Module]:
     missing = [k for k in ("arch", "model_kwargs", "state_dict", "masks", "classes", "mean", "std") if k not in ckpt]
     if missing:
         raise FormatError(f"{path} lacks {', '.join(missing)}; export a model.pt written by cigl-train")
-    for name, t in ckpt["state_dict"].items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"{path}: tensor {name} holds NaN or Inf values; refusing to export a broken model")
+    packed.check_finite(ckpt["state_dict"], str(path))  # before the ONNX export, which comes first
     model = create_model(ckpt["arch"], **ckpt["model_kwargs"])
     try:
         model.load_state_dict(ckpt["state_dict"])

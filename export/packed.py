@@ -36,17 +36,23 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits).view(shape)
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str = "model") -> None:
+    """Refuse weights holding NaN or Inf (a broken model must not be exported)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{source}: tensor {name} holds NaN or Inf values; refusing to export a broken model")
+
+
 def pack_state_dict(
     state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], fp16: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """(tensors to store, {packed name: shape}). A masked tensor with nonzeros outside its mask
     is refused: packing would silently change the model."""
+    check_finite(state)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"tensor {name} holds NaN or Inf values; refusing to export a broken model")
         if name not in masks:
             tensors[name] = t
             continue
