@@ -9,6 +9,9 @@ Determinism: the data order of an epoch depends only on (seed, epoch), and torch
 generator is re-seeded from (seed, step) before every step, so augmentation, random masks and
 SET's growth are functions of the step. A resumed run therefore repeats exactly what an
 uninterrupted run would have done.
+
+Under torchrun every process runs this loop on its share of each global batch (see
+cigl.distributed); rank 0 alone evaluates and writes the run directory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cigl import calibration
+from cigl import calibration, distributed
 from cigl.data import DATASETS, atomic_save_npz, load_dataset
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.io import atomic_open, atomic_torch_save, load_torch_file
@@ -175,16 +178,23 @@ def split_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1
 # --------------------------------------------------------------------------- training
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Train as `cfg` says, write the run directory, return the summary."""
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict | None:
+    """Train as `cfg` says, write the run directory, return the summary (None on the ranks
+    other than 0 of a torchrun launch)."""
     cfg = resolve(cfg)
+    launch = distributed.from_env()
+    device = distributed.device_for(
+        launch, cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    )
+    with distributed.process_group(launch, device):
+        return _train(cfg, launch, device, resume, quiet)
+
+
+def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, resume: bool, quiet: bool):
     out = Path(cfg.out)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say = (lambda *a: None) if quiet or not launch.main else (lambda *a: print(*a, flush=True))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(
-        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
     cuda = device.type == "cuda"
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     ckpt = load_checkpoint(out / "last.pt") if resume else None
@@ -201,7 +211,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     )
     train_x, train_y = to_device(data.train, device)
     n_train = train_x.shape[0]
-    batch = min(cfg.batch_size, n_train)
+    batch = min(cfg.batch_size, n_train)  # global: each rank takes batch / world of it
+    if batch % launch.world:
+        raise InputError(
+            f"the batch of {batch} images does not split evenly over {launch.world} processes; "
+            f"use a --batch-size that is a multiple of {launch.world}"
+        )
     steps_per_epoch = n_train // batch
     total_steps = steps_per_epoch * cfg.epochs
     torch.manual_seed(cfg.seed)
@@ -244,37 +259,45 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             )
         step = int(ckpt["step"])
         say(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
-    out.mkdir(parents=True, exist_ok=True)
-    layers = masking.table() if masking is not None else []
-    atomic_write_text(
-        out / "config.json",
-        json.dumps(
-            {
-                **asdict(cfg),
-                "classes": data.classes,
-                "n_train": n_train,
-                "n_val": len(data.val),
-                "n_test": len(data.test),
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps,
-                "sparse_layers": layers,
-            },
-            indent=2,
-        ),
+        if ckpt.get("world_size", 1) != launch.world:
+            say(
+                f"note: the run was checkpointed by {ckpt.get('world_size', 1)} process(es) and continues on "
+                f"{launch.world}: same global batch and schedule, but not bit-identical to an uninterrupted run"
+            )
+    # DDP averages the gradients over the ranks during backward (after loading: it syncs from rank 0)
+    net = (
+        model
+        if launch.world == 1
+        else nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     )
-    if masking is not None and step == 0:
-        say(format_table(layers))
+    layers = masking.table() if masking is not None else []
     metrics_path = out / "metrics.jsonl"
     done_epochs = step // steps_per_epoch
-    kept = metrics_path.read_text().splitlines()[:done_epochs] if metrics_path.exists() else []
-    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    if launch.main:
+        run_info = {
+            **asdict(cfg),
+            "classes": data.classes,
+            "n_train": n_train,
+            "n_val": len(data.val),
+            "n_test": len(data.test),
+            "world_size": launch.world,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "sparse_layers": layers,
+        }
+        write_run_start(out, run_info, done_epochs)
+    if masking is not None and step == 0:
+        say(format_table(layers))
 
     def checkpoint() -> None:
+        if not launch.main:
+            return
         atomic_torch_save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "version": FORMAT_VERSION,
                 "config": asdict(cfg),
+                "world_size": launch.world,
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -286,11 +309,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
 
     val_x, val_y = to_device(data.val, device)
     test_x, test_y = to_device(data.test, device)
-    show_bar = not quiet and sys.stderr.isatty()
+    show_bar = not quiet and launch.main and sys.stderr.isatty()
     say(
         f"training {cfg.model} ({cfg.method}, density {cfg.density:g}) on {cfg.dataset}: "
         f"{n_train} images, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}"
+        + (f", {launch.world} processes x {batch // launch.world} images per step" if launch.world > 1 else "")
     )
+    mask_checks = 0
 
     # ---- the epoch loop
     for epoch in range(done_epochs, cfg.epochs):
@@ -313,12 +338,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         for b in range(first, steps_per_epoch):
             torch.manual_seed(step_seed(cfg.seed, step))
             idx = order[b * batch : (b + 1) * batch]
-            x = normalize(augment(train_x[idx], data.pad, data.flip), data.mean, data.std)
+            # the whole global batch is augmented on every rank before each keeps its share, so
+            # a step draws the same random numbers for any number of processes
+            x = distributed.shard(augment(train_x[idx], data.pad, data.flip), launch)
+            x = normalize(x, data.mean, data.std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, step, steps_per_epoch)
-            losses.append(train_step(model, optimizer, masking, x, train_y[idx], step, amp))
+            updates_masks = masking is not None and masking.is_update_step(step)
+            losses.append(train_step(net, optimizer, masking, x, distributed.shard(train_y[idx], launch), step, amp))
+            if updates_masks and launch.world > 1:
+                distributed.check_same_masks(masking.masks, step)
+                mask_checks += 1
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -333,11 +365,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
                 if masking is not None
                 else {n: p.detach().clone() for n, p in model.named_parameters()}
             )
+        train_loss = float(distributed.mean(torch.stack(losses).mean())) if losses else None
+        if not launch.main:
+            continue
         row = {
             "epoch": epoch + 1,
             "step": step,
             "lr": lr_at(cfg, step - 1, steps_per_epoch),
-            "train_loss": float(torch.stack(losses).mean()) if losses else None,
+            "train_loss": train_loss,
             "density": masking.density() if masking is not None else 1.0,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -352,6 +387,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
             f.write(json.dumps(row) + "\n")
         checkpoint()
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    if not launch.main:
+        return None
+    if mask_checks:
+        say(f"masks identical on all {launch.world} processes at each of {mask_checks} mask updates (checksum)")
 
     # ---- the product: averaged model (BN recomputed) or the final training weights
     if masking is not None:  # training is over: the parameters become w (they held u = scale * w)
@@ -401,6 +441,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         f"(target {cfg.density:g})\nresults in {out}/ (summary.json, model.pt, metrics.jsonl)"
     )
     return summary
+
+
+def write_run_start(out: Path, run_info: dict, done_epochs: int) -> None:
+    """config.json, and metrics.jsonl cut back to the epochs the checkpoint has done."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(run_info, indent=2))
+    metrics_path = out / "metrics.jsonl"
+    kept = metrics_path.read_text().splitlines()[:done_epochs] if metrics_path.exists() else []
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
 
 def save_model_file(
