@@ -258,7 +258,8 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
                 }
             )
         step = int(ckpt["step"])
-        say(f"resumed {out} at step {step} (epoch {step // steps_per_epoch + 1})")
+        where = f"epoch {step // steps_per_epoch + 1}" if step < total_steps else f"all {cfg.epochs} epochs done"
+        say(f"resumed {out} at step {step} ({where})")
         if ckpt.get("world_size", 1) != launch.world:
             say(
                 f"note: the run was checkpointed by {ckpt.get('world_size', 1)} process(es) and continues on "

@@ -44,3 +44,26 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="no CUDA device is available"):
         train(TrainConfig(device="cuda", out=str(tmp_path / "x")), quiet=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_torchrun_on_two_gpus_uses_nccl_and_keeps_masks_identical(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train_py = Path(__file__).resolve().parents[1] / "tools" / "train.py"
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(train_py)]
+        + ["--method", "cigl", "--device", "cuda", "--epochs", "4", "--batch-size", "64", "--update-every", "5"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "masks identical on all 2 processes" in proc.stdout
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert json.loads((out / "summary.json").read_text())["final_weights"]["test"]["acc"] > 0.6
