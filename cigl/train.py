@@ -634,7 +634,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if "out" in given and Path(given["out"]) != run:
         raise InputError("--out and --resume name different runs; give only --resume RUN_DIR")
     if not (run / "config.json").is_file() or not (run / "last.pt").is_file():
-        raise CheckpointError(f"--resume {run}: no run there (config.json and last.pt missing)")
+        hint = "; every process must see the run directory (on several machines: a shared filesystem)"
+        raise CheckpointError(
+            f"--resume {run}: no run there (config.json and last.pt missing)"
+            + (hint if distributed.from_env().world > 1 else "")
+        )
     saved = json.loads((run / "config.json").read_text())
     names = {f.name for f in fields(TrainConfig)}
     for key, value in given.items():

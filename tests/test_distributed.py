@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 
 from cigl import distributed
 from cigl.errors import InputError
@@ -180,3 +180,9 @@ def test_a_broken_launch_environment_is_named(monkeypatch, env, needle):
         monkeypatch.setenv(key, value)
     with pytest.raises(InputError, match=re.escape(needle)):
         distributed.from_env()
+
+
+def test_resume_from_a_process_that_cannot_see_the_run_names_the_shared_filesystem(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}
+    proc = run_cli(TRAIN, "--resume", str(tmp_path / "elsewhere"), env=env)
+    assert_one_line_error(proc, "no run there", "every process must see the run directory", "shared filesystem")
