@@ -77,6 +77,15 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def leave() -> None:
+    """End the collective part of a run on every rank together: wait for all, then close the
+    group (a rank that closes it while a peer still uses it can abort with SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -389,6 +389,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
         checkpoint()
         say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    distributed.leave()
     if not launch.main:
         return None
     if mask_checks:
