@@ -1,11 +1,12 @@
 """Data-parallel training over processes started by torchrun: which process this is, its share
 of each batch, and the check that every process holds the same sparse masks.
 
-Every rank runs the whole training loop on 1/world of each global batch; DDP all-reduces the
-dense gradient, so each rank sees the same gradient and takes the same optimiser step. The
-masks stay identical because everything that decides them is identical on every rank: the
-all-reduced gradient (RigL's growth), the weights (drop), and torch's generator, re-seeded from
-(seed, step) on every rank (the random mask R, SET's growth, augmentation).
+Every rank runs the whole training loop on 1/world of each global batch; DDP averages the dense
+gradient over the ranks during backward, so each rank sees the same gradient and takes the same
+optimiser step. The masks stay identical because everything that decides them is identical on
+every rank: the averaged gradient (RigL's growth), the weights (drop), and torch's generator,
+re-seeded from (seed, step) on every rank (the random mask R, SET's growth, augmentation).
+Batch-norm statistics are per rank (DDP copies rank 0's to the others at each forward).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[None]:
     if launch.world == 1:
         yield
         return
+    # torch.distributed.nn (imported by timm) binds the default group as a default argument at
+    # import: imported after init_process_group it would keep the group, and gloo's threads,
+    # alive until interpreter shutdown, where they can abort the exiting process (SIGABRT)
+    import torch.distributed.nn  # noqa: F401
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank, world_size=launch.world)
@@ -83,7 +89,7 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[None]:
 
 def leave() -> None:
     """End the collective part of a run on every rank together: wait for all, then close the
-    group (a rank that closes it while a peer still uses it can abort with SIGABRT)."""
+    group while the interpreter is fully alive (its threads are joined here, not at exit)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

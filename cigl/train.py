@@ -265,7 +265,8 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
                 f"note: the run was checkpointed by {ckpt.get('world_size', 1)} process(es) and continues on "
                 f"{launch.world}: same global batch and schedule, but not bit-identical to an uninterrupted run"
             )
-    # DDP averages the gradients over the ranks during backward (after loading: it syncs from rank 0)
+    # DDP averages the dense gradient over the processes during backward (wrapped after resume:
+    # it starts by copying rank 0's weights to every rank)
     net = (
         model
         if launch.world == 1
@@ -495,7 +496,8 @@ def save_model_file(
 def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
     """One SGD step. With masking: the random mask is drawn before the forward pass, and on a
     mask-update step the masks change from the dense gradient and, as in the reference, the
-    optimiser step is skipped."""
+    optimiser step is skipped. Under torchrun `model` is the DDP wrapper: the gradient is then
+    the global batch's, so every rank updates weights and masks alike."""
     optimizer.zero_grad(set_to_none=True)
     if masking is not None:
         masking.begin_step()

@@ -63,7 +63,7 @@ def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_ranks_hold_identical_masks_at_the_target_density(two_process_run):
     out, probe = two_process_run
-    steps = sorted({int(p.name.split("-")[0]) for p in probe.iterdir()})
+    steps = sorted({int(p.name.split("-")[0]) for p in probe.glob("*.pt")})
     assert len(steps) >= 40 and steps[:3] == [5, 10, 15]  # every mask update until 75% of 400 steps
     config = json.loads((out / "config.json").read_text())
     target = {layer["name"]: layer["nnz"] for layer in config["sparse_layers"]}
@@ -79,6 +79,14 @@ def test_ranks_hold_identical_masks_at_the_target_density(two_process_run):
     assert [r["epoch"] for r in rows] == list(range(1, 21))  # one writer: each epoch once
     assert all(r["density"] == pytest.approx(0.1, abs=1e-3) for r in rows)
     assert load(out / "last.pt")["world_size"] == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists threads in /proc")
+def test_the_process_group_is_closed_before_the_processes_exit(two_process_run):
+    _, probe = two_process_run
+    for rank in (0, 1):
+        threads = (probe / f"threads-{rank}.txt").read_text().split()
+        assert threads and not [t for t in threads if "gloo" in t], threads
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path):
