@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,11 +24,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(cifar_onnx):
+def _start(model, *options: str) -> tuple[subprocess.Popen, str]:
+    """cigl-serve on a free port, once /healthz answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [SERVE, str(cifar_onnx), "--port", str(port), "--max-batch", "4", "--max-body-mb", "0.05"],
+        [SERVE, str(model), "--port", str(port), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -37,12 +38,17 @@ def server(cifar_onnx):
     while True:
         try:
             if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             pass
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline, "server did not start"
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(cifar_onnx):
+    proc, base = _start(cifar_onnx, "--max-batch", "4", "--max-body-mb", "0.05")
     yield base
     proc.terminate()
     proc.wait(timeout=20)
@@ -116,3 +122,23 @@ def test_concurrent_requests(server, cifar_small):
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(call, range(48)))
     assert codes == [200] * 48
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts worker processes in /proc")
+def test_several_workers_share_the_port_and_the_settings(cifar_onnx, cifar_small):
+    proc, base = _start(cifar_onnx, "--workers", "2", "--max-batch", "3")
+    try:
+
+        def call(_):
+            return httpx.post(base + "/v1/predict", files=_jpegs(cifar_small, 2), timeout=60).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(call, range(16))) == [200] * 16
+        over_batch = httpx.post(base + "/v1/predict", json={"inputs": np.zeros((4, 3, 2, 2)).tolist()})
+        assert over_batch.status_code == 400 and "at most 3" in over_batch.json()["error"]  # each worker's limit
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        commands = [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode() for c in children]
+        assert sum("spawn_main" in c for c in commands) == 2, commands  # uvicorn's two worker processes
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
