@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,28 @@ def test_resume_from_a_process_that_cannot_see_the_run_names_the_shared_filesyst
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}
     proc = run_cli(TRAIN, "--resume", str(tmp_path / "elsewhere"), env=env)
     assert_one_line_error(proc, "no run there", "every process must see the run directory", "shared filesystem")
+
+
+def test_two_node_launch_as_the_readme_gives_it(tmp_path):
+    # two torchrun launches with --nnodes 2 and a static rendezvous, as on two machines (here one host)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+            + ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port]
+            + [TRAIN, "--method", "cigl", "--epochs", "2", "--batch-size", "64", "--update-every", "5"]
+            + ["--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][1][-2000:] + logs[1][1][-2000:]
+    assert "masks identical on all 2 processes" in logs[0][0] and logs[1][0] == ""  # rank 0 alone speaks
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "model.pt").is_file()
