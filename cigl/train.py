@@ -309,8 +309,12 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             out / "last.pt",
         )
 
-    val_x, val_y = to_device(data.val, device)
-    test_x, test_y = to_device(data.test, device)
+    eval_x, eval_y = {}, {}  # the evaluated splits (no val split with --val-size 0)
+    for split, part in (("val", data.val), ("test", data.test)):
+        if len(part):
+            eval_x[split], labels = to_device(part, device)
+            eval_y[split] = labels.cpu().numpy()
+    last_logits: dict[str, np.ndarray] = {}  # of the latest evaluation in the loop
     show_bar = not quiet and launch.main and sys.stderr.isatty()
     say(
         f"training {cfg.model} ({cfg.method}, density {cfg.density:g}) on {cfg.dataset}: "
@@ -378,12 +382,10 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             "density": masking.density() if masking is not None else 1.0,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            for split, (xs, ys) in (("val", (val_x, val_y)), ("test", (test_x, test_y))):
-                if xs.shape[0]:
-                    weights = masking.weights() if masking is not None else None
-                    logits = predict_logits(model, xs, data.mean, data.std, 512, amp, weights)
-                    m = split_metrics(logits, ys.cpu().numpy())
-                    row.update({f"{split}_{k}": v for k, v in m.items()})
+            weights = masking.weights() if masking is not None else None
+            last_logits = split_logits(model, eval_x, data, amp, weights)
+            for split, split_logit in last_logits.items():
+                row.update({f"{split}_{k}": v for k, v in split_metrics(split_logit, eval_y[split]).items()})
         row["time_s"] = round(time.time() - t0, 3)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -401,8 +403,8 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
         with torch.no_grad():
             for name, w in masking.weights().items():
                 masking.params[name].copy_(w)
-    results, logits = {}, {}
-    results["final_weights"], logits["final_weights"] = evaluate(model, data, val_x, val_y, test_x, test_y, amp)
+    logits = {"final_weights": last_logits or split_logits(model, eval_x, data, amp)}  # the last epoch's
+    results = {"final_weights": evaluate(logits["final_weights"], eval_y)}
     product, masks = model, ({n: m.clone() for n, m in masking.masks.items()} if masking else {})
     if average is not None:
         product = copy.deepcopy(model)
@@ -414,7 +416,8 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             (normalize(train_x[i : i + batch], data.mean, data.std) for i in range(0, n_train, batch)),
         )
         masks = {n: average.avg[n] != 0 for n in masks}
-        results["averaged"], logits["averaged"] = evaluate(product, data, val_x, val_y, test_x, test_y, amp)
+        logits["averaged"] = split_logits(product, eval_x, data, amp)
+        results["averaged"] = evaluate(logits["averaged"], eval_y)
     chosen = "averaged" if average is not None else "final_weights"
     best = results[chosen]
     summary = make_summary(cfg, masks, masking.nnz if masking else {}, results, best)
@@ -434,7 +437,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
         summary=summary,
     )
     atomic_save_npz(
-        out / "predictions.npz", logits=logits[chosen], labels=test_y.cpu().numpy(), classes=np.asarray(data.classes)
+        out / "predictions.npz", logits=logits[chosen]["test"], labels=eval_y["test"], classes=np.asarray(data.classes)
     )
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     t = summary["test"]
@@ -515,20 +518,19 @@ def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
     return loss.detach()
 
 
-def evaluate(model, data, val_x, val_y, test_x, test_y, amp) -> tuple[dict, np.ndarray]:
-    """(test metrics raw and at the temperature fitted on the validation split, test logits)."""
-    test_logits = predict_logits(model, test_x, data.mean, data.std, 512, amp)
-    labels = test_y.cpu().numpy()
-    temperature = 1.0
-    if val_x.shape[0]:
-        val_logits = predict_logits(model, val_x, data.mean, data.std, 512, amp)
-        temperature = calibration.fit_temperature(val_logits, val_y.cpu().numpy(), kind="logits")
-    metrics = {
-        "test": split_metrics(test_logits, labels),
+def split_logits(model: nn.Module, xs: dict[str, torch.Tensor], data, amp, weights=None) -> dict[str, np.ndarray]:
+    """split -> logits of `model` (optionally with `weights` swapped in) on that split's images."""
+    return {split: predict_logits(model, x, data.mean, data.std, 512, amp, weights) for split, x in xs.items()}
+
+
+def evaluate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """Test metrics raw and at the temperature fitted on the validation split (1 without one)."""
+    temperature = calibration.fit_temperature(logits["val"], labels["val"], kind="logits") if "val" in logits else 1.0
+    return {
+        "test": split_metrics(logits["test"], labels["test"]),
         "temperature": temperature,
-        "test_calibrated": split_metrics(test_logits, labels, temperature),
+        "test_calibrated": split_metrics(logits["test"], labels["test"], temperature),
     }
-    return metrics, test_logits
 
 
 def make_summary(
