@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, write_results  # noqa: E402
 
 from cigl.data import extract_archive_subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 BATCH, EPOCHS, PER_CLASS = 128, 4, 300
 
 
@@ -57,7 +56,7 @@ def main() -> None:
         plans += [(1, "cuda", None), (torch.cuda.device_count(), "cuda", None)]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = extract_archive_subset(ARCHIVE, Path(tmp) / "cifar10", {"train": PER_CLASS, "test": 10})
+        data = extract_archive_subset(CIFAR_ARCHIVE, Path(tmp) / "cifar10", {"train": PER_CLASS, "test": 10})
         for i, (procs, device, threads) in enumerate(plans):
             runs.append(run(data, Path(tmp) / f"run{i}", procs, device, threads))
     for r in runs:

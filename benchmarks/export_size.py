@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sparse_model_file, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, sparse_model_file, write_results  # noqa: E402
 
 from cigl.data import extract_archive_subset  # noqa: E402
 from cigl.export import cli, onnx_export  # noqa: E402
-
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
 
 def export(args: list[str]) -> float:
@@ -67,7 +65,7 @@ def measure(arch: str, density: float, root: Path, check: Path) -> dict:
 def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        check = extract_archive_subset(ARCHIVE, Path(tmp) / "check", {"test": 10}) / "test"
+        check = extract_archive_subset(CIFAR_ARCHIVE, Path(tmp) / "check", {"test": 10}) / "test"
         for arch in ("resnet20", "wrn22_2", "resnet50"):
             for density in (0.1, 0.05):
                 rows.append(measure(arch, density, Path(tmp), check))

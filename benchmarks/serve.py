@@ -26,14 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, sparse_model_file, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, median_time, sparse_model_file, write_results  # noqa: E402
 
 import cigl.export as cx  # noqa: E402
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
 from cigl.export import cli  # noqa: E402
 from cigl.serve.predictor import Predictor  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 CLIENTS, REQUESTS = 32, 640
 
 
@@ -115,7 +114,7 @@ def http(model: Path, image: bytes) -> dict:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        check = extract_archive_subset(ARCHIVE, Path(tmp) / "check", {"test": 10}) / "test"
+        check = extract_archive_subset(CIFAR_ARCHIVE, Path(tmp) / "check", {"test": 10}) / "test"
         eng, model = engines(Path(tmp), check)
         image = sorted((check / "cat").iterdir())[0].read_bytes()
         results = {

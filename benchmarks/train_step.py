@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, write_results  # noqa: E402
 
 from cigl.data import extract_archive_subset, load_image_folder  # noqa: E402
 from cigl.models import create_model  # noqa: E402
 from cigl.pipeline import augment, epoch_order, normalize, to_device  # noqa: E402
 from cigl.train import train_step  # noqa: E402
 
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 BATCH, WARMUP, STEPS = 128, 3, 20
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -68,7 +67,7 @@ def measure(device: torch.device, split) -> dict:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = extract_archive_subset(ARCHIVE, tmp, {"train": 128})
+        root = extract_archive_subset(CIFAR_ARCHIVE, tmp, {"train": 128})
         split, _ = load_image_folder(root / "train")
     results = {
         "model": "resnet20",

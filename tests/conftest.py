@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from cigl.train import save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+TRAIN = str(ROOT / "tools" / "train.py")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,6 +61,37 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def load_pt(path) -> dict:
+    """A cigl model.pt or last.pt, loaded safely on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_model(a, b) -> None:
+    """Two model.pt files hold bit-identical weights and masks."""
+    a, b = load_pt(a), load_pt(b)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `path` exists while `proc` (stderr piped) keeps running."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_model_pt(

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import TRAIN, assert_one_line_error, assert_same_model, free_port, load_pt, run_cli, wait_for_file
 
 from cigl import distributed
 from cigl.errors import InputError
 from cigl.train import TrainConfig, train
 
 PROBE = str(Path(__file__).with_name("ddp_probe.py"))
-TRAIN = str(ROOT / "tools" / "train.py")
 # 20 epochs x 20 steps of 64 images (32 per process), a mask update every 5 steps
 ARGS = ["--method", "cigl", "--epochs", "20", "--batch-size", "64", "--update-every", "5", "--quiet"]
 
@@ -35,19 +33,6 @@ def run_two(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         torchrun(*args), capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
     )
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_model(a: Path, b: Path) -> None:
-    a, b = load(a), load(b)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for k in a["masks"]:
-        assert torch.equal(a["masks"][k], b["masks"][k]), k
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +54,17 @@ def test_ranks_hold_identical_masks_at_the_target_density(two_process_run):
     config = json.loads((out / "config.json").read_text())
     target = {layer["name"]: layer["nnz"] for layer in config["sparse_layers"]}
     for step in steps:
-        rank0, rank1 = load(probe / f"{step}-0.pt"), load(probe / f"{step}-1.pt")
+        rank0, rank1 = load_pt(probe / f"{step}-0.pt"), load_pt(probe / f"{step}-1.pt")
         for name, mask in rank0.items():
             assert torch.equal(mask, rank1[name]), (step, name)
             assert int(mask.sum()) == target[name]
-    first, last = load(probe / f"{steps[0]}-0.pt"), load(probe / f"{steps[-1]}-0.pt")
+    first, last = load_pt(probe / f"{steps[0]}-0.pt"), load_pt(probe / f"{steps[-1]}-0.pt")
     assert any(not torch.equal(first[n], last[n]) for n in first)  # the masks did move
     assert config["world_size"] == 2 and config["batch_size"] == 64 and config["steps_per_epoch"] == 20
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 21))  # one writer: each epoch once
     assert all(r["density"] == pytest.approx(0.1, abs=1e-3) for r in rows)
-    assert load(out / "last.pt")["world_size"] == 2
+    assert load_pt(out / "last.pt")["world_size"] == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists threads in /proc")
@@ -118,16 +103,13 @@ def test_killing_one_rank_stops_the_run_and_resume_matches(two_process_run, tmp_
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 300
-    while not (out / "last.pt").exists():
-        assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()[-3000:]
-        time.sleep(0.05)
+    wait_for_file(out / "last.pt", launcher, timeout=300)
     time.sleep(0.5)
     os.kill(_rank_pid(launcher, 1), signal.SIGKILL)
     launcher.wait(timeout=120)  # the survivor fails fast instead of waiting on its dead peer
     assert launcher.returncode != 0 and not (out / "model.pt").exists()
     assert "Signal 9 (SIGKILL) received" in launcher.stderr.read()
-    step = load(out / "last.pt")["step"]
+    step = load_pt(out / "last.pt")["step"]
     assert 0 < step < 400
 
     elsewhere = tmp_path / "one-process"
@@ -199,9 +181,7 @@ def test_resume_from_a_process_that_cannot_see_the_run_names_the_shared_filesyst
 
 def test_two_node_launch_as_the_readme_gives_it(tmp_path):
     # two torchrun launches with --nnodes 2 and a static rendezvous, as on two machines (here one host)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     out = tmp_path / "run"
     nodes = [
         subprocess.Popen(

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,21 +11,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port
 
 from cigl.data import CIFAR10_CLASSES
 
 SERVE = os.path.join(os.path.dirname(sys.executable), "cigl-serve")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model, *options: str) -> tuple[subprocess.Popen, str]:
     """cigl-serve on a free port, once /healthz answers."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [SERVE, str(model), "--port", str(port), *options],
         stdout=subprocess.PIPE,

@@ -8,15 +8,18 @@ import time
 
 import pytest
 import torch
-from conftest import BLOCK_TORCH, ROOT, RUN_FILES, assert_one_line_error, run_cli
+from conftest import (
+    BLOCK_TORCH,
+    RUN_FILES,
+    TRAIN,
+    assert_one_line_error,
+    assert_same_model,
+    load_pt,
+    run_cli,
+    wait_for_file,
+)
 
 from cigl.train import TrainConfig, lr_at, resolve, train
-
-TRAIN = str(ROOT / "tools" / "train.py")
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
@@ -41,7 +44,7 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
         "time_s",
     } <= set(rows[0])
     assert rows[-1]["test_acc"] == pytest.approx(summary["final_weights"]["test"]["acc"])
-    model = _load(out / "model.pt")
+    model = load_pt(out / "model.pt")
     assert model["format"] == "cigl-model" and model["arch"] == "resnet20"
     assert model["temperature"] == pytest.approx(summary["temperature"]) and model["temperature"] > 0
     assert summary["test_calibrated"]["nll"] <= summary["test"]["nll"] + 0.02
@@ -77,18 +80,10 @@ def test_same_seed_same_weights(tmp_path):
     b = train(TrainConfig(method="rigl", epochs=2, update_every=5, out=str(tmp_path / "b")), quiet=True)
     assert a["test"] == b["test"]
     sa, sb = (
-        _load(tmp_path / "a" / "model.pt")["state_dict"],
-        _load(tmp_path / "b" / "model.pt")["state_dict"],
+        load_pt(tmp_path / "a" / "model.pt")["state_dict"],
+        load_pt(tmp_path / "b" / "model.pt")["state_dict"],
     )
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _wait_for(path, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("method", ["dense", "cigl"])
@@ -110,21 +105,16 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, method):
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "last.pt", proc)
+    wait_for_file(out / "last.pt", proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
-    step = _load(out / "last.pt")["step"]
+    step = load_pt(out / "last.pt")["step"]
     assert 0 < step < 4 * 80
     resumed = run_cli(TRAIN, "--resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _load(tmp_path / "full" / "model.pt"), _load(out / "model.pt")
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for k in a["masks"]:
-        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    assert_same_model(tmp_path / "full" / "model.pt", out / "model.pt")
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
 
@@ -214,7 +204,7 @@ def test_each_sparse_method_trains_and_keeps_density(tmp_path, method):
     assert all(r["density"] == pytest.approx(0.2, rel=1e-3) for r in rows)  # training masks
     assert summary["target_density"] == 0.2
     assert summary["final_weights"]["test"]["acc"] > 0.6
-    model = _load(out / "model.pt")
+    model = load_pt(out / "model.pt")
     for layer in summary["layers"]:
         mask = model["masks"][layer["name"]]
         assert int(mask.sum()) == layer["nnz"]
