@@ -51,7 +51,7 @@ def cigl_bookkeeping(masking: Masking) -> None:
 def bookkeeping(device: torch.device) -> dict:
     torch.manual_seed(0)
     model = create_model("resnet50", num_classes=10, image_size=32).to(device)
-    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_end=1)
+    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_until=1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     masks = {n: m.float() for n, m in masking.masks.items()}
     for p in masking.params.values():  # gradients as a backward pass leaves them
@@ -90,7 +90,7 @@ def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         masking = None
         if method == "cigl":  # mask-update steps (every 100 steps) are timed separately below
-            masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_end=10**9)
+            masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_until=10**9)
         runs[method] = (model, opt, masking)
 
     def timed(method: str) -> float:
@@ -113,7 +113,7 @@ def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
     book = median_time(lambda: (masking.begin_step(), masking.mask_gradients(), masking.end_step(), sync()), 20)
     # the mask-update step (drop/grow in every layer, optimiser step skipped), amortised over dT=100
     model, opt, _ = runs["cigl"]
-    upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_end=10**9)
+    upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_until=10**9)
     update_s = median_time(lambda: (train_step(model, opt, upd, x, y, 1, amp), sync()), 3)
     ratio = ratios[len(ratios) // 2]
     return {

@@ -3,6 +3,8 @@ stays resident as uint8, batches are gathered, augmented and normalised there.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from cigl.data import Split
@@ -44,3 +46,31 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     """The training order of one epoch: a permutation that depends only on (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).to(device)
+
+
+def shuffled_batches(
+    x: torch.Tensor,
+    batch: int,
+    seed: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    pad: int = 0,
+    flip: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Normalised batches of uint8 images `x` drawn the way training draws them: in a random order
+    fixed by `seed`, full batches only (the whole set if it is smaller than one batch), augmented
+    with `pad`/`flip` from a generator seeded by `seed` too.
+
+    For batch-norm recalibration: the recomputed statistics average per-batch means and
+    variances, which estimate the data's only when every batch is a random sample of it. Stored
+    order is not (an ImageFolder is stored class by class: its batches would hold one class each
+    and miss the between-class variance)."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    batch = min(batch, n)
+    torch.manual_seed(seed)
+    for i in range(0, n - batch + 1, batch):
+        images = x[order[i : i + batch]]
+        if pad or flip:
+            images = augment(images, pad, flip)
+        yield normalize(images, mean, std)

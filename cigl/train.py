@@ -36,16 +36,17 @@ from cigl.data import DATASETS, atomic_save_npz, load_dataset
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.io import atomic_open, atomic_torch_save, load_torch_file
 from cigl.models import create_model
-from cigl.pipeline import augment, epoch_order, normalize, to_device
-from cigl.sparse import METHODS, Masking, WeightAverage, recalibrate_bn
+from cigl.pipeline import augment, epoch_order, normalize, shuffled_batches, to_device
+from cigl.sparse import METHODS, Masking, WeightAverage, random_mask, recalibrate_bn
 from cigl.sparse.allocation import INITS, format_table
-from cigl.sparse.random_mask import check_dpnum
+from cigl.sparse.schedule import FEW_UPDATES, default_update_every, update_count
 
 ALL_METHODS = ("dense", "static", "set", "rigl", "cigl")
 CHECKPOINT_FORMAT = "cigl-checkpoint"
 MODEL_FORMAT = "cigl-model"
 FORMAT_VERSION = 1
 RESUMABLE_CHANGES = {"epochs"}
+PRODUCTS = ("averaged", "final")
 
 
 @dataclass
@@ -62,10 +63,12 @@ class TrainConfig:
     density: float | None = None  # dense: 1.0, sparse methods: 0.1
     sparse_init: str = "erk"
     drop_fraction: float = 0.3
-    update_every: int = 100
+    update_every: int | None = None  # steps between mask updates; default: 100, fewer on short runs
     update_end: float = 0.75  # fraction of all training steps
     dpnum: int | None = None  # cigl: 100
     avg_start: int | None = None  # first averaged epoch (1-based); cigl: 80% of the epochs
+    product: str | None = None  # "averaged" (default with averaging) or "final" (the final weights)
+    mc_samples: int = 0  # also evaluate MC dropout: K stochastic passes with the random mask
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.1
@@ -90,7 +93,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.dataset not in DATASETS:
         raise InputError(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     for name in ("epochs", "batch_size", "update_every", "eval_every"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or not 0 < cfg.decay <= 1 or cfg.wd < 0 or cfg.warmup_epochs < 0:
         raise InputError("need --lr > 0, 0 < --decay <= 1, --wd >= 0 and --warmup-epochs >= 0")
@@ -114,11 +117,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.dpnum = 100 if cfg.dpnum is None else cfg.dpnum
         cfg.avg_start = math.floor(0.8 * cfg.epochs) + 1 if cfg.avg_start is None else cfg.avg_start
     if cfg.dpnum is not None:
-        check_dpnum(cfg.dpnum)
+        random_mask.check_dpnum(cfg.dpnum)
     if cfg.avg_start is not None and not 1 <= cfg.avg_start <= cfg.epochs:
         raise InputError(
             f"--avg-start {cfg.avg_start} is outside the run: use an epoch from 1 to {cfg.epochs} "
             f"(--epochs {cfg.epochs}); averaging folds the weights after that epoch and every later one"
+        )
+    cfg.product = cfg.product or ("averaged" if cfg.avg_start else "final")
+    if cfg.product not in PRODUCTS:
+        raise InputError(f"--product must be one of {', '.join(PRODUCTS)}, got {cfg.product!r}")
+    if cfg.product == "averaged" and not cfg.avg_start:
+        raise InputError("--product averaged needs weight averaging: add --avg-start EPOCH or use --method cigl")
+    if cfg.mc_samples < 0 or (cfg.mc_samples and not cfg.dpnum):
+        raise InputError(
+            "--mc-samples K (K >= 1) draws the random mask at evaluation: it needs --dpnum N (e.g. --method cigl)"
         )
     cfg.decay_every = cfg.decay_every or max(1.0, round(0.4 * cfg.epochs, 3))
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -229,6 +241,12 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
 
     # ---- sparsity (masks M, random mask R) and weight-and-mask averaging
     masking = None
+    step_zero = ckpt is None
+    end_step = int(cfg.update_end * total_steps)
+    explicit_every, cfg = (
+        cfg.update_every,
+        replace(cfg, update_every=cfg.update_every or default_update_every(end_step)),
+    )
     if cfg.method != "dense":
         masking = Masking(
             model,
@@ -237,9 +255,22 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             init=cfg.sparse_init,
             alpha=cfg.drop_fraction,
             update_every=cfg.update_every,
-            update_end=int(cfg.update_end * total_steps),
+            update_until=end_step,
             dpnum=cfg.dpnum,
             seed=cfg.seed,
+        )
+    planned_updates = update_count(cfg.update_every, end_step) if masking and masking.method.updates else 0
+    if masking and masking.method.updates and planned_updates < FEW_UPDATES and launch.main and step_zero:
+        fix = (
+            f"use --update-every {default_update_every(end_step)} or leave it out"
+            if explicit_every and explicit_every > default_update_every(end_step)
+            else "train for more epochs"
+        )
+        print(
+            f"warning: only {planned_updates} mask updates in {end_step} steps (--update-every {cfg.update_every}, "
+            f"--update-end {cfg.update_end:g}), so {cfg.method} barely differs from static training; {fix}",
+            file=sys.stderr,
+            flush=True,
         )
     average = WeightAverage() if cfg.avg_start else None
 
@@ -285,6 +316,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             "world_size": launch.world,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
+            "mask_updates_planned": planned_updates,
             "sparse_layers": layers,
         }
         write_run_start(out, run_info, done_epochs)
@@ -326,6 +358,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
     # ---- the epoch loop
     for epoch in range(done_epochs, cfg.epochs):
         t0 = time.time()
+        churn_at_start = masking.churn() if masking is not None else (0, 0)
         order = epoch_order(n_train, cfg.seed, epoch, device)
         model.train()
         losses = []
@@ -381,6 +414,9 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
             "train_loss": train_loss,
             "density": masking.density() if masking is not None else 1.0,
         }
+        if masking is not None:  # how much the masks moved this epoch
+            updates, moved = (now - before for now, before in zip(masking.churn(), churn_at_start, strict=True))
+            row |= {"mask_updates": updates, "mask_churn": moved / sum(masking.nnz.values())}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             weights = masking.weights() if masking is not None else None
             last_logits = split_logits(model, eval_x, data, amp, weights)
@@ -398,29 +434,33 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
     if mask_checks:
         say(f"masks identical on all {launch.world} processes at each of {mask_checks} mask updates (checksum)")
 
-    # ---- the product: averaged model (BN recomputed) or the final training weights
+    # ---- the products: the final training weights, and the averaged model when averaging is on
     if masking is not None:  # training is over: the parameters become w (they held u = scale * w)
         with torch.no_grad():
             for name, w in masking.weights().items():
                 masking.params[name].copy_(w)
     logits = {"final_weights": last_logits or split_logits(model, eval_x, data, amp)}  # the last epoch's
-    results = {"final_weights": evaluate(logits["final_weights"], eval_y)}
-    product, masks = model, ({n: m.clone() for n, m in masking.masks.items()} if masking else {})
+    products = {"final_weights": (model, {n: m.clone() for n, m in masking.masks.items()} if masking else {})}
     if average is not None:
-        product = copy.deepcopy(model)
+        averaged = copy.deepcopy(model)
         with torch.no_grad():
-            for name, p in product.named_parameters():
+            for name, p in averaged.named_parameters():
                 p.copy_(average.avg[name])
-        recalibrate_bn(
-            product,
-            (normalize(train_x[i : i + batch], data.mean, data.std) for i in range(0, n_train, batch)),
-        )
-        masks = {n: average.avg[n] != 0 for n in masks}
-        logits["averaged"] = split_logits(product, eval_x, data, amp)
-        results["averaged"] = evaluate(logits["averaged"], eval_y)
-    chosen = "averaged" if average is not None else "final_weights"
+        # batch-norm statistics recomputed from shuffled training batches, as training draws them
+        recalibrate_bn(averaged, shuffled_batches(train_x, batch, cfg.seed, data.mean, data.std))
+        products["averaged"] = (averaged, {n: average.avg[n] != 0 for n in products["final_weights"][1]})
+        logits["averaged"] = split_logits(averaged, eval_x, data, amp)
+    if cfg.mc_samples:  # RigL+MC-DP: the final weights with K random masks, softmax averaged
+        weights = {n: masking.params[n].detach() for n in masking.masks}
+        logits["mc_dropout"] = mc_dropout_logits(model, eval_x, data, amp, weights, cfg.dpnum, cfg.mc_samples, cfg.seed)
+    results = {name: evaluate(split_logit, eval_y) for name, split_logit in logits.items()}
+    chosen = "averaged" if cfg.product == "averaged" else "final_weights"
+    product, masks = products[chosen]
     best = results[chosen]
     summary = make_summary(cfg, masks, masking.nnz if masking else {}, results, best)
+    if masking is not None:
+        updates, moved = masking.churn()
+        summary |= {"mask_updates": updates, "mask_churn": moved / sum(masking.nnz.values())}
     save_model_file(
         out / "model.pt",
         arch=cfg.model,
@@ -523,6 +563,32 @@ def split_logits(model: nn.Module, xs: dict[str, torch.Tensor], data, amp, weigh
     return {split: predict_logits(model, x, data.mean, data.std, 512, amp, weights) for split, x in xs.items()}
 
 
+def mc_dropout_logits(
+    model: nn.Module,
+    xs: dict[str, torch.Tensor],
+    data,
+    amp,
+    weights: dict[str, torch.Tensor],
+    dpnum: int,
+    samples: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """split -> log of the mean softmax over `samples` forward passes, each with its own random
+    mask on `weights` (every weight dropped with p = 1/dpnum, survivors scaled by dpnum/(dpnum-1)):
+    Monte-Carlo dropout (Gal & Ghahramani, 2016) on the weights, the paper's RigL+MC-DP. The log
+    of the averaged probabilities is a valid logit vector for every metric and temperature fit."""
+    generator = torch.Generator(device=next(iter(weights.values())).device).manual_seed(seed)
+    total: dict[str, np.ndarray] = {}
+    for _ in range(samples):
+        dropped = {
+            n: w * (torch.rand(w.shape, generator=generator, device=w.device) >= 1.0 / dpnum) * random_mask.scale(dpnum)
+            for n, w in weights.items()
+        }
+        for split, split_logit in split_logits(model, xs, data, amp, dropped).items():
+            total[split] = total.get(split, 0.0) + calibration.softmax(split_logit)
+    return {split: np.log(np.maximum(p / samples, 1e-12)).astype(np.float32) for split, p in total.items()}
+
+
 def evaluate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
     """Test metrics raw and at the temperature fitted on the validation split (1 without one)."""
     temperature = calibration.fit_temperature(logits["val"], labels["val"], kind="logits") if "val" in logits else 1.0
@@ -557,7 +623,7 @@ def make_summary(
         "epochs": cfg.epochs,
         "target_density": cfg.density,
         "actual_density": sum(r["nnz"] for r in layers) / numel if numel else 1.0,
-        "product": "averaged" if "averaged" in results else "final_weights",
+        "product": "averaged" if cfg.product == "averaged" else "final_weights",
         "test": best["test"],
         "temperature": best["temperature"],
         "test_calibrated": best["test_calibrated"],
@@ -597,13 +663,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"initial share of weights exchanged per update (default {d.drop_fraction})",
     )
-    g.add_argument("--update-every", type=int, help=f"steps between mask updates (default {d.update_every})")
+    g.add_argument(
+        "--update-every",
+        type=int,
+        help="steps between mask updates (default: 100, shortened so a short run still makes ~40 updates)",
+    )
     g.add_argument("--update-end", type=float, help=f"stop updating after this share of steps (default {d.update_end})")
     g.add_argument("--dpnum", type=int, help="DPNUM: random mask drops each weight with p=1/DPNUM (cigl default 100)")
     g.add_argument(
         "--avg-start",
         type=int,
         help="BS: first epoch (1-based) of weight-and-mask averaging (cigl: 80%% of epochs)",
+    )
+    g.add_argument(
+        "--product",
+        choices=PRODUCTS,
+        help="which model model.pt holds: the averaged one (default when averaging is on) or the final weights",
+    )
+    g.add_argument(
+        "--mc-samples",
+        type=int,
+        help="also report MC dropout of the final weights: K passes with the random mask (needs --dpnum)",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")

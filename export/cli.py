@@ -56,6 +56,8 @@ def model_card(ckpt: dict) -> dict[str, str]:
         "classes": ckpt["classes"],
         "method": ckpt.get("method", "unknown"),
         "method_settings": settings,
+        "product": summary.get("product", "final_weights"),
+        "mask_updates": summary.get("mask_updates", 0),
         "target_density": summary.get("target_density", cfg.get("density", 1.0)),
         "actual_density": summary.get("actual_density", 1.0),
         "layer_density": layers,

@@ -24,7 +24,7 @@ def test_masking_keeps_density_on_cuda():
     from cigl.sparse import METHODS, Masking
 
     model = create_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last)
-    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=100, update_every=1, update_end=100)
+    masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=100, update_every=1, update_until=100)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
     for step in range(1, 5):

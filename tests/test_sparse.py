@@ -77,7 +77,7 @@ def _masking(method="rigl", dpnum=None, density=0.1, model=None, **kw):
     return (
         model,
         opt,
-        Masking(model, METHODS[method], density=density, dpnum=dpnum, update_every=1, update_end=1000, **kw),
+        Masking(model, METHODS[method], density=density, dpnum=dpnum, update_every=1, update_until=1000, **kw),
     )
 
 

@@ -43,13 +43,16 @@ class Masking:
         init: str = "erk",
         alpha: float = 0.3,
         update_every: int = 100,
-        update_end: int = 0,
+        update_until: int = 0,
         dpnum: int | None = None,
         seed: int = 0,
     ) -> None:
         self.params = masked_parameters(model)
         self.method = method
-        self.alpha, self.update_every, self.update_end = alpha, update_every, update_end
+        self.alpha, self.update_every, self.update_until = alpha, update_every, update_until
+        self.updates = 0  # mask updates made so far
+        device = next(iter(self.params.values())).device
+        self._moved = torch.zeros((), dtype=torch.long, device=device)  # weights grown by them (no host sync)
         if dpnum is not None:
             random_mask.check_dpnum(dpnum)
         self.dpnum = dpnum
@@ -58,7 +61,6 @@ class Masking:
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
         self.masks = {n: torch.empty_like(p, dtype=torch.bool).copy_(masks[n]) for n, p in self.params.items()}
-        device = next(iter(self.params.values())).device
         sizes = [p.numel() for p in self.params.values()]
         self._offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
         self._grad_scale = torch.empty(int(self._offsets[-1]), device=device)  # M * scale^2, 0 where dropped
@@ -84,12 +86,23 @@ class Masking:
         )
 
     def state_dict(self) -> dict:
-        return {"masks": {n: m.clone() for n, m in self.masks.items()}}
+        return {
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "updates": self.updates,
+            "moved": int(self._moved),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name, mask in state["masks"].items():
             self.masks[name].copy_(mask)
+        self.updates = int(state.get("updates", 0))  # absent in checkpoints of cigl <= 0.1
+        self._moved.fill_(int(state.get("moved", 0)))
         self._refresh()
+
+    def churn(self) -> tuple[int, int]:
+        """(mask updates so far, weights they moved): a moved weight is one grown where the mask
+        was inactive, so moved / nnz is the share of the active weights that changed place."""
+        return self.updates, int(self._moved)
 
     def table(self) -> list[dict]:
         return layer_table(self.masks)
@@ -114,7 +127,7 @@ class Masking:
     # ------------------------------------------------------------------ a training step
 
     def is_update_step(self, step: int) -> bool:
-        return self.method.updates and is_update_step(step, self.update_every, self.update_end)
+        return self.method.updates and is_update_step(step, self.update_every, self.update_until)
 
     def _split_dropped(self) -> list[tuple[str, torch.Tensor]]:
         """(layer, positions within the layer) of the last step's dropped entries."""
@@ -160,18 +173,21 @@ class Masking:
         """Drop and grow in every layer from the dense gradient in p.grad; new and dropped
         weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
         self.end_step()
-        frac = drop_fraction(step, self.alpha, self.update_end)
+        frac = drop_fraction(step, self.alpha, self.update_until)
         for name, p in self.params.items():
             mask = self.masks[name]
             n = int(frac * self.nnz[name])
             if n == 0:
                 continue
             new = drop_and_grow(p, mask, self.method.grow_scores(p, p.grad), n)
-            cleared = ~new | (new & ~mask)
+            grown = new & ~mask
+            self._moved += grown.sum()
+            cleared = ~new | grown
             p.masked_fill_(cleared, 0.0)
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 buf.masked_fill_(cleared, 0.0)
             mask.copy_(new)
+        self.updates += 1
         self._refresh()
         self._dropped = self._dropped[:0]

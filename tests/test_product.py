@@ -1,0 +1,131 @@
+"""CigL's product: batch-norm recalibration of the averaged model, mask updates that happen,
+the product the user picks, and the paper's comparison points (W-DP, MC-DP). Real data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRAIN, load_pt, run_cli
+
+from cigl.data import load_dataset
+from cigl.models import create_model
+from cigl.pipeline import normalize, shuffled_batches, to_device
+from cigl.sparse import recalibrate_bn
+from cigl.sparse.schedule import default_update_every, update_count
+from cigl.train import TrainConfig, train
+
+
+def _bn_stats(images: torch.Tensor, batches) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_chans=1, image_size=8)
+    recalibrate_bn(model, batches)
+    return [m.running_var.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float(((va - vb).abs() / vb).max()) for va, vb in zip(a, b, strict=True))
+
+
+def test_recalibrated_statistics_do_not_depend_on_stored_order():
+    data = load_dataset("digits")
+    x, y = to_device(data.train, torch.device("cpu"))
+    class_sorted = x[torch.argsort(y, stable=True)]  # as an ImageFolder stores its images
+    shuffled_copy = x[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))]
+    ours = [_bn_stats(xs, shuffled_batches(xs, 64, 0, data.mean, data.std)) for xs in (class_sorted, shuffled_copy)]
+    assert _max_rel_diff(*ours) < 0.04
+    # consecutive stored images (one class per batch) miss the between-class variance
+    in_order = _bn_stats(
+        class_sorted, [normalize(class_sorted[i : i + 64], data.mean, data.std) for i in range(0, len(y), 64)]
+    )
+    assert _max_rel_diff(in_order, ours[1]) > 0.08
+
+
+def test_shuffled_batches_are_seeded_full_and_cover_the_set():
+    x = torch.arange(250, dtype=torch.uint8).view(250, 1, 1, 1).expand(250, 1, 2, 2).contiguous()
+    a = list(shuffled_batches(x, 60, 3, (0.0,), (1 / 255,)))
+    b = list(shuffled_batches(x, 60, 3, (0.0,), (1 / 255,)))
+    assert [t.shape[0] for t in a] == [60] * 4  # full batches only (250 // 60)
+    assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+    seen = torch.cat([t[:, 0, 0, 0] for t in a]).round().long()
+    assert seen.unique().numel() == 240 and not torch.equal(seen[:60], torch.arange(60))
+    assert [t.shape[0] for t in shuffled_batches(x[:10], 64, 0, (0.0,), (1 / 255,))] == [10]
+
+
+def test_one_snapshot_average_scores_like_the_final_weights(tmp_path):
+    """Averaging one snapshot without a random mask gives the final weights back: only the
+    recomputed batch-norm statistics differ, and they must not cost accuracy."""
+    summary = train(
+        TrainConfig(method="rigl", epochs=5, avg_start=5, batch_size=64, out=str(tmp_path / "run")), quiet=True
+    )
+    assert summary["product"] == "averaged"
+    assert summary["averaged"]["test"]["acc"] > 0.85
+    assert abs(summary["averaged"]["test"]["acc"] - summary["final_weights"]["test"]["acc"]) <= 0.005
+
+
+def test_default_schedule_makes_masks_move_and_reports_it(tmp_path):
+    out = tmp_path / "rigl"
+    summary = train(TrainConfig(method="rigl", epochs=4, batch_size=64, out=str(out)), quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    steps = config["total_steps"]  # 1293 training digits // 64 = 20 steps x 4 epochs
+    assert config["update_every"] == default_update_every(int(0.75 * steps)) == 5
+    assert config["mask_updates_planned"] == update_count(5, int(0.75 * steps)) == 11
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mask_updates"] for r in rows] == [3, 4, 4, 0]  # steps 5, 10, ..., 55
+    assert summary["mask_updates"] == 11
+    assert all(r["mask_churn"] > 0 for r in rows[:3]) and rows[3]["mask_churn"] == 0
+    assert summary["mask_churn"] == pytest.approx(sum(r["mask_churn"] for r in rows))
+    assert 0.05 < summary["mask_churn"] < 5
+
+
+def test_default_update_every():
+    assert default_update_every(73_312) == 100  # 250 CIFAR-10 epochs at batch 128: RigL's interval
+    assert default_update_every(630) == 15  # the CPU study: 41 updates
+    assert update_count(15, 630) == 41
+    assert default_update_every(60) == 5  # never below 5 steps: grown weights need time to train
+
+
+def test_few_updates_warn_with_the_fix(tmp_path):
+    proc = run_cli(TRAIN, "--method", "set", "--epochs", "2", "--update-every", "100", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "only 0 mask updates" in warning[0] and "--update-every 5" in warning[0]
+
+
+def test_product_final_ships_the_final_weights(tmp_path):
+    out = tmp_path / "cigl-final"
+    summary = train(
+        TrainConfig(method="cigl", density=0.2, epochs=3, batch_size=64, product="final", out=str(out)), quiet=True
+    )
+    assert summary["product"] == "final_weights" and "averaged" in summary  # both models' metrics kept
+    assert summary["test"] == summary["final_weights"]["test"]
+    assert summary["actual_density"] == pytest.approx(0.2, rel=1e-3)  # the training masks, not their union
+    model = load_pt(out / "model.pt")
+    assert model["summary"]["product"] == "final_weights"
+    for name, mask in model["masks"].items():
+        assert not model["state_dict"][name][~mask].any()
+    with np.load(out / "predictions.npz") as z:
+        assert float((z["logits"].argmax(1) == z["labels"]).mean()) == pytest.approx(summary["test"]["acc"])
+
+
+def test_product_averaged_needs_averaging(tmp_path):
+    proc = run_cli(TRAIN, "--method", "rigl", "--product", "averaged", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--avg-start" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weight_dropout_and_mc_dropout_rows(tmp_path):
+    """RigL+W-DP (RigL with the random mask, no averaging) evaluated both ways: deterministic
+    and as MC dropout with K random masks; the same seed gives the same MC estimate."""
+    cfg = TrainConfig(method="rigl", dpnum=20, mc_samples=4, epochs=5, batch_size=64)
+    a = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "a")}), quiet=True)
+    b = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")}), quiet=True)
+    assert a["product"] == "final_weights" and "averaged" not in a
+    mc, det = a["mc_dropout"]["test"], a["final_weights"]["test"]
+    assert mc == b["mc_dropout"]["test"]
+    assert mc["acc"] > 0.7 and mc != det
+    assert mc["conf"] < det["conf"]  # averaging K dropout passes softens the probabilities
+
+
+def test_mc_samples_need_a_random_mask(tmp_path):
+    proc = run_cli(TRAIN, "--method", "rigl", "--mc-samples", "4", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--dpnum" in proc.stderr and "Traceback" not in proc.stderr
