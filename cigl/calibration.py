@@ -22,6 +22,7 @@ differ by at most one, the larger ones first).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ from cigl.errors import InputError
 
 KINDS = ("logits", "probs")
 SCHEMES = ("uniform", "adaptive")
+MAX_BINS = 10_000  # bins are per-sample work: a bound keeps a typo from costing minutes and gigabytes
 BOOTSTRAP_METRICS = ("ece", "adaptive_ece", "mce", "rmsce", "accuracy", "nll", "brier")
 _PROB_SUM_TOL = 1e-3
 
@@ -43,8 +45,8 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise InputError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or not 1 <= n_bins <= MAX_BINS:
+        raise InputError(f"n_bins must be an integer in 1..{MAX_BINS}, got {n_bins!r}")
     if scheme not in SCHEMES:
         raise InputError(f"scheme must be 'uniform' or 'adaptive', got {scheme!r}")
 
@@ -400,4 +402,12 @@ def fit_temperature(scores, labels, *, kind: str = "logits", t_min: float = 0.01
         beta = step if lo < step < hi else 0.5 * (lo + hi)
         if hi - lo < 1e-12 * hi:
             break
-    return float(1.0 / np.clip(beta, 1.0 / t_max, 1.0 / t_min))
+    temperature = float(1.0 / np.clip(beta, 1.0 / t_max, 1.0 / t_min))
+    if temperature >= t_max * (1 - 1e-6) or temperature <= t_min * (1 + 1e-6):
+        warnings.warn(
+            f"the fitted temperature reached its bound {temperature:g} (allowed {t_min:g}..{t_max:g}) and is "
+            "clamped there: the scores carry almost no information about these labels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return temperature

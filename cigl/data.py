@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cigl.errors import FormatError, InputError
+from cigl.images import load_image
 from cigl.io import atomic_open
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -37,7 +38,7 @@ CIFAR10_CLASSES = [
 ]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: cigl.images preprocessing (cover-resize + centre crop, 16-bit scaled)
 
 
 @dataclass
@@ -146,16 +147,8 @@ def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[li
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if image_size is not None and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+    """uint8 (H, W, 3) by the preprocessing serving uses too (cigl.images)."""
+    return load_image(path, 3, None if image_size is None else (image_size, image_size))
 
 
 def _content_key(files: list[Path], root: Path, image_size: int | None) -> str:
@@ -255,11 +248,13 @@ def load_dataset(
     image_size: int | None = None,
     train_per_class: int | None = None,
 ) -> Dataset:
-    """Load a dataset by name; the val split is a fixed, stratified share of train."""
+    """Load a dataset by name. The val split is the data folder's val/ (one folder per class,
+    as train/ and test/) when it has one, else a fixed, stratified `val_size` share of train."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_size < 1:
         raise InputError(f"--val-size must lie in [0, 1), got {val_size}")
+    val = None
     if name == "digits":
         train, test, classes = _digits()
         mean, std, pad, flip = (0.5,), (0.5,), 1, False
@@ -274,15 +269,21 @@ def load_dataset(
             train, test, classes = _image_folder_pair(root, image_size)
             mean, std = (0.5,) * 3, (0.5,) * 3
         pad, flip = max(1, train.x.shape[1] // 8), True
+        if (root / "val").is_dir():
+            val, _ = load_image_folder(root / "val", image_size, classes)
+            if val.x.shape[1:] != train.x.shape[1:]:
+                raise InputError(f"val images of {root} differ in size from train images; pass --image-size N")
     if train_per_class is not None:
         sub = per_class_subset(train.y, train_per_class)
         train = Split(train.x[sub], train.y[sub])
-    keep, held = stratified_split(train.y, val_size, seed=0)
+    if val is None:
+        keep, held = stratified_split(train.y, val_size, seed=0)
+        train, val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
     return Dataset(
         name=name,
         classes=classes,
-        train=Split(train.x[keep], train.y[keep]),
-        val=Split(train.x[held], train.y[held]),
+        train=train,
+        val=val,
         test=test,
         mean=mean,
         std=std,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,11 +33,16 @@ class CheckpointError(CiglError):
     """A checkpoint that cannot be loaded or resumed from."""
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def cli_entry(func: F) -> F:
     """Wrap a CLI `main`: CiglError -> `error: <message>` on stderr and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        warnings.formatwarning = _one_line_warning
         try:
             return func(*args, **kwargs)
         except CiglError as exc:
@@ -45,6 +52,9 @@ def cli_entry(func: F) -> F:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except BrokenPipeError:  # stdout closed early (e.g. `cigl-export --inspect F | head`): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
 
     return wrapper  # type: ignore[return-value]
 

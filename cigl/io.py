@@ -6,19 +6,53 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cigl.errors import CheckpointError
+from cigl.errors import CheckpointError, InputError
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """`path` as an output folder that can be created or written, checked before any work is
+    done (nothing is created here); InputError names the problem otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} is a file; give a folder name")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create output folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to output folder {path}: {existing} is not writable; choose another")
+    return path
+
+
+def make_output_dir(path: str | Path) -> Path:
+    """Create the output folder `path` (and its parents) or raise InputError naming the problem."""
+    path = check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {path}: {exc.strerror}") from None
+    return path
 
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
     """A temp file next to `path`; on success it is fsynced and renamed over `path`, on any
-    error it is removed, so `path` is never left half-written."""
+    error it is removed, so `path` is never left half-written. A path that cannot be written
+    (a folder, a missing or read-only folder) is an InputError before anything is written."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        reason = "its folder does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise InputError(f"cannot write {path}: {reason}; choose another path") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
@@ -48,6 +82,8 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"cannot load {path}: not a torch file (corrupt, truncated or another format)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

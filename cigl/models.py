@@ -163,9 +163,38 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, image_size: 
             f"unknown model {name!r}; use one of {', '.join(list_models())} or any timm model name "
             "(see timm.list_models())"
         )
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    kw = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+    try:  # models built for one input size (ViTs, ...) take it as img_size
+        model = timm.create_model(name, img_size=image_size, **kw)
+    except TypeError:
+        model = timm.create_model(name, **kw)
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise InputError(_size_error(name, image_size, exc)) from None
     from timm.models.resnet import ResNet
 
     if isinstance(model, ResNet) and isinstance(model.conv1, nn.Conv2d) and image_size <= SMALL_INPUT:
         model = _cifar_stem(model, in_chans)
+    _check_input_size(model, name, in_chans, image_size)
     return model
+
+
+def _size_error(name: str, image_size: int, exc: Exception) -> str:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    return (
+        f"timm model {name!r} cannot take {image_size} x {image_size} images ({reason}); "
+        "pass --image-size with a size it takes (e.g. 224) or choose another --model"
+    )
+
+
+@torch.no_grad()
+def _check_input_size(model: nn.Module, name: str, in_chans: int, image_size: int) -> None:
+    """One forward pass of two blank images, so a timm model that cannot take this input size
+    fails here with the fix rather than as a traceback in the first training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(2, in_chans, image_size, image_size))
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise InputError(_size_error(name, image_size, exc)) from None
+    finally:
+        model.train(was_training)

@@ -92,11 +92,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise InputError(f"unknown --method {cfg.method!r}; choose one of {', '.join(ALL_METHODS)}")
     if cfg.dataset not in DATASETS:
         raise InputError(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    for name in ("epochs", "batch_size", "update_every", "eval_every"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or not 0 < cfg.decay <= 1 or cfg.wd < 0 or cfg.warmup_epochs < 0:
-        raise InputError("need --lr > 0, 0 < --decay <= 1, --wd >= 0 and --warmup-epochs >= 0")
+    for name, (low, high, kind) in NUMBER_RANGES.items():
+        check_number(name, getattr(cfg, name), low, high, kind)
+    if cfg.lr <= 0 or cfg.decay <= 0 or (cfg.decay_every is not None and cfg.decay_every <= 0):
+        raise InputError("need --lr > 0, 0 < --decay <= 1 and --decay-every > 0")
     if cfg.sparse_init not in INITS:
         raise InputError(f"--sparse-init must be one of {', '.join(INITS)}, got {cfg.sparse_init!r}")
     if not 0 <= cfg.drop_fraction < 1 or not 0 < cfg.update_end <= 1:
@@ -139,6 +138,46 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise InputError("--device cuda but no CUDA device is available; use --device cpu or auto")
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.seed}"
     return cfg
+
+
+# name -> (lowest, highest, "int" | "float") of every numeric setting; None values mean "default"
+NUMBER_RANGES = {
+    "epochs": (1, 100_000, "int"),
+    "batch_size": (1, 65_536, "int"),
+    "image_size": (1, 4096, "int"),
+    "train_per_class": (1, 10**9, "int"),
+    "update_every": (1, 10**9, "int"),
+    "eval_every": (1, 100_000, "int"),
+    "save_every_steps": (0, 10**12, "int"),
+    "threads": (0, 4096, "int"),
+    "seed": (0, 2**31 - 1, "int"),
+    "mc_samples": (0, 1000, "int"),
+    "dpnum": (2, 10**9, "int"),
+    "avg_start": (1, 100_000, "int"),
+    "val_size": (0.0, 0.99, "float"),
+    "density": (0.0, 1.0, "float"),
+    "drop_fraction": (0.0, 0.99, "float"),
+    "update_end": (0.0, 1.0, "float"),
+    "lr": (0.0, 100.0, "float"),
+    "decay": (0.0, 1.0, "float"),
+    "decay_every": (0.0, 1e9, "float"),
+    "warmup_epochs": (0.0, 1e9, "float"),
+    "wd": (0.0, 1.0, "float"),
+    "momentum": (0.0, 0.999, "float"),
+}
+
+
+def check_number(name: str, value, low: float, high: float, kind: str) -> None:
+    """`value` is None or a finite number of `kind` in [low, high]; else an InputError naming the option."""
+    if value is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    number_types = (int,) if kind == "int" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value):
+        what = "an integer" if kind == "int" else "a finite number"
+        raise InputError(f"{flag} must be {what} in {low:g}..{high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{flag} must lie in {low:g}..{high:g}, got {value:g}")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -277,18 +316,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
     # ---- resume
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if masking is not None:
-            masking.load_state_dict(ckpt["sparse"])
-        if average is not None and ckpt["average"] is not None:
-            average.load_state_dict(
-                {
-                    "avg": {k: v.to(device) for k, v in ckpt["average"]["avg"].items()},
-                    "count": ckpt["average"]["count"],
-                }
-            )
-        step = int(ckpt["step"])
+        step = restore(ckpt, out / "last.pt", model, optimizer, masking, average, device)
         where = f"epoch {step // steps_per_epoch + 1}" if step < total_steps else f"all {cfg.epochs} epochs done"
         say(f"resumed {out} at step {step} ({where})")
         if ckpt.get("world_size", 1) != launch.world:
@@ -487,6 +515,36 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
         f"(target {cfg.density:g})\nresults in {out}/ (summary.json, model.pt, metrics.jsonl)"
     )
     return summary
+
+
+def restore(ckpt: dict, path: Path, model, optimizer, masking, average, device) -> int:
+    """Load a checkpoint's state into the run's objects and return its step; a checkpoint that
+    does not fit this run (damaged, another method or model) is a CheckpointError."""
+    sparse = ckpt.get("sparse")
+    if masking is not None and not (isinstance(sparse, dict) and isinstance(sparse.get("masks"), dict)):
+        raise CheckpointError(f"{path} holds no sparse masks (a dense run's?); resume it with its own config.json")
+    try:
+        step = ckpt["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step {step!r}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if masking is not None:
+            if set(sparse["masks"]) != set(masking.masks):
+                raise ValueError("its masks are for other layers")
+            masking.load_state_dict(sparse)
+        if average is not None and ckpt.get("average") is not None:
+            saved = ckpt["average"]
+            average.load_state_dict(
+                {"avg": {k: v.to(device) for k, v in saved["avg"].items()}, "count": saved["count"]}
+            )
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path} does not fit this run ({type(exc).__name__}: {reason}); it is damaged or from another "
+            "run: start afresh with another --out"
+        ) from None
+    return step
 
 
 def write_run_start(out: Path, run_info: dict, done_epochs: int) -> None:
@@ -724,7 +782,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
             f"--resume {run}: no run there (config.json and last.pt missing)"
             + (hint if distributed.from_env().world > 1 else "")
         )
-    saved = json.loads((run / "config.json").read_text())
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"--resume {run}: config.json is not valid JSON ({exc}); the run folder is damaged"
+        ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume {run}: config.json does not hold a run's settings; the run folder is damaged")
     names = {f.name for f in fields(TrainConfig)}
     for key, value in given.items():
         if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:

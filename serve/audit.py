@@ -22,6 +22,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
+from cigl.io import check_output_dir, make_output_dir
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Predictions:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+MAX_BOOTSTRAP = 100_000
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
@@ -51,8 +55,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None
 
 
 def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f) if row]  # blank lines are not rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FormatError(f"{path} is not a readable CSV file ({exc})") from None
     if len(rows) < 2:
         raise FormatError(f"{path} needs a header row and at least one prediction row")
     header = rows[0]
@@ -60,12 +67,13 @@ def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.
         raise FormatError(f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column")
     li = header.index(label_column)
     classes = [c for i, c in enumerate(header) if i != li]
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise FormatError(f"{path}: line {number} has {len(row)} cells but the header has {len(header)}")
     try:
         table = np.array([[float(v) for v in row] for row in rows[1:]], dtype=np.float64)
     except ValueError as exc:
         raise FormatError(f"{path}: every cell must be a number ({exc})") from None
-    if table.shape[1] != len(header):
-        raise FormatError(f"{path}: rows have {table.shape[1]} cells but the header has {len(header)}")
     return np.delete(table, li, axis=1), table[:, li], kind, classes
 
 
@@ -278,7 +286,7 @@ def plot_reliability(models: dict[str, dict], path: Path) -> None:
 def write_report(report: dict, out: Path, predictions: dict[str, Predictions] | None = None) -> None:
     """Write report.json, report.md, reliability.png (and predictions-NAME.npz of audited ONNX
     models) into `out` all at once: everything goes to a temp dir first, then is moved in."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -346,10 +354,11 @@ def build_parser() -> ArgumentParser:
 
 
 def _check_options(args) -> None:
-    if args.bins < 1:
-        raise InputError(f"--bins must be >= 1, got {args.bins}")
-    if args.bootstrap < 0:
-        raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 1 <= args.bins <= cal.MAX_BINS:
+        raise InputError(f"--bins must lie in 1..{cal.MAX_BINS}, got {args.bins}")
+    if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
+        raise InputError(f"--bootstrap must lie in 0..{MAX_BOOTSTRAP}, got {args.bootstrap}")
+    check_output_dir(args.out)
     if args.temperature not in ("fit", "none", "model"):
         try:
             t = float(args.temperature)

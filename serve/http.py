@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cigl.errors import ArgumentParser, CiglError, InputError, cli_entry
 from cigl.serve.predictor import Predictor
@@ -65,6 +66,12 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
     async def user_error(request: Request, exc: CiglError):
         return _error(400, str(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own refusals (multipart framing, too many files or fields, 404, 405) keep
+        # their status and get the documented {"error": ...} body instead of {"detail": ...}
+        return _error(exc.status_code, str(exc.detail))
+
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok", "provider": predictor.provider}
@@ -104,6 +111,10 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
                 body = PredictRequest.model_validate(json.loads(await request.body()))
             except json.JSONDecodeError as exc:
                 return _error(400, f"body is not valid JSON ({exc.msg})")
+            except RecursionError:
+                return _error(400, "body nests JSON arrays or objects too deeply; send C x H x W arrays")
+            except UnicodeDecodeError:
+                return _error(400, "body is not UTF-8 JSON")
             except ValueError as exc:  # pydantic's ValidationError
                 first = exc.errors()[0] if hasattr(exc, "errors") else {}
                 where = ".".join(str(p) for p in first.get("loc", ()))
@@ -112,7 +123,7 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
                 raise InputError("no inputs")
             try:
                 x = np.asarray(body.inputs, dtype=np.float32)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 raise InputError("inputs must be equally shaped numeric arrays (C x H x W each)") from None
             return respond([f"inputs[{i}]" for i in range(len(x))], x, body.top_k, body.abstain_below)
         if kind.startswith("multipart/form-data"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,17 +41,42 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+MAX_NPY_BYTES = 2 * 1024**3  # largest .npy input read into memory
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A .npy file's array after checking its header: the .npy format (not an .npz or pickle),
+    a plain numeric dtype, 3 or 4 dimensions, and a declared size that the file really holds
+    and that stays under MAX_NPY_BYTES; InputError names what is wrong otherwise."""
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a readable .npy array ({exc})") from None
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path} is not a .npy array file ({exc}); save arrays with numpy.save") from None
+    if dtype.hasobject or dtype.kind not in "uif" or len(shape) not in (3, 4):
+        raise InputError(
+            f"{path}: need uint8 images (N, H, W, C) or float32 normalised (N, C, H, W), "
+            f"got dtype {dtype} with shape {shape}"
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_NPY_BYTES:
+        raise InputError(f"{path} declares {nbytes:,} bytes of data, over the limit of {MAX_NPY_BYTES:,}; split it")
+    if path.stat().st_size - offset < nbytes:
+        raise InputError(f"{path} is truncated: its header declares {nbytes:,} bytes of data")
+    return np.load(path, allow_pickle=False)
+
+
+def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    arr = load_npy(path)
     if arr.dtype == np.uint8:  # raw images (N, H, W, C)
         if arr.ndim == 3:
             arr = arr[None]
-        if arr.ndim != 4:
-            raise InputError(f"{path}: uint8 images must have shape (N, H, W, C), got {arr.shape}")
         arr = predictor.normalize(arr)
+    elif arr.dtype.kind != "f":
+        raise InputError(f"{path}: integer arrays must be uint8 images; normalised inputs must be float")
     elif arr.ndim == 3:
         arr = arr[None]
     for i in range(0, len(arr), batch):
@@ -95,8 +121,17 @@ def predict_all(
     for path in paths:
         if path.suffix.lower() == ".npy":
             flush()
-            for sources, x in _npy_batches(predictor, path, batch):
-                records.extend(predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below))
+            try:
+                found = [
+                    record
+                    for sources, x in _npy_batches(predictor, path, batch)
+                    for record in predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below)
+                ]
+            except InputError as exc:
+                if strict:
+                    raise
+                found = [{"source": str(path), "error": str(exc)}]
+            records.extend(found)
         else:
             try:
                 image = predictor.load_image(path)

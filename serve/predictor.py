@@ -2,8 +2,9 @@
 
 p = Predictor("model.onnx")                 # device="auto" | "cpu" | "cuda"
 p.provider                                  # the execution provider actually in use
-logits, probs = p.predict(batch)            # float32 NCHW, normalised as the model expects
-records = p.predict_files(["cat.jpg", ...]) # decode, resize / centre-crop, normalise
+image = p.load_image("cat.jpg")             # path, file object or PIL.Image -> uint8 H x W x C
+logits, probs = p.predict(p.normalize(image[None]))  # float32 NCHW, normalised as the model expects
+records = p.records(["cat.jpg"], probs)     # class, calibrated confidence, top-k, abstained
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from cigl.errors import FormatError, InputError
+from cigl.images import check_preprocess, load_image
 
 MAX_BATCH = 1024
+MAX_SIDE = 4096  # largest input height/width a model card may declare
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,10 @@ class ModelCard:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> ModelCard:
+        """Parse and check the card: every entry well-formed and within bounds (the file may come
+        from anyone), so that nothing downstream trusts a malformed one."""
         try:
-            return cls(
+            card = cls(
                 classes=json.loads(meta["classes"]),
                 input_size=tuple(json.loads(meta["input_size"])),
                 mean=np.asarray(json.loads(meta["mean"]), dtype=np.float32),
@@ -42,13 +47,39 @@ class ModelCard:
                 temperature=float(meta.get("temperature", "1.0")),
                 raw=dict(meta),
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise FormatError(f"{source} lacks cigl metadata ({exc}); export it with cigl-export") from None
+        problem = card._problem()
+        if problem:
+            raise FormatError(f"{source} has a malformed model card: {problem}; re-export it with cigl-export")
+        if "preprocess" in meta:
+            check_preprocess(meta["preprocess"], source)
+        return card
+
+    def _problem(self) -> str | None:
+        """What is wrong with the parsed entries, or None."""
+        size = self.input_size
+        if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            return f"input_size must be [channels, height, width], got {list(size)}"
+        if size[0] not in (1, 3) or not (1 <= size[1] <= MAX_SIDE and 1 <= size[2] <= MAX_SIDE):
+            return f"input_size {list(size)} is outside 1 or 3 channels and 1..{MAX_SIDE} pixels a side"
+        if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            return "classes must be a non-empty list of names"
+        if self.mean.shape != (size[0],) or self.std.shape != (size[0],):
+            return f"mean and std need {size[0]} value(s), one per channel"
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std > 0).all()):
+            return "mean and std must be finite with std > 0"
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            return f"temperature must be a finite number > 0, got {self.temperature}"
+        return None
 
     def number(self, key: str) -> float | None:
-        """A numeric metadata entry (None when absent)."""
-        value = self.raw.get(key)
-        return None if value in (None, "null") else float(value)
+        """A numeric metadata entry (None when absent or not a finite number)."""
+        try:
+            value = float(self.raw.get(key, "nan"))
+        except ValueError:
+            return None
+        return value if np.isfinite(value) else None
 
 
 def _gpu_present() -> bool:
@@ -99,8 +130,29 @@ class Predictor:
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise InputError(f"device cuda requested but onnxruntime fell back to {self.provider}")
         self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self._check_graph(str(path))
         self.max_batch = max_batch
         self.path = path
+
+    def _check_graph(self, source: str) -> None:
+        """The card must describe the graph: input `images` of the card's size, outputs `logits`
+        and `probs` with one column per class."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if "images" not in inputs or not {"logits", "probs"} <= set(outputs):
+            raise FormatError(f"{source} is not a cigl model (needs input 'images', outputs 'logits' and 'probs')")
+        declared = [d for d in inputs["images"][1:] if isinstance(d, int)]
+        if len(inputs["images"]) != 4 or (len(declared) == 3 and tuple(declared) != self.card.input_size):
+            raise FormatError(
+                f"{source}: the card's input_size {list(self.card.input_size)} does not match the graph's "
+                f"input {inputs['images']}; re-export it with cigl-export"
+            )
+        width = outputs["logits"][-1] if outputs["logits"] else None
+        if isinstance(width, int) and width != len(self.card.classes):
+            raise FormatError(
+                f"{source}: the card names {len(self.card.classes)} classes but the model has {width} outputs; "
+                "re-export it with cigl-export"
+            )
 
     # ------------------------------------------------------------------ arrays
 
@@ -133,32 +185,19 @@ class Predictor:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) images -> normalised float32 NCHW."""
+        c, h, w = self.card.input_size
+        if images.ndim != 4 or images.shape[3] != c:
+            raise InputError(f"images must have shape (N, H, W, {c}) for this model, got {images.shape}")
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
         return (x - self.card.mean[None, :, None, None]) / self.card.std[None, :, None, None]
 
     # ------------------------------------------------------------------ image files
 
-    def load_image(self, path, name: str | None = None) -> np.ndarray:
-        """Decode a file (path or file object) with Pillow, convert to the model's channels,
-        resize the short side and centre-crop to the model's size: uint8 (H, W, C)."""
-        from PIL import Image, UnidentifiedImageError
-
+    def load_image(self, source, name: str | None = None) -> np.ndarray:
+        """Decode an image (a path, a binary file object or a PIL.Image) to the model's input as
+        uint8 (H, W, C), by the one preprocessing training used (cigl.images)."""
         c, h, w = self.card.input_size
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-                if im.size != (w, h):
-                    scale = max(w / im.size[0], h / im.size[1])
-                    size = (max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale)))
-                    im = im.resize(size, Image.BILINEAR)
-                    left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-                    im = im.crop((left, top, left + w, top + h))
-                arr = np.asarray(im, dtype=np.uint8)
-        except UnidentifiedImageError:
-            raise InputError(f"cannot read image {name or path}: not a decodable image file") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"cannot read image {name or path}: {exc}") from None
-        return arr[..., None] if arr.ndim == 2 else arr
+        return load_image(source, c, (h, w), name=name)
 
     def records(self, sources: list[str], probs: np.ndarray, top_k: int = 1, abstain_below: float = 0.0) -> list[dict]:
         """One record per input: predicted class, calibrated confidence, top-k, abstained."""

@@ -54,6 +54,8 @@ def grid(args) -> list[tuple[str, list[str]]]:
                 opts = ["--method", method, "--density", str(d), "--seed", str(seed)]
                 if method == "cigl" and args.paper:  # the reference's BS=200 of 250 epochs
                     opts += ["--avg-start", str(max(1, args.epochs * 4 // 5))]
+                if method == "cigl":  # its final weights are RigL+W-DP; also evaluated as RigL+MC-DP
+                    opts += ["--mc-samples", str(args.mc_samples)]
                 runs.append((f"{method}-d{d}-s{seed}", opts))
     return [(name, common + opts) for name, opts in runs]
 
@@ -153,7 +155,8 @@ def main() -> int:
     r.add_argument("--per-class", type=int, default=400)
     r.add_argument("--epochs", type=int, default=30)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    r.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    r.add_argument("--densities", type=float, nargs="+", default=[0.1])
+    r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
     r.set_defaults(fn=cmd_run)
