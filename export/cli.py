@@ -296,6 +296,8 @@ def inspect(path: Path) -> None:
         raise FormatError(f"{path} is empty (0 bytes); export the model again")
     try:
         rows, meta = _inspect_rows(path)
+    except FormatError as exc:
+        raise FormatError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         raise FormatError(f"{path} has malformed cigl metadata or tensors ({type(exc).__name__}: {exc})") from None
     if not rows:
