@@ -5,7 +5,8 @@ CLIENTS concurrent clients, drawn in a fixed order from: real CIFAR-10 JPEGs, 16
 bombs (a PNG header declaring 20000 x 20000 pixels), random bytes, deeply nested JSON, NaN and
 ragged JSON inputs, too many files, broken multipart framing and over-large bodies. It counts
 status codes (goal: 0 answers >= 500, every good request 200, every bad one 4xx) and samples the
-server's resident memory (goal: the last quarter's median within 10% of the second quarter's; medians of samples every 0.25 s).
+server's resident memory every 0.25 s (goal: the last quarter's median within 10% of the second
+quarter's).
 
     python benchmarks/serve_hostile.py     # -> benchmarks/results/serve_hostile.json
 """
