@@ -48,11 +48,14 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--test-per-class", type=int, default=100)
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = extract_archive_subset(CIFAR_ARCHIVE, Path(tmp) / "cifar", {"train": args.per_class, "test": 100})
+        root = extract_archive_subset(
+            CIFAR_ARCHIVE, Path(tmp) / "cifar", {"train": args.per_class, "test": args.test_per_class}
+        )
         data = load_dataset("cifar10", root, val_size=0.1)
         train_x, _ = to_device(data.train, torch.device("cpu"))
         test_x, _ = to_device(data.test, torch.device("cpu"))
@@ -77,8 +80,8 @@ def main() -> int:
     sd = {n: statistics.stdev(r[n] for r in rows) if len(rows) > 1 else 0.0 for n in names}
     gap = [r["shuffled"] - r["final_weights"] for r in rows]
     result = {
-        "setup": f"CigL ResNet-20, CIFAR-10 {args.per_class}/class train (10% val), 100/class test, "
-        f"{args.epochs} epochs, default averaging (last 20% of epochs), 2 threads",
+        "setup": f"CigL ResNet-20, CIFAR-10 {args.per_class}/class train (10% val), "
+        f"{args.test_per_class}/class test, {args.epochs} epochs, default averaging (last 20% of epochs), 2 threads",
         "runs": rows,
         "mean_test_acc": mean,
         "sd_test_acc": sd,

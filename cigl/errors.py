@@ -60,7 +60,13 @@ def cli_entry(func: F) -> F:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2)."""
+    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2) and `--version`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from cigl import __version__
+
+        self.add_argument("--version", action="version", version=f"%(prog)s (cigl) {__version__}")
 
     def error(self, message: str):  # type: ignore[override]
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

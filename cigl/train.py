@@ -92,6 +92,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise InputError(f"unknown --method {cfg.method!r}; choose one of {', '.join(ALL_METHODS)}")
     if cfg.dataset not in DATASETS:
         raise InputError(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.dataset == "digits" and cfg.data_dir is not None:
+        raise InputError(
+            f"--data-dir {cfg.data_dir} is given but --dataset is digits (the default, which needs no folder); "
+            "add --dataset cifar10 or --dataset imagefolder"
+        )
     for name, (low, high, kind) in NUMBER_RANGES.items():
         check_number(name, getattr(cfg, name), low, high, kind)
     if cfg.lr <= 0 or cfg.decay <= 0 or (cfg.decay_every is not None and cfg.decay_every <= 0):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
+    print(
+        f"cigl-serve: {args.model} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr, flush=True
+    )
     uvicorn.run(
         "cigl.serve.http:app_from_env",
         factory=True,
