@@ -83,7 +83,9 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise CheckpointError(f"cannot load {path}: not a torch file (corrupt, truncated or another format)")
+        raise CheckpointError(
+            f"cannot load {path}: not a torch file (the file is corrupt or truncated, or in another format)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

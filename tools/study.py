@@ -89,37 +89,45 @@ def _mean_sd(values: list[float], pct: bool = True) -> str:
     return f"{mean:.2f} ± {sd:.2f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 
+def rows_of(s: dict) -> list[tuple[str, dict]]:
+    """(table label, metrics) of every model a run's summary.json reports: the product, and for
+    CigL its final training weights (= RigL+W-DP: averaging never feeds back into training) and
+    their MC-dropout evaluation (RigL+MC-DP) when the run made one."""
+    density = "" if s["method"] == "dense" else f", density {s['target_density']:g}"
+    common = {"target_density": s["target_density"], "seed": s["seed"], "mask_updates": s.get("mask_updates", 0)}
+    product = "averaged" if s.get("product") == "averaged" else "final_weights"
+    rows = [(NAMES[s["method"]] + density, s[product] | common | {"actual_density": s["actual_density"]})]
+    same_masks = common | {"actual_density": s["target_density"]}
+    if s["method"] == "cigl":
+        rows.append(("RigL+W-DP (CigL's final weights)" + density, s["final_weights"] | same_masks))
+        if "mc_dropout" in s:
+            rows.append(("RigL+MC-DP (CigL's final weights, MC dropout)" + density, s["mc_dropout"] | same_masks))
+    return rows
+
+
 def cmd_report(args) -> int:
     root, out = Path(args.runs), Path(args.out)
     groups: dict[str, list[dict]] = {}
     for summary_path in sorted(root.glob("*/summary.json")):
-        s = json.loads(summary_path.read_text())
-        label = NAMES[s["method"]] + ("" if s["method"] == "dense" else f", density {s['target_density']:g}")
-        groups.setdefault(label, []).append(
-            s["averaged" if "averaged" in s else "final_weights"]
-            | {"actual_density": s["actual_density"], "target_density": s["target_density"], "seed": s["seed"]}
-        )
-        if "averaged" in s:  # what averaging bought: the same run's final training weights
-            groups.setdefault(label + " (final weights, no averaging)", []).append(
-                s["final_weights"]
-                | {"actual_density": s["target_density"], "target_density": s["target_density"], "seed": s["seed"]}
-            )
+        for label, row in rows_of(json.loads(summary_path.read_text())):
+            groups.setdefault(label, []).append(row)
     if not groups:
         print(f"no finished runs under {root}", file=sys.stderr)
         return 2
     header = (
-        "| run | seeds | acc. % | ECE % | ECE after T % | T | NLL | Brier | mean conf. % | density target / actual |"
-        "\n" + "|---" * 10 + "|"
+        "| run | seeds | acc. % | ECE % | ECE after T % | T | NLL | Brier | mean conf. % | density target / actual "
+        "| mask updates |\n" + "|---" * 11 + "|"
     )
     lines = [header]
-    for label, rows in groups.items():
+    for label, rows in sorted(groups.items()):
         t, tc = [r["test"] for r in rows], [r["test_calibrated"] for r in rows]
         lines.append(
             f"| {label} | {len(rows)} | {_mean_sd([m['acc'] for m in t])} | {_mean_sd([m['ece'] for m in t])} | "
             f"{_mean_sd([m['ece'] for m in tc])} | {_mean_sd([r['temperature'] for r in rows], False)} | "
             f"{_mean_sd([m['nll'] for m in t], False)} | {_mean_sd([m['brier'] for m in t], False)} | "
             f"{_mean_sd([m['conf'] for m in t])} | {rows[0]['target_density']:g} / "
-            f"{statistics.mean(r['actual_density'] for r in rows):.4f} |"
+            f"{statistics.mean(r['actual_density'] for r in rows):.4f} | "
+            f"{statistics.mean(r['mask_updates'] for r in rows):.0f} |"
         )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
