@@ -594,3 +594,26 @@ def test_pickles_in_uploads_are_never_executed(client, tmp_path):
 
     r = client.post("/v1/predict", files=[("f", ("x.npy", pickle.dumps(Payload()), "application/octet-stream"))])
     assert r.status_code == 400 and not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- library edges
+
+
+def test_a_temperature_at_its_bound_is_reported():
+    from cigl.calibration import fit_temperature
+
+    logits = np.random.default_rng(0).normal(size=(500, 4))
+    labels = logits.argmin(1)  # confidently wrong: NLL keeps falling as T grows
+    with pytest.warns(RuntimeWarning, match="reached its bound 100"):
+        assert fit_temperature(logits, labels) == pytest.approx(100.0)
+
+
+def test_a_val_folder_is_the_validation_split(cifar_small, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(cifar_small, root)
+    shutil.copytree(cifar_small / "test", root / "val")
+    data = load_dataset("imagefolder", root, val_size=0.5)
+    assert len(data.val) == 100 and len(data.train) == 300  # val/ as given; train/ not split
+    assert np.array_equal(data.val.x, data.test.x)
