@@ -49,8 +49,6 @@ def main() -> int:
             str(args.epochs),
             "--batch-size",
             "64",
-            "--update-every",
-            "20",
             "--out",
             str(run),
             "--quiet",
