@@ -469,9 +469,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
 
     # ---- the products: the final training weights, and the averaged model when averaging is on
     if masking is not None:  # training is over: the parameters become w (they held u = scale * w)
-        with torch.no_grad():
-            for name, w in masking.weights().items():
-                masking.params[name].copy_(w)
+        masking.finalize()
     logits = {"final_weights": last_logits or split_logits(model, eval_x, data, amp)}  # the last epoch's
     products = {"final_weights": (model, {n: m.clone() for n, m in masking.masks.items()} if masking else {})}
     if average is not None:

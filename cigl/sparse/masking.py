@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cigl.errors import InputError
 from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
-from cigl.sparse.schedule import drop_fraction, is_update_step
+from cigl.sparse.schedule import default_update_every, drop_fraction, is_update_step
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -32,22 +33,64 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 
 class Masking:
-    """Masks of every conv/linear weight of `model`, updated by `method` on RigL's schedule."""
+    """Masks of every conv/linear weight of `model`, updated by `method` on RigL's schedule.
+
+    In your own training loop, give `total_steps` and call `step(optimizer)` in place of
+    `optimizer.step()`: the random mask is then drawn at each training forward pass, masks are
+    updated every `update_every` steps (default: 100, fewer on short runs, see
+    cigl.sparse.schedule) until 75% of the steps, and `finalize()` leaves the trained weights.
+
+    Args:
+        model: any torch module with Conv/Linear layers (all their weights are masked).
+        method: "static", "set", "rigl", "cigl" (= rigl with a random mask, dpnum 100) or a Method.
+        density: share of weights kept overall (ERK or uniform per layer, `init`).
+        total_steps: the loop's number of steps; sets the update schedule and turns on the
+            automatic random mask. Without it (cigl's own trainer), `update_until` and
+            `begin_step`/`mask_gradients`/`end_step`/`update` are driven by the caller.
+        dpnum: random mask drop probability 1/dpnum (None: no random mask; "cigl": 100).
+
+    Example:
+        >>> import torch, cigl
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(), torch.nn.Linear(288, 10))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> masking = cigl.Masking(model, "cigl", density=0.2, total_steps=50)
+        >>> for step in range(50):
+        ...     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        ...     optimizer.zero_grad()
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     masking.step(optimizer)
+        >>> masks = masking.finalize()
+        >>> round(masking.density(), 2), masking.updates > 0
+        (0.2, True)
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        method: Method,
+        method: Method | str = "rigl",
         *,
-        density: float,
+        density: float = 0.1,
         init: str = "erk",
         alpha: float = 0.3,
-        update_every: int = 100,
+        update_every: int | None = None,
         update_until: int = 0,
+        total_steps: int | None = None,
         dpnum: int | None = None,
         seed: int = 0,
     ) -> None:
         self.params = masked_parameters(model)
+        if isinstance(method, str):
+            from cigl.sparse import METHODS  # the registry imports this module
+
+            if method not in (*METHODS, "cigl"):
+                raise InputError(f"method must be one of {', '.join((*METHODS, 'cigl'))} or a Method, got {method!r}")
+            dpnum = 100 if method == "cigl" and dpnum is None else dpnum
+            method = METHODS["rigl" if method == "cigl" else method]
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise InputError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+            update_until = update_until or int(0.75 * total_steps)
+        update_every = update_every or (default_update_every(update_until) if total_steps else 100)
         self.method = method
         self.alpha, self.update_every, self.update_until = alpha, update_every, update_until
         self.updates = 0  # mask updates made so far
@@ -71,6 +114,9 @@ class Masking:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.mul_(self.masks[name]).mul_(self.scale)
+        self.steps = 0  # steps taken through step()
+        self._drawn = False  # the random mask of the current step is applied
+        self._hook = model.register_forward_pre_hook(self._draw) if total_steps and self.dpnum else None
 
     # ------------------------------------------------------------------ state
 
@@ -167,6 +213,41 @@ class Masking:
         self._held = []
         if self.dpnum and self._dropped.numel():
             self._grad_scale[self._dropped] = self.scale**2
+
+    # ------------------------------------------------------------------ in a user's own loop
+
+    def _draw(self, module: nn.Module, inputs) -> None:
+        """Forward pre-hook: draw the step's random mask at its first training forward pass."""
+        if module.training and not self._drawn:
+            self.begin_step()
+            self._drawn = True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After loss.backward(), in place of optimizer.step(): mask the gradients and step (or, on
+        a mask-update step, change the masks from the dense gradient and skip the step, as RigL
+        does), then put the dropped weights back."""
+        if self.is_update_step(self.steps):
+            self.update(self.steps, optimizer)
+        else:
+            self.mask_gradients()
+            optimizer.step()
+            self.end_step()
+        self.steps += 1
+        self._drawn = False
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """End training: the parameters become the trained weights w (they held u = scale * w);
+        returns the masks. The model is then an ordinary (sparse) torch model."""
+        self.end_step()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for name, w in self.weights().items():
+            self.params[name].copy_(w)
+        self.scale = 1.0
+        self._refresh()
+        return {n: m.clone() for n, m in self.masks.items()}
 
     @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer) -> None:
