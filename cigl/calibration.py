@@ -46,7 +46,7 @@ def _check_kind(kind: str) -> None:
 
 def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or not 1 <= n_bins <= MAX_BINS:
-        raise InputError(f"n_bins must be an integer in 1..{MAX_BINS}, got {n_bins!r}")
+        raise InputError(f"n_bins must be an integer >= 1 and <= {MAX_BINS}, got {n_bins!r}")
     if scheme not in SCHEMES:
         raise InputError(f"scheme must be 'uniform' or 'adaptive', got {scheme!r}")
 

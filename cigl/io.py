@@ -82,7 +82,9 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+    with open(path, "rb") as f:
+        legacy_pickle = f.read(1) == b"\x80"  # torch's pre-1.6 format: a pickle, checked by weights_only below
+    if not zipfile.is_zipfile(path) and not legacy_pickle:  # torch.save writes a zip archive
         raise CheckpointError(
             f"cannot load {path}: not a torch file (the file is corrupt or truncated, or in another format)"
         )

@@ -474,9 +474,7 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
     products = {"final_weights": (model, {n: m.clone() for n, m in masking.masks.items()} if masking else {})}
     if average is not None:
         averaged = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, p in averaged.named_parameters():
-                p.copy_(average.avg[name])
+        average.apply_to(averaged)
         # batch-norm statistics recomputed from shuffled training batches, as training draws them
         recalibrate_bn(averaged, shuffled_batches(train_x, batch, cfg.seed, data.mean, data.std))
         products["averaged"] = (averaged, {n: average.avg[n] != 0 for n in products["final_weights"][1]})

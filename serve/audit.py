@@ -355,9 +355,9 @@ def build_parser() -> ArgumentParser:
 
 def _check_options(args) -> None:
     if not 1 <= args.bins <= cal.MAX_BINS:
-        raise InputError(f"--bins must lie in 1..{cal.MAX_BINS}, got {args.bins}")
+        raise InputError(f"--bins must be >= 1 and <= {cal.MAX_BINS}, got {args.bins}")
     if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
-        raise InputError(f"--bootstrap must lie in 0..{MAX_BOOTSTRAP}, got {args.bootstrap}")
+        raise InputError(f"--bootstrap must be >= 0 and <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
     check_output_dir(args.out)
     if args.temperature not in ("fit", "none", "model"):
         try:

@@ -27,6 +27,15 @@ class WeightAverage:
                 self.avg[k] += (v.detach() - self.avg[k]) / (self.count + 1)
         self.count += 1
 
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module) -> None:
+        """Copy the running mean into `model`'s parameters (the model the snapshots came from,
+        or a copy of it); its batch-norm statistics still need `recalibrate_bn`."""
+        if not self.count:
+            raise ValueError("no snapshot folded yet: call fold() before apply_to()")
+        for name, p in model.named_parameters():
+            p.copy_(self.avg[name])
+
     def state_dict(self) -> dict:
         return {"avg": self.avg, "count": self.count}
 
