@@ -166,7 +166,9 @@ def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
             f"check images have {split.x.shape[3]} channels, the model expects {ckpt['model_kwargs']['in_chans']}"
         )
     x, _ = to_device(split, torch.device("cpu"))
-    return normalize(x[:CHECK_IMAGES], ckpt["mean"], ckpt["std"])
+    # spread over the split: a test split stored class by class would otherwise check few classes
+    pick = torch.from_numpy(np.unique(np.linspace(0, len(x) - 1, min(CHECK_IMAGES, len(x))).round().astype(np.int64)))
+    return normalize(x[pick], ckpt["mean"], ckpt["std"])
 
 
 def onnx_bytes(model, ckpt: dict, card: dict[str, str], opset: int, images: torch.Tensor) -> tuple[bytes, list[dict]]:
