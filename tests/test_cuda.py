@@ -15,7 +15,8 @@ def test_cigl_trains_on_cuda_with_bf16_and_channels_last(tmp_path):
         quiet=True,
     )
     assert summary["final_weights"]["test"]["acc"] > 0.6
-    assert summary["actual_density"] >= 0.099
+    # one averaging fold: its random mask zeroes ~1/DPNUM of the weights (METHOD.md 3), as on CPU
+    assert 0.1 * (1 - 1 / 100) - 0.001 <= summary["actual_density"] < 0.1
 
 
 @cuda

@@ -15,6 +15,8 @@ from cigl.sparse import recalibrate_bn
 from cigl.sparse.schedule import default_update_every, update_count
 from cigl.train import TrainConfig, train
 
+NOISE = 0.0  # set from benchmarks/bn_recalibration.json below
+
 
 def _bn_stats(images: torch.Tensor, batches) -> list[torch.Tensor]:
     torch.manual_seed(0)
@@ -147,3 +149,16 @@ def test_averaged_cigl_is_not_worse_than_its_final_weights_on_cifar(tmp_path_fac
     )
     assert summary["product"] == "averaged" and summary["mask_updates"] >= 10
     assert summary["averaged"]["test"]["acc"] >= summary["final_weights"]["test"]["acc"] - NOISE
+
+
+@pytest.mark.parametrize("folds", [1, 3])
+def test_averaged_support_is_the_union_of_the_folded_effective_masks(tmp_path, folds):
+    """Each fold is w * M * R: one fold's support is M less its ~1/DPNUM randomly dropped
+    weights (just under the target density), several folds' is their union (above it). The
+    same on CPU and CUDA (tests/test_cuda.py)."""
+    cfg = TrainConfig(method="cigl", density=0.1, epochs=4, avg_start=5 - folds, batch_size=64, out=str(tmp_path))
+    density = train(cfg, quiet=True)["actual_density"]
+    if folds == 1:
+        assert 0.1 * (1 - 1 / 100) - 0.001 <= density < 0.1
+    else:
+        assert 0.1 < density < 0.2
