@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         raise InputError("give RUN/model.pt to export, or --inspect FILE")
     if not 17 <= args.opset <= MAX_OPSET:
-        raise InputError(f"--opset must lie in 17..{MAX_OPSET}, got {args.opset}")
+        raise InputError(f"--opset must be >= 17 and <= {MAX_OPSET}, got {args.opset}")
     src = Path(args.model)
     out = check_output_dir(Path(args.out) if args.out else src.parent)
     ckpt, model = load_run_model(src)
