@@ -163,7 +163,7 @@ def main() -> int:
     r.add_argument("--per-class", type=int, default=400)
     r.add_argument("--epochs", type=int, default=30)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    r.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    r.add_argument("--densities", type=float, nargs="+", default=[0.1])
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
