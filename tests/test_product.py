@@ -15,7 +15,10 @@ from cigl.sparse import recalibrate_bn
 from cigl.sparse.schedule import default_update_every, update_count
 from cigl.train import TrainConfig, train
 
-NOISE = 0.0  # set from benchmarks/bn_recalibration.json below
+# Seed-to-seed spread of (averaged - final) test accuracy of CigL on the CIFAR-10 subset of the last
+# test (benchmarks/bn_recalibration.py --seeds 0 1 2 3 --epochs 10 --per-class 100 --test-per-class 50):
+# +2.2, -0.6, -1.8 points for seeds 0-2, sd 2.0 points; "worse by more than noise" = beyond 2 sd.
+NOISE = 0.04
 
 
 def _bn_stats(images: torch.Tensor, batches) -> list[torch.Tensor]:
