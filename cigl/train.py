@@ -475,8 +475,9 @@ def _train(cfg: TrainConfig, launch: distributed.Launch, device: torch.device, r
     if average is not None:
         averaged = copy.deepcopy(model)
         average.apply_to(averaged)
-        # batch-norm statistics recomputed from shuffled training batches, as training draws them
-        recalibrate_bn(averaged, shuffled_batches(train_x, batch, cfg.seed, data.mean, data.std))
+        # batch-norm statistics recomputed from training batches drawn as training draws them:
+        # shuffled and augmented (benchmarks/bn_recalibration.py and docs/results compare the choices)
+        recalibrate_bn(averaged, shuffled_batches(train_x, batch, cfg.seed, data.mean, data.std, data.pad, data.flip))
         products["averaged"] = (averaged, {n: average.avg[n] != 0 for n in products["final_weights"][1]})
         logits["averaged"] = split_logits(averaged, eval_x, data, amp)
     if cfg.mc_samples:  # RigL+MC-DP: the final weights with K random masks, softmax averaged
