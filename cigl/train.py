@@ -145,7 +145,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-# name -> (lowest, highest, "int" | "float") of every numeric setting; None values mean "default"
+# name -> (lowest, highest, "int" | "float") of the numeric settings; None values mean "default".
+# --density and --dpnum have their own checks below (an open interval; an integer > 1).
 NUMBER_RANGES = {
     "epochs": (1, 100_000, "int"),
     "batch_size": (1, 65_536, "int"),
@@ -157,10 +158,8 @@ NUMBER_RANGES = {
     "threads": (0, 4096, "int"),
     "seed": (0, 2**31 - 1, "int"),
     "mc_samples": (0, 1000, "int"),
-    "dpnum": (2, 10**9, "int"),
     "avg_start": (1, 100_000, "int"),
     "val_size": (0.0, 0.99, "float"),
-    "density": (0.0, 1.0, "float"),
     "drop_fraction": (0.0, 0.99, "float"),
     "update_end": (0.0, 1.0, "float"),
     "lr": (0.0, 100.0, "float"),
