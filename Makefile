@@ -73,8 +73,9 @@ cifar100.ERK.RigL: install
 	  --decay-every $(DECAY_EVERY) --warmup-epochs 5 --epochs $(EPOCHS) --batch-size 128 --wd 1e-4 \
 	  --val-size 0 --seed $(SEED) --out runs/$@.d$(DENSITY).dp$(DPNUM).bs$(BS).s$(SEED) $(EXTRA)
 
-# the CPU study (docs/results/): Dense vs RigL vs CigL at density 0.1 and 0.05, 2 seeds, ResNet-20 on a
-# 4,000-image CIFAR-10 subset, 30 epochs; two runs at a time, one thread each (about 75 minutes)
+# the CPU study (docs/results/): Dense vs RigL vs CigL (+ RigL+W-DP and RigL+MC-DP from the CigL runs) at
+# density 0.1, 2 seeds, ResNet-20 on a 4,000-image CIFAR-10 subset, 30 epochs; two runs at a time, one
+# thread each (about 45 minutes; `python tools/study.py run --densities 0.1 0.05` adds density 0.05)
 repro-cpu: install data
 	$(BIN)/python tools/study.py run --data-dir $(DATA) --runs runs/study
 	$(BIN)/python tools/study.py report --runs runs/study --out docs/results
