@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, median_time, sparse_model_file, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, median_time, sparse_model_file, start_server, write_results  # noqa: E402
 
 import cigl.export as cx  # noqa: E402
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
@@ -64,21 +62,8 @@ def engines(root: Path, check: Path) -> dict:
 
 
 def http(model: Path, image: bytes) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cigl.serve.http", str(model), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(model)
     try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
         client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=CLIENTS))
 
         def one(_):

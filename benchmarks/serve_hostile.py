@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, sparse_model_file, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, sparse_model_file, start_server, write_results  # noqa: E402
 
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
 from cigl.export import cli  # noqa: E402
@@ -81,26 +79,13 @@ def rss_mb(pid: int) -> float:
 
 
 def hammer(model: Path, jpeg: bytes) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cigl.serve.http", str(model), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(model)
     kinds = request_kinds(jpeg)
     order = list(itertools.islice(itertools.cycle(sorted(kinds)), REQUESTS))
     statuses: dict[str, Counter] = {k: Counter() for k in kinds}
     memory: list[float] = []
     done = threading.Event()
     try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
 
         def sample_memory() -> None:
             while not done.is_set():
