@@ -38,8 +38,12 @@ class PredictRequest(BaseModel):
     abstain_below: float = Field(0.0, ge=0.0, le=1.0)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """A 4xx answer; `close` when the request body was left unread, so the client does not send
+    its next request on a connection the server is about to drop."""
+    return JSONResponse(
+        status_code=status, content={"error": message}, headers={"connection": "close"} if close else None
+    )
 
 
 def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 10.0) -> FastAPI:
@@ -52,9 +56,9 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None:
-                return _error(411, "send a Content-Length header (chunked uploads are not accepted)")
+                return _error(411, "send a Content-Length header (chunked uploads are not accepted)", close=True)
             if not length.isdigit() or int(length) > max_body:
-                return _error(413, f"request body larger than {max_body_mb:g} MB (--max-body-mb)")
+                return _error(413, f"request body larger than {max_body_mb:g} MB (--max-body-mb)", close=True)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
