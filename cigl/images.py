@@ -25,6 +25,7 @@ import numpy as np
 
 from cigl.errors import InputError
 
+MAX_SIDE = 4096  # largest model input height/width (training, export and model cards alike)
 MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 8000 x 5000); a decoded RGB image is then <= 120 MB
 RESIZE = "cover-resize-center-crop"  # the policy of step 4, recorded in the model card
 PREPROCESS = f"cigl-images-v1:{RESIZE}"  # what the model card's `preprocess` entry names

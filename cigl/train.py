@@ -34,6 +34,7 @@ from torch import nn
 from cigl import calibration, distributed
 from cigl.data import DATASETS, atomic_save_npz, load_dataset
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
+from cigl.images import MAX_SIDE
 from cigl.io import atomic_open, atomic_torch_save, load_torch_file
 from cigl.models import create_model
 from cigl.pipeline import augment, epoch_order, normalize, shuffled_batches, to_device
@@ -150,7 +151,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 NUMBER_RANGES = {
     "epochs": (1, 100_000, "int"),
     "batch_size": (1, 65_536, "int"),
-    "image_size": (1, 4096, "int"),
+    "image_size": (1, MAX_SIDE, "int"),
     "train_per_class": (1, 10**9, "int"),
     "update_every": (1, 10**9, "int"),
     "eval_every": (1, 100_000, "int"),

@@ -14,7 +14,7 @@ import torch
 
 from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
 from cigl.export import onnx_export, packed, save
-from cigl.images import PREPROCESS
+from cigl.images import MAX_SIDE, PREPROCESS
 from cigl.io import atomic_open, check_output_dir, load_torch_file, make_output_dir
 from cigl.train import MODEL_FORMAT
 
@@ -23,7 +23,6 @@ CHECK_IMAGES = 256
 # float32 kernels differ in summation order, so the absolute error grows with the logits' size.
 LOGIT_RTOL = 1e-4
 MAX_CLASSES = 100_000
-MAX_IMAGE_SIDE = 4096
 MAX_OPSET = 23  # the newest opset torch.onnx exports and onnxruntime runs
 
 
@@ -109,8 +108,8 @@ def model_file_problem(ckpt: dict) -> str | None:
         return f"model_kwargs needs integer num_classes, in_chans and image_size, got {ints}"
     if not (1 <= ints["num_classes"] <= MAX_CLASSES and ints["in_chans"] in (1, 3)):
         return f"model_kwargs out of range: {ints} (1..{MAX_CLASSES} classes, 1 or 3 channels)"
-    if not 1 <= ints["image_size"] <= MAX_IMAGE_SIDE:
-        return f"image_size {ints['image_size']} is outside 1..{MAX_IMAGE_SIDE}"
+    if not 1 <= ints["image_size"] <= MAX_SIDE:
+        return f"image_size {ints['image_size']} is outside 1..{MAX_SIDE}"
     classes = ckpt["classes"]
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         return "classes must be a list of class names"

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cigl.errors import FormatError, InputError
-from cigl.images import check_preprocess, load_image
+from cigl.images import MAX_SIDE, check_preprocess, load_image
 
 MAX_BATCH = 1024
-MAX_SIDE = 4096  # largest input height/width a model card may declare
 
 
 @dataclass(frozen=True)
