@@ -29,7 +29,8 @@ from cigl.data import extract_archive_subset, load_dataset
 from cigl.models import create_model
 from cigl.pipeline import normalize, shuffled_batches, to_device
 from cigl.sparse import recalibrate_bn
-from cigl.train import TrainConfig, predict_logits, train
+from cigl.train import TrainConfig, train
+from cigl.train.evaluate import predict_logits
 
 VARIANTS = ("dataset_order", "shuffled", "shuffled_augmented")
 
@@ -83,7 +84,7 @@ def study_runs(run_dirs: list[str]) -> int:
             cfg["dataset"], cfg["data_dir"], val_size=cfg["val_size"], train_per_class=cfg["train_per_class"]
         )
         summary = json.loads((run / "summary.json").read_text())
-        row = {"run": run.name, "final_weights": summary["final_weights"]["test"]["acc"]}
+        row = {"run": run.name, "final_weights": summary["final_weights"]["test"]["accuracy"]}
         rows.append(row | variant_accuracies(run / "model.pt", data, cfg["seed"]))
         print(rows[-1], flush=True)
     print(write_results("bn_recalibration_study", {"runs": rows, **summarize(rows)}))
@@ -113,7 +114,7 @@ def main() -> int:
                 dataset="cifar10", data_dir=str(root), method="cigl", epochs=args.epochs, seed=seed, out=str(out)
             )
             summary = train(cfg, quiet=True)
-            row = {"seed": seed, "final_weights": summary["final_weights"]["test"]["acc"]}
+            row = {"seed": seed, "final_weights": summary["final_weights"]["test"]["accuracy"]}
             row |= variant_accuracies(out / "model.pt", data, seed)
             rows.append(row)
             print(row, flush=True)

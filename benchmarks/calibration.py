@@ -15,9 +15,9 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, write_results  # noqa: E402
+from common import median_time, write_results
 
-from cigl import calibration as cal  # noqa: E402
+from cigl import calibration as cal
 
 
 def main() -> None:

@@ -30,38 +30,6 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def sparse_model_file(path: Path, arch: str, density: float, classes: list[str]):
-    """A model.pt (as cigl-train writes it) of `arch` for 32x32 RGB inputs with ERK masks at
-    `density` and trained-like batch norms (timm zero-initialises some BN weights, which would
-    fold into all-zero, deduplicated ONNX convolutions). Returns the model and its masks."""
-    import torch
-
-    from cigl.models import create_model
-    from cigl.sparse import METHODS, Masking
-    from cigl.train import save_model_file
-
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=len(classes), image_size=32)
-    masks = Masking(model, METHODS["static"], density=density).masks
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_var.uniform_(0.5, 1.5)
-    path.parent.mkdir(parents=True)
-    save_model_file(
-        path,
-        arch=arch,
-        model=model,
-        masks=masks,
-        classes=classes,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        in_chans=3,
-        image_size=32,
-    )
-    return model, masks
-
-
 def machine() -> dict:
     """CPU model, core count and library versions, so a result file says where it came from."""
     cpu = platform.processor() or ""

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, write_results
 
-from cigl.data import extract_archive_subset  # noqa: E402
+from cigl.data import extract_archive_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, EPOCHS, PER_CLASS = 128, 4, 300

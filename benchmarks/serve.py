@@ -24,19 +24,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, median_time, sparse_model_file, start_server, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, median_time, start_server, write_results
 
-import cigl.export as cx  # noqa: E402
-from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
-from cigl.export import cli  # noqa: E402
-from cigl.serve.predictor import Predictor  # noqa: E402
+import cigl.export as cx
+from cigl.data import CIFAR10_CLASSES, extract_archive_subset
+from cigl.export import cli
+from cigl.serve.predictor import Predictor
+from cigl.testing import fake_model_file
 
 CLIENTS, REQUESTS = 32, 640
 
 
 def engines(root: Path, check: Path) -> dict:
     src = root / "run" / "model.pt"
-    sparse_model_file(src, "resnet20", 0.1, CIFAR10_CLASSES)
+    fake_model_file(src, "resnet20", density=0.1, classes=CIFAR10_CLASSES)
     with contextlib.redirect_stdout(io.StringIO()):
         cli.main([str(src), "--check-data", str(check)])
     predictor = Predictor(src.parent / "model.onnx", device="cpu")

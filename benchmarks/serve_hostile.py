@@ -31,10 +31,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, sparse_model_file, start_server, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, start_server, write_results
 
-from cigl.data import CIFAR10_CLASSES, extract_archive_subset  # noqa: E402
-from cigl.export import cli  # noqa: E402
+from cigl.data import CIFAR10_CLASSES, extract_archive_subset
+from cigl.export import cli
+from cigl.testing import fake_model_file
 
 CLIENTS, REQUESTS = 64, int(sys.argv[1]) if len(sys.argv) > 1 else 6400
 
@@ -139,7 +140,7 @@ def main() -> None:
         root = Path(tmp)
         check = extract_archive_subset(CIFAR_ARCHIVE, root / "check", {"test": 10}) / "test"
         src = root / "run" / "model.pt"
-        sparse_model_file(src, "resnet20", 0.1, CIFAR10_CLASSES)
+        fake_model_file(src, "resnet20", density=0.1, classes=CIFAR10_CLASSES)
         with contextlib.redirect_stdout(io.StringIO()):
             cli.main([str(src), "--check-data", str(check)])
         jpeg = sorted((check / "cat").iterdir())[0].read_bytes()

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, write_results  # noqa: E402
+from common import median_time, write_results
 
-from cigl.models import create_model  # noqa: E402
-from cigl.sparse import METHODS, Masking  # noqa: E402
-from cigl.train import train_step  # noqa: E402
+from cigl.models import create_model
+from cigl.sparse import METHODS, Masking
+from cigl.train import train_step
 
 DPNUM = 100
 

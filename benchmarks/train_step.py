@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, write_results  # noqa: E402
+from common import CIFAR_ARCHIVE, write_results
 
-from cigl.data import extract_archive_subset, load_image_folder  # noqa: E402
-from cigl.models import create_model  # noqa: E402
-from cigl.pipeline import augment, epoch_order, normalize, to_device  # noqa: E402
-from cigl.train import train_step  # noqa: E402
+from cigl.data import extract_archive_subset, load_image_folder
+from cigl.models import create_model
+from cigl.pipeline import augment, epoch_order, normalize, to_device
+from cigl.train import train_step
 
 BATCH, WARMUP, STEPS = 128, 3, 20
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -4,8 +4,8 @@ Importing this package never imports torch: the calibration metrics and the serv
 (`cigl.serve`) run with numpy and onnxruntime alone. The entry points below are imported on
 first use:
 
-    cigl.TrainConfig(...)                  # settings of the trainer (torch); run it with
-                                           # cigl.train.train(config), or the cigl-train CLI
+    cigl.TrainConfig(...)                  # settings of the trainer (torch)
+    cigl.train(config)                     # run it (the cigl.train module is callable)
     cigl.Masking(model, "cigl", ...)       # sparse training in your own loop (torch)
     cigl.WeightAverage()                   # weight-and-mask averaging (torch)
     cigl.Predictor("model.onnx")           # calibrated inference (onnxruntime, no torch)
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TrainConfig": ("cigl.train", "TrainConfig"),
+    "train": ("cigl.train", None),
     "Masking": ("cigl.sparse", "Masking"),
     "WeightAverage": ("cigl.sparse", "WeightAverage"),
     "Predictor": ("cigl.serve.predictor", "Predictor"),

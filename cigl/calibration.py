@@ -54,23 +54,11 @@ def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
 def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores as float32/float64 (N, K), labels as int64 (N,)) or raise InputError."""
     _check_kind(kind)
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
-    if scores.ndim != 2:
-        raise InputError(f"{kind} must be a 2-D array (samples, classes), got shape {scores.shape}")
+    scores = _validate_scores(np.asarray(scores), kind)
     n, k = scores.shape
-    if n == 0:
-        raise InputError("empty input: no samples to evaluate")
-    if k < 2:
-        raise InputError(f"{kind} need at least 2 classes, got {k}")
+    labels = np.asarray(labels)
     if labels.shape != (n,):
         raise InputError(f"shape mismatch: {n} rows of {kind} but labels have shape {labels.shape}")
-    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
-        raise InputError(f"{kind} must be real numbers, got dtype {scores.dtype}")
-    if scores.dtype not in (np.float32, np.float64):
-        scores = scores.astype(np.float64)
-    if not np.isfinite(scores).all():
-        raise InputError(f"{kind} contain NaN or Inf values")
     if labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu":
@@ -78,6 +66,24 @@ def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
     labels = labels.astype(np.int64, copy=False)
     if labels.min() < 0 or labels.max() >= k:
         raise InputError(f"labels out of range: expected 0..{k - 1}, got {labels.min()}..{labels.max()}")
+    return scores, labels
+
+
+def _validate_scores(scores: np.ndarray, kind: str) -> np.ndarray:
+    """A finite real (N, K) array with N >= 1 and K >= 2; probabilities in [0, 1] summing to 1."""
+    if scores.ndim != 2:
+        raise InputError(f"{kind} must be a 2-D array (samples, classes), got shape {scores.shape}")
+    n, k = scores.shape
+    if n == 0:
+        raise InputError("empty input: no samples to evaluate")
+    if k < 2:
+        raise InputError(f"{kind} need at least 2 classes, got {k}")
+    if not np.issubdtype(scores.dtype, np.number) or np.issubdtype(scores.dtype, np.complexfloating):
+        raise InputError(f"{kind} must be real numbers, got dtype {scores.dtype}")
+    if scores.dtype not in (np.float32, np.float64):
+        scores = scores.astype(np.float64)
+    if not np.isfinite(scores).all():
+        raise InputError(f"{kind} contain NaN or Inf values")
     if kind == "probs":
         if scores.min() < 0 or scores.max() > 1:
             raise InputError("probs must lie in [0, 1]; pass kind='logits' for raw model outputs")
@@ -87,7 +93,7 @@ def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
                 f"probs do not sum to 1 (largest deviation {worst:.3g}); "
                 "pass kind='logits' for raw model outputs or normalise the rows"
             )
-    return scores, labels
+    return scores
 
 
 # --------------------------------------------------------------------------- transforms

@@ -15,12 +15,13 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from cigl.errors import FormatError, InputError
 from cigl.images import load_image
-from cigl.io import atomic_open
+from cigl.io import atomic_save_npz
 
 DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -87,7 +88,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        held.append(idx[: int(round(fraction * idx.size))])
+        held.append(idx[: round(fraction * idx.size)])
     held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
     keep = np.setdiff1d(np.arange(y.size), held_out)
     return keep, held_out
@@ -164,12 +165,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIGL_CACHE", Path.home() / ".cache" / "cigl"))
 
 
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as f:
-        np.savez(f, **arrays)
-
-
 def load_image_folder(
     root: Path, image_size: int | None = None, classes: list[str] | None = None
 ) -> tuple[Split, list[str]]:
@@ -195,7 +190,7 @@ def load_image_folder(
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: no code from the file runs."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

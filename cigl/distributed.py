@@ -75,7 +75,7 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[None]:
     # torch.distributed.nn (imported by timm) binds the default group as a default argument at
     # import: imported after init_process_group it would keep the group, and gloo's threads,
     # alive until interpreter shutdown, where they can abort the exiting process (SIGABRT)
-    import torch.distributed.nn  # noqa: F401
+    import torch.distributed.nn
 
     if device.type == "cuda":
         torch.cuda.set_device(device)

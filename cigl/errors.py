@@ -33,7 +33,8 @@ class CheckpointError(CiglError):
     """A checkpoint that cannot be loaded or resumed from."""
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+def _one_line_warning(message, *_details) -> str:
+    """warnings.formatwarning without the file and line: one `warning: ...` line."""
     return f"warning: {message}\n"
 
 
@@ -60,9 +61,14 @@ def cli_entry(func: F) -> F:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2) and `--version`."""
+    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2), `--version`
+    and `examples` (command lines shown at the end of --help)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, examples: list[str] | None = None, **kwargs) -> None:
+        if examples:
+            shown = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+            kwargs["epilog"] = shown + (f"\n\n{kwargs['epilog']}" if kwargs.get("epilog") else "")
+            kwargs["formatter_class"] = argparse.RawDescriptionHelpFormatter
         super().__init__(*args, **kwargs)
         from cigl import __version__
 

@@ -67,6 +67,15 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
         raise
 
 
+def atomic_save_npz(path: str | Path, **arrays) -> None:
+    """np.savez of `arrays` to `path` (its folder created), atomically."""
+    import numpy as np
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
+
+
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     import torch
 

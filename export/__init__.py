@@ -18,7 +18,7 @@ from torch import nn
 from cigl.errors import FormatError
 from cigl.export import packed
 
-__all__ = ["save", "load_state_dict", "load_model", "read_metadata"]
+__all__ = ["load_model", "load_state_dict", "read_metadata", "save"]
 
 
 def save(

@@ -21,6 +21,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from cigl.export.packed import MASK, VALUES
+from cigl.tables import tensor_row
+
 SHARED = "cigl::"
 
 
@@ -75,22 +78,21 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
         mask = w.reshape(-1) != 0
         nnz, numel = int(mask.sum()), w.size
         packed_bytes = 4 * nnz + (numel + 7) // 8
-        row = {"name": init.name, "shape": list(w.shape), "numel": numel, "nnz": nnz}
         if packed_bytes > (1 - min_saving) * 4 * numel:
             keep.append(init)
-            rows.append(row | {"stored": "dense", "bytes": 4 * numel})
+            rows.append(tensor_row(init.name, w.shape, nnz, "dense", 4 * numel))
             continue
         n = init.name
         added += [
             # an all-zero tensor keeps one padding value so that Gather has something to index
-            _const(n + "::values", w.reshape(-1)[mask] if nnz else np.zeros(1, np.float32)),
-            _const(n + "::mask", np.packbits(mask, bitorder="little")),
+            _const(n + VALUES, w.reshape(-1)[mask] if nnz else np.zeros(1, np.float32)),
+            _const(n + MASK, np.packbits(mask, bitorder="little")),
             _const(n + "::numel", np.array([numel], np.int64)),
             _const(n + "::shape", np.array(w.shape, np.int64)),
         ]
         p = n + "::"
         nodes += [
-            helper.make_node("Unsqueeze", [n + "::mask", SHARED + "axis1"], [p + "u"]),
+            helper.make_node("Unsqueeze", [n + MASK, SHARED + "axis1"], [p + "u"]),
             helper.make_node("BitShift", [p + "u", SHARED + "shifts"], [p + "s"], direction="RIGHT"),
             helper.make_node("Mod", [p + "s", SHARED + "two"], [p + "b"]),
             helper.make_node("Reshape", [p + "b", SHARED + "minus1"], [p + "f"]),
@@ -99,11 +101,11 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
             helper.make_node("Cast", [p + "t"], [p + "i"], to=TensorProto.INT64),
             helper.make_node("CumSum", [p + "i", SHARED + "axis0"], [p + "c"]),  # k-th set bit -> k
             helper.make_node("Sub", [p + "c", SHARED + "one"], [p + "k"]),
-            helper.make_node("Gather", [n + "::values", p + "k"], [p + "g"], axis=0),
+            helper.make_node("Gather", [n + VALUES, p + "k"], [p + "g"], axis=0),
             helper.make_node("Where", [p + "m", p + "g", SHARED + "fzero"], [p + "d"]),
             helper.make_node("Reshape", [p + "d", n + "::shape"], [n]),
         ]
-        rows.append(row | {"stored": "packed", "bytes": packed_bytes})
+        rows.append(tensor_row(init.name, w.shape, nnz, "packed", packed_bytes))
     if nodes:
         added += [
             _const(SHARED + "axis1", np.array([1], np.int64)),
@@ -121,15 +123,3 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
         graph.ClearField("node")
         graph.node.extend(nodes + old)
     return rows
-
-
-def ort_session(data: bytes, threads: int = 1):
-    """A CPU onnxruntime session that does not spin idle threads (fair to whatever runs next)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

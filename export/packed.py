@@ -18,6 +18,7 @@ import torch
 
 from cigl.errors import FormatError, InputError
 from cigl.io import atomic_open
+from cigl.runfiles import mask_problem
 
 FORMAT = "cigl-sparse"
 VERSION = "1"
@@ -57,10 +58,9 @@ def pack_state_dict(
             tensors[name] = t
             continue
         mask = masks[name].cpu().bool()
-        if mask.shape != t.shape:
-            raise FormatError(f"mask of {name} has shape {tuple(mask.shape)}, the tensor {tuple(t.shape)}")
-        if t[~mask].any():
-            raise FormatError(f"{name} has nonzero weights outside its mask; the checkpoint is inconsistent")
+        problem = mask_problem(name, t, mask)
+        if problem:
+            raise FormatError(problem)
         if bool(mask.all()):  # a fully dense layer: the mask would only add numel / 8 bytes
             tensors[name] = t
             continue

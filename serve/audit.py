@@ -144,11 +144,7 @@ def onnx_predictions(spec: str, args) -> Predictions:
         "target_density": card.number("target_density"),
         "actual_density": card.number("actual_density"),
         "temperature_in_model": card.temperature,
-        "recorded": {
-            "accuracy": card.number("test_accuracy"),
-            "ece": card.number("test_ece"),
-            "nll": card.number("test_nll"),
-        },
+        "recorded": card.recorded(),
     }
     return Predictions(name or Path(path).stem, logits, labels, "logits", card.classes, model)
 
@@ -166,7 +162,7 @@ def audit_one(
     """Metrics of one model on its report split (all samples, or those not used to fit T)."""
     idx = np.random.default_rng(seed).permutation(p.labels.shape[0])
     if temperature == "fit":
-        n_fit = int(round(fit_split * idx.size))
+        n_fit = round(fit_split * idx.size)
         if n_fit < 1 or n_fit >= idx.size:
             raise InputError(f"--fit-split {fit_split} leaves no samples to fit or to report on for {p.name}")
         fit, report = np.sort(idx[:n_fit]), np.sort(idx[n_fit:])
@@ -315,6 +311,11 @@ def build_parser() -> ArgumentParser:
         prog="confidence-audit",
         description="Audit the calibration of one or more models from prediction files and gate on ECE.",
         epilog="exit codes: 0 pass, 1 an ECE above --max-ece, 2 bad input",
+        examples=[
+            "confidence-audit runs/demo-cigl/predictions.npz --max-ece 0.05",
+            "confidence-audit cigl=runs/a/predictions.npz rigl=runs/b/predictions.npz --out audit/",
+            "confidence-audit model.onnx --dataset digits                # run an exported model, then audit",
+        ],
     )
     p.add_argument(
         "predictions",
@@ -336,8 +337,10 @@ def build_parser() -> ArgumentParser:
         "each .onnx: what its probs output serves), or a value T > 0",
     )
     p.add_argument("--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (default 1000; 0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap (default 0)")
     p.add_argument("--max-ece", type=float, help="gate: exit 1 when any model's ECE exceeds this (e.g. 0.05)")
     p.add_argument("--out", default="audit", help="report folder (default ./audit)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
@@ -349,7 +352,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--data-dir", help="folder of --dataset cifar10 / imagefolder")
     p.add_argument("--label-column", default="label", help="CSV label column (default label)")
-    p.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold")
+    p.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold (default probs)")
     return p
 
 

@@ -46,10 +46,97 @@ def _error(status: int, message: str, close: bool = False) -> JSONResponse:
     )
 
 
+class BadRequest(Exception):
+    """A request refused with `status` before it reaches the model."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal answers {"error": "..."} with a 4xx status."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(CiglError)
+    async def user_error(_request: Request, exc: CiglError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_request: Request, exc: BadRequest):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Starlette's own refusals (multipart framing, too many files or fields, 404, 405) keep
+        # their status and get the documented {"error": ...} body instead of {"detail": ...}
+        return _error(exc.status_code, str(exc.detail))
+
+
+async def json_inputs(request: Request) -> tuple[list[str], np.ndarray, int, float]:
+    """(names, float batch, top_k, abstain_below) of a JSON body; BadRequest or InputError otherwise."""
+    try:
+        body = PredictRequest.model_validate(json.loads(await request.body()))
+    except json.JSONDecodeError as exc:
+        raise BadRequest(400, f"body is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise BadRequest(400, "body nests JSON arrays or objects too deeply; send C x H x W arrays") from None
+    except UnicodeDecodeError:
+        raise BadRequest(400, "body is not UTF-8 JSON") from None
+    except ValueError as exc:  # pydantic's ValidationError
+        first = exc.errors()[0] if hasattr(exc, "errors") else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise BadRequest(422, f"{where or 'body'}: {first.get('msg', str(exc))}") from None
+    if not body.inputs:
+        raise InputError("no inputs")
+    try:
+        x = np.asarray(body.inputs, dtype=np.float32)
+    except (ValueError, TypeError, RecursionError):
+        raise InputError("inputs must be equally shaped numeric arrays (C x H x W each)") from None
+    return [f"inputs[{i}]" for i in range(len(x))], x, body.top_k, body.abstain_below
+
+
+async def multipart_inputs(request: Request, predictor: Predictor, max_batch: int) -> tuple[list[str], np.ndarray]:
+    """(names, normalised batch) of the image files in a multipart body."""
+    form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)
+    uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+    if not uploads:
+        raise InputError("no files in the multipart body; upload images as file fields")
+    if len(uploads) > max_batch:
+        raise InputError(f"{len(uploads)} inputs in one request; at most {max_batch} (--max-batch)")
+    images = [predictor.load_image(io.BytesIO(await u.read()), name=u.filename or "upload") for u in uploads]
+    names = [u.filename or f"file[{i}]" for i, u in enumerate(uploads)]
+    return names, predictor.normalize(np.stack(images))
+
+
+def metadata_of(predictor: Predictor, max_batch: int) -> dict:
+    """GET /v1/metadata: the model card's entries a client needs."""
+    card = predictor.card
+    return {
+        "classes": card.classes,
+        "input_size": list(card.input_size),
+        "mean": card.mean.tolist(),
+        "std": card.std.tolist(),
+        "temperature": card.temperature,
+        "method": card.raw.get("method"),
+        "arch": card.raw.get("arch"),
+        "target_density": card.number("target_density"),
+        "actual_density": card.number("actual_density"),
+        "recorded": card.recorded(),
+        "max_batch": max_batch,
+    }
+
+
 def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 10.0) -> FastAPI:
+    """The FastAPI app serving `predictor`; requests over `max_batch` inputs or `max_body_mb` are refused."""
     app = FastAPI(title="cigl-serve", description="Calibrated predictions of a sparse model exported by cigl.")
     max_body = int(max_body_mb * 1024 * 1024)
-    card = predictor.card
+    _add_error_handlers(app)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -61,92 +148,29 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
                 return _error(413, f"request body larger than {max_body_mb:g} MB (--max-body-mb)", close=True)
         return await call_next(request)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
-
-    @app.exception_handler(CiglError)
-    async def user_error(request: Request, exc: CiglError):
-        return _error(400, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        # Starlette's own refusals (multipart framing, too many files or fields, 404, 405) keep
-        # their status and get the documented {"error": ...} body instead of {"detail": ...}
-        return _error(exc.status_code, str(exc.detail))
-
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok", "provider": predictor.provider}
 
     @app.get("/v1/metadata")
     def metadata() -> dict:
-        raw = card.raw
-        return {
-            "classes": card.classes,
-            "input_size": list(card.input_size),
-            "mean": card.mean.tolist(),
-            "std": card.std.tolist(),
-            "temperature": card.temperature,
-            "method": raw.get("method"),
-            "arch": raw.get("arch"),
-            "target_density": card.number("target_density"),
-            "actual_density": card.number("actual_density"),
-            "recorded": {
-                "accuracy": card.number("test_accuracy"),
-                "ece": card.number("test_ece"),
-                "nll": card.number("test_nll"),
-            },
-            "max_batch": max_batch,
-        }
-
-    def respond(sources: list[str], x: np.ndarray, top_k: int, abstain_below: float) -> dict:
-        if len(sources) > max_batch:
-            raise InputError(f"{len(sources)} inputs in one request; at most {max_batch} (--max-batch)")
-        _, probs = predictor.predict(x)
-        return {"predictions": predictor.records(sources, probs, top_k, abstain_below)}
+        return metadata_of(predictor, max_batch)
 
     @app.post("/v1/predict", responses={400: {"description": "bad input"}, 413: {"description": "too large"}})
     async def predict(request: Request, top_k: int = 1, abstain_below: float = 0.0):
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
-            try:
-                body = PredictRequest.model_validate(json.loads(await request.body()))
-            except json.JSONDecodeError as exc:
-                return _error(400, f"body is not valid JSON ({exc.msg})")
-            except RecursionError:
-                return _error(400, "body nests JSON arrays or objects too deeply; send C x H x W arrays")
-            except UnicodeDecodeError:
-                return _error(400, "body is not UTF-8 JSON")
-            except ValueError as exc:  # pydantic's ValidationError
-                first = exc.errors()[0] if hasattr(exc, "errors") else {}
-                where = ".".join(str(p) for p in first.get("loc", ()))
-                return _error(422, f"{where or 'body'}: {first.get('msg', str(exc))}")
-            if not body.inputs:
-                raise InputError("no inputs")
-            try:
-                x = np.asarray(body.inputs, dtype=np.float32)
-            except (ValueError, TypeError, RecursionError):
-                raise InputError("inputs must be equally shaped numeric arrays (C x H x W each)") from None
-            return respond([f"inputs[{i}]" for i in range(len(x))], x, body.top_k, body.abstain_below)
-        if kind.startswith("multipart/form-data"):
+            names, x, top_k, abstain_below = await json_inputs(request)
+        elif kind.startswith("multipart/form-data"):
             if top_k < 1 or not 0 <= abstain_below <= 1:
                 raise InputError("need top_k >= 1 and 0 <= abstain_below <= 1")
-            form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)
-            uploads = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
-            if not uploads:
-                raise InputError("no files in the multipart body; upload images as file fields")
-            if len(uploads) > max_batch:
-                raise InputError(f"{len(uploads)} inputs in one request; at most {max_batch} (--max-batch)")
-            images = []
-            for _, upload in uploads:
-                data = await upload.read()
-                images.append(predictor.load_image(io.BytesIO(data), name=upload.filename or "upload"))
-            names = [u.filename or f"file[{i}]" for i, (_, u) in enumerate(uploads)]
-            return respond(names, predictor.normalize(np.stack(images)), top_k, abstain_below)
-        return _error(415, 'send multipart/form-data image uploads or application/json {"inputs": [...]}')
+            names, x = await multipart_inputs(request, predictor, max_batch)
+        else:
+            raise BadRequest(415, 'send multipart/form-data image uploads or application/json {"inputs": [...]}')
+        if len(names) > max_batch:
+            raise InputError(f"{len(names)} inputs in one request; at most {max_batch} (--max-batch)")
+        _, probs = predictor.predict(x)
+        return {"predictions": predictor.records(names, probs, top_k, abstain_below)}
 
     return app
 
@@ -161,19 +185,41 @@ def app_from_env() -> FastAPI:
     return create_app(predictor, predictor.max_batch, float(os.environ.get("CIGL_SERVE_MAX_BODY_MB", "10")))
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="cigl-serve", description="Serve an exported model.onnx over HTTP (docs at /docs).")
+EXAMPLES = [
+    "cigl-serve runs/demo-cigl/model.onnx                   # http://127.0.0.1:8000, docs at /docs",
+    "cigl-serve model.onnx --host 0.0.0.0 --port 0          # any free port; the URL is printed",
+    "curl -F image=@cat.png 'http://127.0.0.1:8000/v1/predict?top_k=3'",
+]
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="cigl-serve", description="Serve an exported model.onnx over HTTP (docs at /docs).", examples=EXAMPLES
+    )
     p.add_argument("model", help="model.onnx written by cigl-export")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port, printed)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--max-batch", type=int, default=64, help="most inputs per request (default 64)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="onnxruntime device (default auto: CUDA if usable)",
+    )
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.workers < 1 or args.max_batch < 1 or args.max_body_mb <= 0:
         raise InputError("--workers and --max-batch must be >= 1 and --max-body-mb > 0")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must lie in 0..65535, got {args.port}")
+    if args.port == 0 and args.workers > 1:
+        raise InputError("--port 0 (any free port) needs --workers 1; give a port number to run several workers")
     Predictor(args.model, device=args.device)  # fail here, with one line, before uvicorn starts
     os.environ.update(
         {
@@ -185,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    print(
-        f"cigl-serve: {args.model} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr, flush=True
-    )
-    uvicorn.run(
+    config = uvicorn.Config(
         "cigl.serve.http:app_from_env",
         factory=True,
         host=args.host,
@@ -196,7 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         log_level="warning",
     )
+    if args.workers > 1:
+        _announce(args.model, args.host, args.port)
+        uvicorn.run(config.app, factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning")
+        return 0
+    try:  # bind first, so the URL printed has the real port (also for --port 0)
+        sock = config.bind_socket()
+    except SystemExit:
+        raise InputError(
+            f"cannot listen on {args.host}:{args.port} (in use or not allowed); choose another --port"
+        ) from None
+    _announce(args.model, args.host, sock.getsockname()[1])
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _announce(model: str, host: str, port: int) -> None:
+    print(f"cigl-serve: {model} on http://{host}:{port} (API docs at /docs)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

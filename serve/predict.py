@@ -52,7 +52,7 @@ def load_npy(path: Path) -> np.ndarray:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = header(f)
+            shape, _fortran, dtype = header(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a .npy array file ({exc}); save arrays with numpy.save") from None
@@ -83,6 +83,26 @@ def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple
         yield [f"{path}[{j}]" for j in range(i, min(i + batch, len(arr)))], arr[i : i + batch]
 
 
+def _progress(total: int, enabled: bool):
+    """A tqdm bar over `total` files on stderr, or None (disabled, or tqdm not installed)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="file", file=sys.stderr, leave=False)
+
+
+def _npy_records(predictor: Predictor, path: Path, batch: int, top_k: int, abstain_below: float) -> list[dict]:
+    """One record per array of a .npy file."""
+    return [
+        record
+        for sources, x in _npy_batches(predictor, path, batch)
+        for record in predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below)
+    ]
+
+
 def predict_all(
     predictor: Predictor,
     paths: list[Path],
@@ -93,57 +113,36 @@ def predict_all(
     strict: bool,
     progress: bool,
 ) -> list[dict]:
-    """Records for every input, in input order."""
+    """Records for every input, in input order: image files are decoded one by one and run in
+    batches of `batch`; an unreadable input gets an error record (or raises with `strict`)."""
     records: list[dict] = []
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(paths), unit="file", file=sys.stderr, leave=False)
-        except ImportError:
-            bar = None
-
     pending: list[tuple[int, np.ndarray]] = []  # (record slot, decoded image)
 
     def flush() -> None:
-        if pending:
-            slots = [slot for slot, _ in pending]
-            _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
-            for slot, rec in zip(
-                slots,
-                predictor.records([records[s]["source"] for s in slots], probs, top_k, abstain_below),
-                strict=True,
-            ):
-                records[slot] = rec
-            pending.clear()
+        if not pending:
+            return
+        slots = [slot for slot, _ in pending]
+        _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
+        found = predictor.records([records[s]["source"] for s in slots], probs, top_k, abstain_below)
+        for slot, record in zip(slots, found, strict=True):
+            records[slot] = record
+        pending.clear()
 
+    bar = _progress(len(paths), progress)
     for path in paths:
-        if path.suffix.lower() == ".npy":
-            flush()
-            try:
-                found = [
-                    record
-                    for sources, x in _npy_batches(predictor, path, batch)
-                    for record in predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below)
-                ]
-            except InputError as exc:
-                if strict:
-                    raise
-                found = [{"source": str(path), "error": str(exc)}]
-            records.extend(found)
-        else:
-            try:
-                image = predictor.load_image(path)
-            except InputError as exc:
-                if strict:
-                    raise
-                records.append({"source": str(path), "error": str(exc)})
+        try:
+            if path.suffix.lower() == ".npy":
+                flush()
+                records.extend(_npy_records(predictor, path, batch, top_k, abstain_below))
             else:
+                pending.append((len(records), predictor.load_image(path)))
                 records.append({"source": str(path)})
-                pending.append((len(records) - 1, image))
-                if len(pending) == batch:
-                    flush()
+        except InputError as exc:
+            if strict:
+                raise
+            records.append({"source": str(path), "error": str(exc)})
+        if len(pending) == batch:
+            flush()
         if bar is not None:
             bar.update(1)
     flush()
@@ -171,6 +170,11 @@ def build_parser() -> ArgumentParser:
         prog="cigl-predict",
         description="Calibrated predictions of an exported model.onnx (onnxruntime; no torch needed).",
         epilog="exit codes: 0 ok, 1 some inputs unreadable, 2 error",
+        examples=[
+            "cigl-predict runs/demo-cigl/model.onnx cat.jpg dog.png --top-k 3",
+            "cigl-predict model.onnx images/ --format csv --out predictions.csv --abstain-below 0.6",
+            "cigl-predict model.onnx batch.npy                     # uint8 NHWC or normalised float NCHW",
+        ],
     )
     p.add_argument("model", help="model.onnx written by cigl-export")
     p.add_argument(
@@ -191,7 +195,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     p.add_argument("--out", help="write records to FILE (default stdout)")
     p.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2, nothing written)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="execution provider")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="onnxruntime device (default auto: CUDA if usable)",
+    )
     return p
 
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from cigl.data import extract_archive_subset
-from cigl.models import create_model
-from cigl.sparse import METHODS, Masking
-from cigl.train import save_model_file
+from cigl.testing import fake_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -97,30 +95,17 @@ def free_port() -> int:
 def make_model_pt(
     path, arch, *, dataset="digits", data_dir=None, density=0.1, in_chans=1, size=8, temperature=1.3, classes=None
 ):
-    """A model.pt as cigl-train writes it: sparse masks (ERK), BN statistics that are not the
-    defaults, a temperature and a config that names the dataset for the export check."""
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, in_chans=in_chans, image_size=size)
-    masking = Masking(model, METHODS["rigl"], density=density)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model_file(
+    """A model.pt as cigl-train writes it (cigl.testing.fake_model_file); returns its path."""
+    fake_model_file(
         path,
-        arch=arch,
-        model=model,
-        masks=masking.masks,
-        classes=classes or [str(i) for i in range(10)],
-        mean=(0.5,) * in_chans,
-        std=(0.25,) * in_chans,
+        arch,
+        density=density,
         in_chans=in_chans,
         image_size=size,
+        classes=classes,
         temperature=temperature,
-        method="rigl",
-        config={"dataset": dataset, "data_dir": data_dir, "density": density},
-        summary={"target_density": density, "test": {"acc": 0.5, "ece": 0.1, "nll": 1.2}},
+        dataset=dataset,
+        data_dir=data_dir,
     )
     return path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cigl import distributed
-from cigl.train import main
+from cigl.train.cli import main
 
 _check = distributed.check_same_masks
 

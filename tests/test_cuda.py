@@ -14,7 +14,7 @@ def test_cigl_trains_on_cuda_with_bf16_and_channels_last(tmp_path):
         TrainConfig(method="cigl", device="cuda", epochs=4, batch_size=64, update_every=5, out=str(tmp_path / "run")),
         quiet=True,
     )
-    assert summary["final_weights"]["test"]["acc"] > 0.6
+    assert summary["final_weights"]["test"]["accuracy"] > 0.6
     # one averaging fold: its random mask zeroes ~1/DPNUM of the weights (METHOD.md 3), as on CPU
     assert 0.1 * (1 - 1 / 100) - 0.001 <= summary["actual_density"] < 0.1
 
@@ -67,4 +67,4 @@ def test_torchrun_on_two_gpus_uses_nccl_and_keeps_masks_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "masks identical on all 2 processes" in proc.stdout
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert json.loads((out / "summary.json").read_text())["final_weights"]["test"]["acc"] > 0.6
+    assert json.loads((out / "summary.json").read_text())["final_weights"]["test"]["accuracy"] > 0.6

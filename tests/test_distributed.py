@@ -81,8 +81,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     one = train(cfg, quiet=True)
     two = json.loads((out / "summary.json").read_text())
     for product in ("averaged", "final_weights"):
-        assert one[product]["test"]["acc"] > 0.93
-        assert abs(one[product]["test"]["acc"] - two[product]["test"]["acc"]) <= 0.02, product
+        assert one[product]["test"]["accuracy"] > 0.93
+        assert abs(one[product]["test"]["accuracy"] - two[product]["test"]["accuracy"]) <= 0.02, product
     assert two["actual_density"] == pytest.approx(one["actual_density"], abs=0.01)
 
 
@@ -122,7 +122,7 @@ def test_killing_one_rank_stops_the_run_and_resume_matches(two_process_run, tmp_
     alone = run_cli(TRAIN, "--resume", str(elsewhere))
     assert alone.returncode == 0, alone.stderr
     assert "checkpointed by 2 process(es) and continues on 1" in alone.stdout
-    assert json.loads((elsewhere / "summary.json").read_text())["test"]["acc"] > 0.9
+    assert json.loads((elsewhere / "summary.json").read_text())["test"]["accuracy"] > 0.9
 
 
 def test_diverging_masks_stop_the_run_loudly(tmp_path):

@@ -14,8 +14,8 @@ from conftest import assert_one_line_error, make_model_pt, run_cli
 from safetensors.torch import load_file
 
 import cigl.export as cx
-from cigl.export.onnx_export import ort_session
 from cigl.models import create_model
+from cigl.serve.session import open_session
 
 EXPORT = os.path.join(os.path.dirname(sys.executable), "cigl-export")
 
@@ -95,7 +95,7 @@ def test_onnx_metadata_probs_and_sparse_storage(digits_export):
     assert json.loads(meta["classes"]) == [str(i) for i in range(10)] and meta["arch"] == "resnet20"
     assert [i.name for i in proto.graph.input] == ["images"]
     assert [o.name for o in proto.graph.output] == ["logits", "probs"]
-    session = ort_session((src.parent / "model.onnx").read_bytes())
+    session = open_session((src.parent / "model.onnx").read_bytes(), threads=1)
     x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
     logits, probs = session.run(None, {"images": x})
     z = logits / 1.3
@@ -128,7 +128,7 @@ def test_onnx_matches_torch_on_cifar_images(tmp_path, cifar_small, arch):
     model = cx.load_model(src.parent / "model.safetensors")
     with torch.no_grad():
         ref = model(images).numpy()
-    logits, _ = ort_session((src.parent / "model.onnx").read_bytes()).run(None, {"images": images.numpy()})
+    logits, _ = open_session((src.parent / "model.onnx").read_bytes(), threads=1).run(None, {"images": images.numpy()})
     assert np.abs(logits - ref).max() <= 1e-4 and np.array_equal(logits.argmax(1), ref.argmax(1))
 
 

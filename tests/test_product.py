@@ -65,8 +65,8 @@ def test_one_snapshot_average_scores_like_the_final_weights(tmp_path):
         TrainConfig(method="rigl", epochs=5, avg_start=5, batch_size=64, out=str(tmp_path / "run")), quiet=True
     )
     assert summary["product"] == "averaged"
-    assert summary["averaged"]["test"]["acc"] > 0.85
-    assert abs(summary["averaged"]["test"]["acc"] - summary["final_weights"]["test"]["acc"]) <= 0.005
+    assert summary["averaged"]["test"]["accuracy"] > 0.85
+    assert abs(summary["averaged"]["test"]["accuracy"] - summary["final_weights"]["test"]["accuracy"]) <= 0.005
 
 
 def test_default_schedule_makes_masks_move_and_reports_it(tmp_path):
@@ -111,7 +111,7 @@ def test_product_final_ships_the_final_weights(tmp_path):
     for name, mask in model["masks"].items():
         assert not model["state_dict"][name][~mask].any()
     with np.load(out / "predictions.npz") as z:
-        assert float((z["logits"].argmax(1) == z["labels"]).mean()) == pytest.approx(summary["test"]["acc"])
+        assert float((z["logits"].argmax(1) == z["labels"]).mean()) == pytest.approx(summary["test"]["accuracy"])
 
 
 def test_product_averaged_needs_averaging(tmp_path):
@@ -128,8 +128,8 @@ def test_weight_dropout_and_mc_dropout_rows(tmp_path):
     assert a["product"] == "final_weights" and "averaged" not in a
     mc, det = a["mc_dropout"]["test"], a["final_weights"]["test"]
     assert mc == b["mc_dropout"]["test"]
-    assert mc["acc"] > 0.7 and mc != det
-    assert mc["conf"] < det["conf"]  # averaging K dropout passes softens the probabilities
+    assert mc["accuracy"] > 0.7 and mc != det
+    assert mc["mean_confidence"] < det["mean_confidence"]  # averaging K dropout passes softens the probabilities
 
 
 def test_mc_samples_need_a_random_mask(tmp_path):
@@ -152,7 +152,7 @@ def test_averaged_cigl_is_not_worse_than_its_final_weights_on_cifar(tmp_path_fac
         quiet=True,
     )
     assert summary["product"] == "averaged" and summary["mask_updates"] >= 10
-    assert summary["averaged"]["test"]["acc"] >= summary["final_weights"]["test"]["acc"] - NOISE
+    assert summary["averaged"]["test"]["accuracy"] >= summary["final_weights"]["test"]["accuracy"] - NOISE
 
 
 @pytest.mark.parametrize("folds", [1, 3])

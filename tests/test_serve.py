@@ -141,8 +141,8 @@ def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
         )
         assert proc.returncode == 0, proc.stderr
         m = json.loads(proc.stdout)["models"]["cigl"]
-        for ours, theirs in (("acc", "accuracy"), ("ece", "ece"), ("nll", "nll"), ("brier", "brier")):
-            assert m[theirs] == pytest.approx(summary["test"][ours], abs=1e-4)
+        for name in ("accuracy", "ece", "nll", "brier"):
+            assert m[name] == pytest.approx(summary["test"][name], abs=1e-4)
         assert m["model"]["recorded"]["ece"] == pytest.approx(summary["test"]["ece"])
         assert m["model"]["ece_drift"] is False
         assert m["model"]["actual_density"] == pytest.approx(summary["actual_density"])

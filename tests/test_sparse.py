@@ -9,7 +9,7 @@ from cigl.models import create_model
 from cigl.sparse import METHODS, Masking, WeightAverage, drop_and_grow, recalibrate_bn
 from cigl.sparse.allocation import erk_densities, layer_nnz, masked_parameters
 from cigl.sparse.random_mask import sample_dropped
-from cigl.sparse.schedule import drop_fraction, is_update_step
+from cigl.sparse.schedule import cosine_drop_fraction, is_update_step
 
 
 def _shapes(name, **kw):
@@ -63,10 +63,10 @@ def test_drop_and_grow_may_regrow_a_just_dropped_weight():
 
 
 def test_cosine_schedule():
-    assert drop_fraction(0, 0.3, 1000) == pytest.approx(0.3)
-    assert drop_fraction(500, 0.3, 1000) == pytest.approx(0.15)
-    assert drop_fraction(250, 0.3, 1000) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
-    assert drop_fraction(1000, 0.3, 1000) == pytest.approx(0.0)
+    assert cosine_drop_fraction(0, 0.3, 1000) == pytest.approx(0.3)
+    assert cosine_drop_fraction(500, 0.3, 1000) == pytest.approx(0.15)
+    assert cosine_drop_fraction(250, 0.3, 1000) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert cosine_drop_fraction(1000, 0.3, 1000) == pytest.approx(0.0)
     assert [s for s in range(0, 1001) if is_update_step(s, 100, 750)] == [100, 200, 300, 400, 500, 600, 700]
 
 
@@ -143,7 +143,7 @@ def test_random_mask_drop_rate_is_one_over_dpnum(dpnum):
 
 
 def test_dpnum_is_honoured_and_expected_effective_weight_kept():
-    model, opt, masking = _masking(dpnum=10)
+    _, _, masking = _masking(dpnum=10)
     assert masking.scale == pytest.approx(10 / 9)
     name = "layers.3.conv2.weight"
     p, mask = masking.params[name], masking.masks[name]

@@ -25,7 +25,7 @@ from cigl.train import TrainConfig, lr_at, resolve, train
 def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
     out = tmp_path / "dense"
     summary = train(TrainConfig(method="dense", epochs=8, out=str(out), batch_size=64), quiet=True)
-    assert summary["test"]["acc"] >= 0.90
+    assert summary["test"]["accuracy"] >= 0.90
     assert {p.name for p in out.iterdir()} == set(RUN_FILES)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "dense" and config["density"] == 1.0 and config["seed"] == 0
@@ -34,16 +34,16 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
     assert [r["epoch"] for r in rows] == list(range(1, 9))
     assert {
         "train_loss",
-        "val_acc",
+        "val_accuracy",
         "val_nll",
         "val_ece",
-        "test_acc",
+        "test_accuracy",
         "test_nll",
         "test_ece",
         "lr",
         "time_s",
     } <= set(rows[0])
-    assert rows[-1]["test_acc"] == pytest.approx(summary["final_weights"]["test"]["acc"])
+    assert rows[-1]["test_accuracy"] == pytest.approx(summary["final_weights"]["test"]["accuracy"])
     model = load_pt(out / "model.pt")
     assert model["format"] == "cigl-model" and model["arch"] == "resnet20"
     assert model["temperature"] == pytest.approx(summary["temperature"]) and model["temperature"] > 0
@@ -62,8 +62,8 @@ def test_dense_digits_reaches_90_percent_and_writes_the_run_dir(tmp_path):
         str(tmp_path / "audit"),
     )
     measured = json.loads(audit.stdout)["models"]["predictions"]
-    for ours, theirs in (("acc", "accuracy"), ("ece", "ece"), ("nll", "nll"), ("brier", "brier")):
-        assert measured[theirs] == pytest.approx(summary["test"][ours], abs=1e-6)
+    for name in ("accuracy", "ece", "nll", "brier", "mean_confidence"):  # one vocabulary in both files
+        assert measured[name] == pytest.approx(summary["test"][name], abs=1e-6)
 
 
 def test_lr_schedule():
@@ -180,7 +180,8 @@ def test_cigl_train_console_script_help():
 
 def test_import_cigl_without_torch():
     code = BLOCK_TORCH + (
-        "import cigl, cigl.calibration, cigl.errors, cigl.data, cigl.serve.audit\n"
+        "import cigl, cigl.calibration, cigl.card, cigl.errors, cigl.data, cigl.images, cigl.runfiles, cigl.tables\n"
+        "import cigl.serve.audit, cigl.serve.http, cigl.serve.predict, cigl.serve.predictor, cigl.serve.session\n"
         "import numpy as np\n"
         "print(cigl.calibration.ece(np.array([[2.0, 0.0]]), np.array([0]), kind='logits'))\n"
         "assert 'torch' not in sys.modules\n"
@@ -203,7 +204,7 @@ def test_each_sparse_method_trains_and_keeps_density(tmp_path, method):
     assert sum(r["nnz"] for r in layers) / total == pytest.approx(0.2, rel=1e-3)
     assert all(r["density"] == pytest.approx(0.2, rel=1e-3) for r in rows)  # training masks
     assert summary["target_density"] == 0.2
-    assert summary["final_weights"]["test"]["acc"] > 0.6
+    assert summary["final_weights"]["test"]["accuracy"] > 0.6
     model = load_pt(out / "model.pt")
     for layer in summary["layers"]:
         mask = model["masks"][layer["name"]]

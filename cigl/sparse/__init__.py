@@ -10,5 +10,8 @@ from cigl.sparse.masking import Masking
 from cigl.sparse.method import Method, drop_and_grow
 
 METHODS: dict[str, Method] = {m.name: m for m in (static.METHOD, set_method.METHOD, rigl.METHOD)}
+# sparse method names a user gives -> (mask method, default DPNUM of the random mask)
+PRESETS: dict[str, tuple[str, int | None]] = {"static": ("static", None), "set": ("set", None), "rigl": ("rigl", None)}
+PRESETS["cigl"] = ("rigl", 100)  # CigL = RigL + random mask (DPNUM 100) + weight-and-mask averaging
 
-__all__ = ["METHODS", "Masking", "Method", "WeightAverage", "drop_and_grow", "recalibrate_bn"]
+__all__ = ["METHODS", "PRESETS", "Masking", "Method", "WeightAverage", "drop_and_grow", "recalibrate_bn"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cigl.errors import InputError
+from cigl.tables import tensor_row
 
 INITS = ("erk", "uniform")
 
@@ -48,9 +49,9 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
 def layer_nnz(shapes: dict[str, tuple[int, ...]], density: float, init: str) -> dict[str, int]:
     """Nonzeros per masked tensor for overall `density` under `init` ('erk' or 'uniform')."""
     if not 0.0 < density <= 1.0:
-        raise InputError(f"--density must lie in (0, 1], got {density}")
+        raise InputError(f"density must lie in (0, 1], got {density}")
     if init not in INITS:
-        raise InputError(f"--sparse-init must be one of {', '.join(INITS)}, got {init!r}")
+        raise InputError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     dens = erk_densities(shapes, density) if init == "erk" else {n: density for n in shapes}
     return {n: max(1, min(math.prod(s), round(dens[n] * math.prod(s)))) for n, s in shapes.items()}
 
@@ -68,21 +69,5 @@ def random_masks(
 
 
 def layer_table(masks: dict[str, torch.Tensor]) -> list[dict]:
-    """Per-layer rows (name, shape, nnz, numel, density) for config.json and printing."""
-    rows = []
-    for name, m in masks.items():
-        nnz, numel = int(m.sum()), m.numel()
-        rows.append({"name": name, "shape": list(m.shape), "nnz": nnz, "numel": numel, "density": nnz / numel})
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """The per-layer table as aligned text, with a total line."""
-    width = max(len(r["name"]) for r in rows)
-    lines = [f"{'layer':<{width}}  {'shape':<18} {'density':>8} {'nnz':>10}"]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:<{width}}  {shape:<18} {r['density']:>8.4f} {r['nnz']:>10,}")
-    nnz, numel = sum(r["nnz"] for r in rows), sum(r["numel"] for r in rows)
-    lines.append(f"{'total':<{width}}  {'':<18} {nnz / numel:>8.4f} {nnz:>10,}")
-    return "\n".join(lines)
+    """Per-layer rows (cigl.tables.tensor_row) for config.json and printing."""
+    return [tensor_row(name, m.shape, int(m.sum())) for name, m in masks.items()]

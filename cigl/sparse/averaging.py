@@ -39,8 +39,14 @@ class WeightAverage:
     def state_dict(self) -> dict:
         return {"avg": self.avg, "count": self.count}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.avg, self.count = dict(state["avg"]), int(state["count"])
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore a state_dict(), its tensors moved to `device` (checkpoints load on the CPU)."""
+        self.avg = {k: v if device is None else v.to(device) for k, v in state["avg"].items()}
+        self.count = int(state["count"])
+
+    def support(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The averaged model's masks: for each masked tensor of `masks`, where the average is nonzero."""
+        return {n: self.avg[n] != 0 for n in masks}
 
 
 @torch.no_grad()

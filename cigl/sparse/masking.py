@@ -24,7 +24,7 @@ from cigl.errors import InputError
 from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
-from cigl.sparse.schedule import default_update_every, drop_fraction, is_update_step
+from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class Masking:
         (0.2, True)
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (keyword-only settings with defaults)
         self,
         model: nn.Module,
         method: Method | str = "rigl",
@@ -80,12 +80,13 @@ class Masking:
     ) -> None:
         self.params = masked_parameters(model)
         if isinstance(method, str):
-            from cigl.sparse import METHODS  # the registry imports this module
+            from cigl.sparse import METHODS, PRESETS  # the registry imports this module
 
-            if method not in (*METHODS, "cigl"):
-                raise InputError(f"method must be one of {', '.join((*METHODS, 'cigl'))} or a Method, got {method!r}")
-            dpnum = 100 if method == "cigl" and dpnum is None else dpnum
-            method = METHODS["rigl" if method == "cigl" else method]
+            if method not in PRESETS:
+                raise InputError(f"method must be one of {', '.join(PRESETS)} or a Method, got {method!r}")
+            base, default_dpnum = PRESETS[method]
+            dpnum = default_dpnum if dpnum is None else dpnum
+            method = METHODS[base]
         if total_steps is not None:
             if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
                 raise InputError(f"total_steps must be an integer >= 1, got {total_steps!r}")
@@ -216,7 +217,7 @@ class Masking:
 
     # ------------------------------------------------------------------ in a user's own loop
 
-    def _draw(self, module: nn.Module, inputs) -> None:
+    def _draw(self, module: nn.Module, _inputs) -> None:
         """Forward pre-hook: draw the step's random mask at its first training forward pass."""
         if module.training and not self._drawn:
             self.begin_step()
@@ -254,7 +255,7 @@ class Masking:
         """Drop and grow in every layer from the dense gradient in p.grad; new and dropped
         weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
         self.end_step()
-        frac = drop_fraction(step, self.alpha, self.update_until)
+        frac = cosine_drop_fraction(step, self.alpha, self.update_until)
         for name, p in self.params.items():
             mask = self.masks[name]
             n = int(frac * self.nnz[name])

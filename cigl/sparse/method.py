@@ -12,7 +12,7 @@ import torch
 class Method:
     name: str
     updates: bool  # does the mask change during training?
-    needs_grad: bool  # does growth need the dense gradient of the current batch?
+    # score of every entry for growth, from (weight, dense gradient of the batch); None: no growth
     grow_scores: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None
 
 

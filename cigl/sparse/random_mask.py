@@ -17,7 +17,7 @@ from cigl.errors import InputError
 
 def check_dpnum(dpnum: int) -> None:
     if isinstance(dpnum, bool) or not isinstance(dpnum, int) or dpnum <= 1:
-        raise InputError(f"--dpnum must be an integer > 1 (drop probability 1/DPNUM), got {dpnum!r}")
+        raise InputError(f"dpnum must be an integer > 1 (drop probability 1/DPNUM), got {dpnum!r}")
 
 
 def scale(dpnum: int) -> float:

@@ -5,9 +5,9 @@ import torch
 from cigl.sparse.method import Method
 
 
-def grow_scores(weight: torch.Tensor, dense_grad: torch.Tensor | None) -> torch.Tensor:
+def grow_scores(_weight: torch.Tensor, dense_grad: torch.Tensor | None) -> torch.Tensor:
     """|dL/dw| of the loss on the current batch, for every entry including inactive ones."""
     return dense_grad.abs()
 
 
-METHOD = Method(name="rigl", updates=True, needs_grad=True, grow_scores=grow_scores)
+METHOD = Method(name="rigl", updates=True, grow_scores=grow_scores)

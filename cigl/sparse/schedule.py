@@ -13,8 +13,9 @@ FEW_UPDATES = 10
 MIN_UPDATE_EVERY = 5
 
 
-def drop_fraction(step: int, alpha: float, end_step: int) -> float:
-    """Cosine-decayed drop fraction a_t = alpha/2 * (1 + cos(pi * t / T_end))."""
+def cosine_drop_fraction(step: int, alpha: float, end_step: int) -> float:
+    """The share of each layer exchanged at `step`: the initial share `alpha` cosine-decayed,
+    a_t = alpha/2 * (1 + cos(pi * t / T_end))."""
     return alpha / 2.0 * (1.0 + math.cos(math.pi * min(step, end_step) / end_step)) if end_step > 0 else 0.0
 
 

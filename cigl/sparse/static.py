@@ -2,4 +2,4 @@
 
 from cigl.sparse.method import Method
 
-METHOD = Method(name="static", updates=False, needs_grad=False, grow_scores=None)
+METHOD = Method(name="static", updates=False, grow_scores=None)

@@ -1,0 +1,3 @@
+from cigl.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""`cigl-train` (= `python tools/train.py` = `python -m cigl.train`): the command line of the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from cigl import distributed
+from cigl.data import DATASETS
+from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
+from cigl.sparse.allocation import INITS
+from cigl.train.config import ALL_METHODS, DEVICES, PRODUCTS, RESUMABLE_CHANGES, TrainConfig, flag
+from cigl.train.loop import train
+
+EXAMPLES = [
+    "cigl-train --dataset digits --method cigl --density 0.1 --epochs 30 --out runs/demo-cigl",
+    "cigl-train --dataset cifar10 --data-dir data/cifar10 --model wrn22_2 --method rigl --epochs 250",
+    "cigl-train --resume runs/demo-cigl --epochs 40",
+    "torchrun --nproc-per-node 2 tools/train.py --dataset digits --device cpu",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = ArgumentParser(
+        prog="cigl-train",
+        argument_default=argparse.SUPPRESS,
+        description="Train a (sparse) network: dense, static, SET, RigL or CigL. Writes a run directory "
+        "with config.json, metrics.jsonl, last.pt, model.pt and summary.json.",
+        examples=EXAMPLES,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help=f"default {d.dataset}")
+    g.add_argument("--data-dir", help="dataset folder (cifar10: ImageFolder with train/ test/ or cifar-10-batches-py)")
+    g.add_argument("--image-size", type=int, help="resize images to N x N (needed when sizes differ)")
+    g.add_argument(
+        "--val-size", type=float, help=f"share of train held out for validation (default {d.val_size}; 0 = paper)"
+    )
+    g.add_argument("--train-per-class", type=int, help="train on a class-balanced subset of N images per class")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help=f"cigl or timm model name (default {d.model})")
+    g.add_argument("--method", choices=ALL_METHODS, help=f"default {d.method} (= rigl + --dpnum 100 + averaging)")
+    g.add_argument("--density", type=float, help="DENSITY: share of weights kept (default 0.1; dense: 1)")
+    g.add_argument("--sparse-init", choices=INITS, help=f"per-layer density allocation (default {d.sparse_init})")
+    g.add_argument(
+        "--drop-fraction", type=float, help=f"initial share of weights exchanged per update (default {d.drop_fraction})"
+    )
+    g.add_argument(
+        "--update-every",
+        type=int,
+        help="steps between mask updates (default: 100, shortened so a short run still makes ~40 updates)",
+    )
+    g.add_argument("--update-end", type=float, help=f"stop updating after this share of steps (default {d.update_end})")
+    g.add_argument("--dpnum", type=int, help="DPNUM: random mask drops each weight with p=1/DPNUM (cigl default 100)")
+    g.add_argument(
+        "--avg-start", type=int, help="BS: first epoch (1-based) of weight-and-mask averaging (cigl: 80%% of epochs)"
+    )
+    g.add_argument(
+        "--product",
+        choices=PRODUCTS,
+        help="which model model.pt holds: the averaged one (default when averaging is on) or the final weights",
+    )
+    g.add_argument(
+        "--mc-samples",
+        type=int,
+        help="also report MC dropout of the final weights: K passes with the random mask (needs --dpnum)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=float, help=f"LR: peak learning rate (default {d.lr})")
+    g.add_argument("--decay", type=float, help=f"DECAY: lr factor at each decay (default {d.decay})")
+    g.add_argument("--decay-every", type=float, help="epochs between decays (default 40%% of --epochs)")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length (default {d.warmup_epochs})")
+    g.add_argument("--wd", type=float, help=f"weight decay (default {d.wd})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--seed", type=int, help=f"SEED (default {d.seed})")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=DEVICES, help="auto = CUDA when present (default auto)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<method>-s<seed>)")
+    g.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (only --epochs may change)"
+    )
+    g.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)")
+    g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """TrainConfig from explicitly given options; with --resume, the rest comes from the run."""
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
+    if not getattr(args, "resume", None):
+        return TrainConfig(**given), False
+    run = Path(args.resume)
+    if "out" in given and Path(given["out"]) != run:
+        raise InputError("--out and --resume name different runs; give only --resume RUN_DIR")
+    saved = saved_config(run)
+    for key, value in given.items():
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
+                f"not {value}; only --epochs may change on resume"
+            )
+    names = {f.name for f in fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in names} | given | {"out": str(run)}
+    return TrainConfig(**merged), True
+
+
+def saved_config(run: Path) -> dict:
+    """The settings in RUN/config.json; CheckpointError when the run folder is missing or damaged."""
+    if not (run / "config.json").is_file() or not (run / "last.pt").is_file():
+        hint = "; every process must see the run directory (on several machines: a shared filesystem)"
+        raise CheckpointError(
+            f"--resume {run}: no run there (config.json and last.pt missing)"
+            + (hint if distributed.from_env().world > 1 else "")
+        )
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"--resume {run}: config.json is not valid JSON ({exc}); the run folder is damaged"
+        ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume {run}: config.json does not hold a run's settings; the run folder is damaged")
+    return saved
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, resume = config_from_args(args)
+    train(cfg, resume=resume, quiet=getattr(args, "quiet", False))
+    return 0
