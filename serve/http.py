@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cigl.errors import ArgumentParser, CiglError, InputError, cli_entry
 from cigl.serve.predictor import Predictor
+from cigl.serve.session import add_device_option
 
 
 class PredictRequest(BaseModel):
@@ -202,12 +204,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--max-batch", type=int, default=64, help="most inputs per request (default 64)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="onnxruntime device (default auto: CUDA if usable)",
-    )
+    add_device_option(p)
     return p
 
 
@@ -243,15 +240,22 @@ def main(argv: list[str] | None = None) -> int:
         _announce(args.model, args.host, args.port)
         uvicorn.run(config.app, factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning")
         return 0
-    try:  # bind first, so the URL printed has the real port (also for --port 0)
-        sock = config.bind_socket()
-    except SystemExit:
-        raise InputError(
-            f"cannot listen on {args.host}:{args.port} (in use or not allowed); choose another --port"
-        ) from None
+    sock = _bind(args.host, args.port)  # first, so the URL printed has the real port (also for --port 0)
     _announce(args.model, args.host, sock.getsockname()[1])
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); InputError when that is refused."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") from None
+    return sock
 
 
 def _announce(model: str, host: str, port: int) -> None:

@@ -22,6 +22,7 @@ from cigl.data import IMAGE_EXTENSIONS
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.io import atomic_open
 from cigl.serve.predictor import Predictor
+from cigl.serve.session import add_device_option
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -195,12 +196,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     p.add_argument("--out", help="write records to FILE (default stdout)")
     p.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2, nothing written)")
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="onnxruntime device (default auto: CUDA if usable)",
-    )
+    add_device_option(p)
     return p
 
 

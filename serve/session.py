@@ -36,6 +36,13 @@ def providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def add_device_option(parser) -> None:
+    """--device of the serving tools."""
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="onnxruntime device (default auto: CUDA if usable)"
+    )
+
+
 def open_session(model: bytes, *, device: str = "cpu", threads: int = 0, source: str = "model"):
     """An onnxruntime InferenceSession of the serialised ONNX `model` (threads 0 = onnxruntime's
     choice). A model onnxruntime cannot load is a FormatError naming `source`."""

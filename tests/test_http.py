@@ -19,15 +19,19 @@ SERVE = os.path.join(os.path.dirname(sys.executable), "cigl-serve")
 
 
 def _start(model, *options: str) -> tuple[subprocess.Popen, str]:
-    """cigl-serve on a free port, once /healthz answers."""
-    port = free_port()
+    """cigl-serve on a free port, once /healthz answers: one worker takes --port 0 and says
+    which port it got; several workers are given a free port."""
+    several = "--workers" in options
+    port = free_port() if several else 0
     proc = subprocess.Popen(
         [SERVE, str(model), "--port", str(port), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    announced = proc.stderr.readline()  # "cigl-serve: MODEL on http://127.0.0.1:PORT (API docs at /docs)"
+    base = announced.split(" on ")[1].split()[0]
+    assert several or int(base.rsplit(":", 1)[1]) > 0, announced
     deadline = time.time() + 60
     while True:
         try:
@@ -119,6 +123,15 @@ def test_concurrent_requests(server, cifar_small):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts worker processes in /proc")
+def test_a_taken_port_is_a_one_line_error(cifar_onnx, server):
+    port = server.rsplit(":", 1)[1]
+    proc = subprocess.run([SERVE, str(cifar_onnx), "--port", port], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert (
+        proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "choose another --port" in proc.stderr
+    )
+
+
 def test_several_workers_share_the_port_and_the_settings(cifar_onnx, cifar_small):
     proc, base = _start(cifar_onnx, "--workers", "2", "--max-batch", "3")
     try:

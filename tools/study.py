@@ -18,6 +18,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cigl.card import metric
+
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
 NAMES = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "cigl": "CigL"}
@@ -122,10 +124,11 @@ def cmd_report(args) -> int:
     for label, rows in sorted(groups.items()):
         t, tc = [r["test"] for r in rows], [r["test_calibrated"] for r in rows]
         lines.append(
-            f"| {label} | {len(rows)} | {_mean_sd([m['accuracy'] for m in t])} | {_mean_sd([m['ece'] for m in t])} | "
+            f"| {label} | {len(rows)} | {_mean_sd([metric(m, 'accuracy') for m in t])} | "
+            f"{_mean_sd([m['ece'] for m in t])} | "
             f"{_mean_sd([m['ece'] for m in tc])} | {_mean_sd([r['temperature'] for r in rows], False)} | "
             f"{_mean_sd([m['nll'] for m in t], False)} | {_mean_sd([m['brier'] for m in t], False)} | "
-            f"{_mean_sd([m['mean_confidence'] for m in t])} | {rows[0]['target_density']:g} / "
+            f"{_mean_sd([metric(m, 'mean_confidence') for m in t])} | {rows[0]['target_density']:g} / "
             f"{statistics.mean(r['actual_density'] for r in rows):.4f} | "
             f"{statistics.mean(r['mask_updates'] for r in rows):.0f} |"
         )
