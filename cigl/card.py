@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cigl.errors import FormatError
+from cigl.conformal import METHODS as CONFORMAL_METHODS
+from cigl.errors import FormatError, InputError
 from cigl.images import MAX_SIDE, PREPROCESS, check_preprocess
 
 METRICS = ("accuracy", "nll", "ece", "brier", "mean_confidence")
@@ -69,6 +70,12 @@ def write_card(model_file: dict) -> dict[str, str]:
         **{f"test_{name}": metric(test, name) for name in RECORDED},
         "test_calibrated": summary.get("test_calibrated", {}),
     }
+    if "conformal" in summary:
+        c = summary["conformal"]
+        card["conformal"] = {"method": c["method"], "thresholds": c["thresholds"], "n_calibration": c["n_calibration"]}
+    if summary.get("selective", {}).get("threshold") is not None:
+        card["abstain_threshold"] = summary["selective"]["threshold"]
+        card["selective"] = {k: summary["selective"][k] for k in ("target_risk", "delta", "coverage", "risk")}
     return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in card.items()}
 
 
@@ -122,6 +129,41 @@ class ModelCard:
             return f"temperature must be a finite number > 0, got {self.temperature}"
         return None
 
+    def conformal(self) -> tuple[str, dict[float, float]] | None:
+        """(score method, alpha -> threshold) calibrated at training, or None. Checked: the
+        file may come from anyone."""
+        if "conformal" not in self.raw:
+            return None
+        try:
+            entry = json.loads(self.raw["conformal"])
+            method, thresholds = entry["method"], {float(a): float(q) for a, q in entry["thresholds"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            raise FormatError("the model card's conformal entry is malformed; re-export the model") from None
+        good = all(0 < a < 1 and math.isfinite(q) for a, q in thresholds.items())
+        if method not in CONFORMAL_METHODS or not thresholds or not good:
+            raise FormatError("the model card's conformal entry is malformed; re-export the model")
+        return method, thresholds
+
+    def conformal_threshold(self, alpha: float) -> tuple[str, float]:
+        """(method, threshold) for `alpha`; InputError naming the alphas the card holds."""
+        found = self.conformal()
+        if found is None:
+            raise InputError(
+                "this model has no conformal thresholds (it was trained without a validation split or by an "
+                "older cigl); calibrate them with confidence-audit --alpha"
+            )
+        method, thresholds = found
+        for a, q in thresholds.items():
+            if math.isclose(a, alpha, rel_tol=1e-9):
+                return method, q
+        held = ", ".join(f"{a:g}" for a in sorted(thresholds, reverse=True))
+        raise InputError(f"alpha {alpha:g} is not in the model card (calibrated: {held}); choose one of those")
+
+    def abstain_threshold(self) -> float:
+        """The certified abstain threshold recorded at training (0.0: none, answer everything)."""
+        value = self.number("abstain_threshold")
+        return value if value is not None and 0 <= value <= 1 else 0.0
+
     def number(self, key: str) -> float | None:
         """A numeric entry (None when absent or not a finite number)."""
         try:
@@ -131,5 +173,11 @@ class ModelCard:
         return value if math.isfinite(value) else None
 
     def recorded(self) -> dict[str, float | None]:
-        """The test metrics measured at the end of training (None where the card has none)."""
-        return {name: self.number(f"test_{name}") for name in RECORDED}
+        """The test metrics measured at the end of training (None where the card has none):
+        raw (T = 1), and `served_ece` at the model's own temperature."""
+        try:
+            served = json.loads(self.raw.get("test_calibrated", "{}")).get("ece")
+        except (ValueError, AttributeError, RecursionError):
+            served = None
+        served = float(served) if isinstance(served, int | float) and math.isfinite(served) else None
+        return {name: self.number(f"test_{name}") for name in RECORDED} | {"served_ece": served}

@@ -1,9 +1,10 @@
-"""`confidence-audit`: calibration report, reliability diagram and a pass/fail gate.
+"""`confidence-audit`: calibration, conformal coverage, selective prediction, distribution
+shift and a pass/fail gate, for prediction files and exported models.
 
-Inputs are prediction files: `.npz` with `logits` or `probs` plus `labels`, or `.csv` with a
-label column and one column per class. Writes report.json, report.md and reliability.png into
---out (all or nothing) and exits 1 when any model's ECE exceeds --max-ece. numpy + matplotlib
-only: no torch.
+Inputs are prediction files (`.npz` with `logits` or `probs` plus `labels`, or `.csv` with a
+label column and one column per class) or exported `.onnx` models run over --data/--dataset.
+Writes report.json, report.md, report.html and the plots into --out (all or nothing) and exits
+1 when a gate fails. numpy, scipy and matplotlib only: no torch.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from cigl import calibration as cal
+from cigl import conformal
+from cigl.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
 from cigl.io import check_output_dir, make_output_dir
+from cigl.serve import guarantees, report
+from cigl.serve.predictor import Predictor
 
 
 @dataclass
@@ -33,12 +38,32 @@ class Predictions:
     kind: str  # "logits" or "probs"
     classes: list[str] | None = None
     model: dict | None = None  # for an audited .onnx: its sparsity and recorded calibration
+    predictor: Predictor | None = None  # for an audited .onnx: runs the shift and OOD checks
+    images: np.ndarray | None = None  # for an audited .onnx: the uint8 images it was audited on
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How models are audited (the command-line options, validated)."""
+
+    n_bins: int = 10
+    scheme: str = "uniform"
+    temperature: str = "fit"
+    fit_split: float = 0.5
+    n_boot: int = 1000
+    seed: int = 0
+    alphas: tuple[float, ...] = (0.1,)
+    conformal: str = "aps"
+    target_risk: float | None = None
+    shift: bool = False
+    shift_samples: int = 1000
 
 
 # --------------------------------------------------------------------------- loading
 
 
 MAX_BOOTSTRAP = 100_000
+MAX_SHIFT_SAMPLES = 100_000
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
@@ -97,14 +122,15 @@ def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = 
     return Predictions(name, scores, labels, kind, classes)
 
 
-def _onnx_data(predictor, args) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised images and labels the model is audited on: an ImageFolder (--data) decoded as
-    cigl-predict would, or a dataset's test split (--dataset, the split training used)."""
+def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, data_dir: str | None):
+    """uint8 images (N, H, W, C) and labels a model is audited on: an ImageFolder (`data`)
+    decoded as cigl-predict would, or a dataset's test split (the split training used)."""
     from cigl.data import load_dataset
+    from cigl.serve.predict import expand_inputs
 
     classes = predictor.card.classes
-    if args.data:
-        root = Path(args.data)
+    if data:
+        root = Path(data)
         root = root / "test" if (root / "test").is_dir() else root
         if not root.is_dir():
             raise InputError(f"--data folder not found: {root}")
@@ -115,28 +141,28 @@ def _onnx_data(predictor, args) -> tuple[np.ndarray, np.ndarray]:
                 f"{root} needs one folder per class named as the model's classes "
                 f"({', '.join(classes)}); unexpected: {', '.join(unknown) or 'no class folders'}"
             )
-        from cigl.serve.predict import expand_inputs
-
         files = [(f, classes.index(folder.name)) for folder in folders for f in expand_inputs([str(folder)])]
         images = np.stack([predictor.load_image(f) for f, _ in files])
-        labels = np.array([label for _, label in files], dtype=np.int64)
-    else:
-        split = load_dataset(args.dataset, args.data_dir, val_size=0).test
-        c, h, w = predictor.card.input_size
-        if split.x.shape[1:] != (h, w, c):
-            raise InputError(f"{args.dataset} images are {split.x.shape[1:]}, the model takes {(h, w, c)} (H, W, C)")
-        images, labels = split.x, split.y
-    return predictor.normalize(images), labels
+        return images, np.array([label for _, label in files], dtype=np.int64)
+    split = load_dataset(dataset, data_dir, val_size=0).test
+    c, h, w = predictor.card.input_size
+    if split.x.shape[1:] != (h, w, c):
+        raise InputError(f"{dataset} images are {split.x.shape[1:]}, the model takes {(h, w, c)} (H, W, C)")
+    return split.x, split.y
 
 
-def onnx_predictions(spec: str, args) -> Predictions:
+def model_logits(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """Logits of uint8 images, in batches."""
+    return np.concatenate(
+        [predictor.predict(predictor.normalize(images[i : i + 256]))[0] for i in range(0, len(images), 256)]
+    )
+
+
+def onnx_predictions(spec: str, data: str | None, dataset: str | None, data_dir: str | None) -> Predictions:
     """Run an exported model over the audit data; the report then treats it like a file."""
-    from cigl.serve.predictor import Predictor
-
     name, _, path = spec.rpartition("=")
     predictor = Predictor(path, device="cpu")
-    x, labels = _onnx_data(predictor, args)
-    logits = np.concatenate([predictor.predict(x[i : i + 256])[0] for i in range(0, len(x), 256)])
+    images, labels = _audit_images(predictor, data, dataset, data_dir)
     card = predictor.card
     model = {
         "path": path,
@@ -146,7 +172,8 @@ def onnx_predictions(spec: str, args) -> Predictions:
         "temperature_in_model": card.temperature,
         "recorded": card.recorded(),
     }
-    return Predictions(name or Path(path).stem, logits, labels, "logits", card.classes, model)
+    logits = model_logits(predictor, images)
+    return Predictions(name or Path(path).stem, logits, labels, "logits", card.classes, model, predictor, images)
 
 
 # --------------------------------------------------------------------------- auditing
@@ -156,147 +183,225 @@ def _as_logits(p: Predictions) -> np.ndarray:
     return p.scores if p.kind == "logits" else np.log(np.clip(p.scores, 1e-300, None))
 
 
-def audit_one(
-    p: Predictions, *, n_bins: int, scheme: str, temperature: str, fit_split: float, n_boot: int, seed: int
-) -> dict:
-    """Metrics of one model on its report split (all samples, or those not used to fit T)."""
-    idx = np.random.default_rng(seed).permutation(p.labels.shape[0])
-    if temperature == "fit":
-        n_fit = round(fit_split * idx.size)
-        if n_fit < 1 or n_fit >= idx.size:
-            raise InputError(f"--fit-split {fit_split} leaves no samples to fit or to report on for {p.name}")
-        fit, report = np.sort(idx[:n_fit]), np.sort(idx[n_fit:])
+def fit_report_split(n: int, fit_split: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (fit, report) indices: fit for the temperature and the thresholds, report
+    for measuring them."""
+    idx = np.random.default_rng(seed).permutation(n)
+    n_fit = round(fit_split * n)
+    if n_fit < 1 or n_fit >= n:
+        raise InputError(f"--fit-split {fit_split} leaves no samples to fit or to report on for {name}")
+    return np.sort(idx[:n_fit]), np.sort(idx[n_fit:])
+
+
+def served_probs(p: Predictions) -> tuple[np.ndarray, str]:
+    """(the probabilities the model serves, what they are): an exported model's softmax at its
+    own temperature, a prediction file's probabilities as given (softmax of its logits)."""
+    if p.model is not None:
+        t = p.model["temperature_in_model"]
+        return cal.softmax(p.scores, t), f"model's own T = {t:.3f}"
+    return cal.to_probs(p.scores, p.kind), "as given" if p.kind == "probs" else "softmax of the logits"
+
+
+def calibration_metrics(p: Predictions, s: Settings, split: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The raw scores' metrics and the effect of --temperature, on the report split (all
+    samples unless the temperature is fitted)."""
+    fit, report = split
+    if s.temperature == "fit":
         t = cal.fit_temperature(p.scores[fit], p.labels[fit], kind=p.kind)
     else:
         report = np.arange(p.labels.shape[0])
-        if temperature == "model":
-            if p.model is None:
-                raise InputError(f"--temperature model needs a .onnx model; {p.name} is a prediction file")
-            t = p.model["temperature_in_model"]
-        else:
-            t = 1.0 if temperature == "none" else float(temperature)
+        if s.temperature == "model" and p.model is None:
+            raise InputError(f"--temperature model needs a .onnx model; {p.name} is a prediction file")
+        named = {"none": 1.0, "model": p.model["temperature_in_model"] if p.model else None}
+        t = named[s.temperature] if s.temperature in named else float(s.temperature)
     scores, labels = p.scores[report], p.labels[report]
-    metrics = cal.summary(scores, labels, kind=p.kind, n_bins=n_bins)
-    if scheme == "adaptive":
+    metrics = cal.summary(scores, labels, kind=p.kind, n_bins=s.n_bins)
+    if s.scheme == "adaptive":
         metrics["ece"], metrics["adaptive_ece"] = metrics["adaptive_ece"], metrics["ece"]
-        metrics["mce"] = cal.mce(scores, labels, kind=p.kind, n_bins=n_bins, scheme="adaptive")
-    if n_boot:
-        metric = "adaptive_ece" if scheme == "adaptive" else "ece"
-        metrics["ece_ci"] = list(
-            cal.bootstrap_ci(scores, labels, kind=p.kind, metric=metric, n_boot=n_boot, seed=seed, n_bins=n_bins)
+        metrics["mce"] = cal.mce(scores, labels, kind=p.kind, n_bins=s.n_bins, scheme="adaptive")
+    after = cal.summary(cal.softmax(_as_logits(p)[report], t), labels, kind="probs", n_bins=s.n_bins)
+    return metrics | {
+        "temperature": t,
+        "ece_after_t": after["adaptive_ece" if s.scheme == "adaptive" else "ece"],
+        "nll_after_t": after["nll"],
+        "n_fit": int(p.labels.shape[0] - report.size),
+        "bins": bins_dict(cal.to_probs(scores, p.kind), labels, s, band=False),
+    }
+
+
+def bins_dict(probs: np.ndarray, labels: np.ndarray, s: Settings, band: bool) -> dict:
+    """Reliability bins; with `band`, each bin's 95% bootstrap interval of accuracy."""
+    b = cal.reliability_bins(probs, labels, kind="probs", n_bins=s.n_bins, scheme=s.scheme)
+    out = {
+        "edges": b.edges.tolist(),
+        "count": b.count.astype(int).tolist(),
+        "confidence": np.nan_to_num(b.confidence).tolist(),
+        "accuracy": np.nan_to_num(b.accuracy).tolist(),
+    }
+    if band and s.n_boot:
+        rng = np.random.default_rng(s.seed)
+        draws = np.stack(
+            [
+                np.nan_to_num(
+                    cal.reliability_bins(probs[i], labels[i], kind="probs", n_bins=s.n_bins, scheme=s.scheme).accuracy
+                )
+                for i in (rng.integers(0, labels.size, labels.size) for _ in range(min(s.n_boot, 200)))
+            ]
         )
-    scaled = cal.softmax(_as_logits(p)[report], t)
-    after = cal.summary(scaled, labels, kind="probs", n_bins=n_bins)
-    bins = cal.reliability_bins(scores, labels, kind=p.kind, n_bins=n_bins, scheme=scheme)
-    metrics.update(
-        {
-            "temperature": t,
-            "ece_after_t": after["adaptive_ece" if scheme == "adaptive" else "ece"],
-            "nll_after_t": after["nll"],
-            "n_fit": int(p.labels.shape[0] - report.size),
-            "bins": {
-                "edges": bins.edges.tolist(),
-                "count": bins.count.astype(int).tolist(),
-                "confidence": np.nan_to_num(bins.confidence).tolist(),
-                "accuracy": np.nan_to_num(bins.accuracy).tolist(),
-            },
-        }
-    )
+        out["accuracy_lo"], out["accuracy_hi"] = (np.quantile(draws, q, axis=0).tolist() for q in (0.025, 0.975))
+    return out
+
+
+def audit_one(p: Predictions, s: Settings) -> dict:
+    """Every measurement of one model (report.json's entry for it)."""
+    split = fit_report_split(p.labels.shape[0], s.fit_split, s.seed, p.name)
+    metrics = calibration_metrics(p, s, split)
+    probs, what = served_probs(p)
+    card = p.predictor.card if p.predictor is not None else None
+    metrics["served"] = guarantees.served_metrics(probs, p.labels, n_bins=s.n_bins, n_boot=s.n_boot, seed=s.seed) | {
+        "what": what,
+        "bins": bins_dict(probs, p.labels, s, band=True),
+    }
+    classes = p.classes or [str(k) for k in range(probs.shape[1])]
+    metrics["per_class"] = guarantees.per_class(probs, p.labels, classes, s.n_bins)
+    metrics["confusion"] = guarantees.confusion(probs, p.labels)
+    from_card = card.conformal() if card is not None else None
+    metrics["conformal"] = guarantees.conformal_report(probs, p.labels, split, list(s.alphas), s.conformal, from_card)
+    threshold = card.abstain_threshold() if card is not None else 0.0
+    metrics["selective"] = guarantees.selective_report(probs, p.labels, split, s.target_risk, threshold)
     if p.model is not None:
-        # drift: recorded and measured ECE differ by more than the CI's half-width (ECE is biased
-        # upwards, so a percentile CI can lie entirely above a small ECE: compare widths, not ends)
-        recorded, ci = p.model["recorded"]["ece"], metrics.get("ece_ci")
+        # drift: the served ECE recorded at training and the one measured here differ by more
+        # than the interval's half-width
+        recorded, ci = p.model["recorded"]["served_ece"], metrics["served"].get("ece_ci")
         p.model["ece_drift"] = bool(
-            recorded is not None and ci is not None and abs(recorded - metrics["ece"]) > (ci[1] - ci[0]) / 2
+            recorded is not None and ci is not None and abs(recorded - metrics["served"]["ece"]) > (ci[1] - ci[0]) / 2
         )
         metrics["model"] = p.model
+    if s.shift:
+        metrics["shift"] = shift_audit(p, s, metrics["conformal"])
     return metrics
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def shift_audit(p: Predictions, s: Settings, conformal_found: dict) -> dict:
+    """Accuracy, ECE, NLL and conformal coverage (first alpha) of the served probabilities on
+    corrupted copies of (an evenly spread subset of up to --shift-samples of) the audit images."""
+    pick = np.unique(np.linspace(0, p.labels.size - 1, min(s.shift_samples, p.labels.size)).round().astype(int))
+    images, labels = p.images[pick], p.labels[pick]
+    first = next(iter(conformal_found["alphas"].items()), None)
+    method = conformal_found["method"]
+    t = p.model["temperature_in_model"]
+    corruptions: dict[str, dict[str, dict]] = {}
+    for name in CORRUPTIONS:
+        corruptions[name] = {}
+        for severity in SEVERITIES:
+            probs = cal.softmax(model_logits(p.predictor, corrupt(images, name, severity, s.seed)), t)
+            row = {
+                k: v
+                for k, v in cal.summary(probs, labels, kind="probs", n_bins=s.n_bins).items()
+                if k in ("accuracy", "ece", "nll")
+            }
+            if first is not None:
+                sets = conformal.prediction_sets(probs, first[1]["threshold"], method, seed=1)
+                row["coverage"] = conformal.coverage(sets, labels)
+            corruptions[name][str(severity)] = row
+    mean = {
+        str(sev): {
+            k: float(np.mean([corruptions[c][str(sev)][k] for c in corruptions])) for k in ("accuracy", "ece", "nll")
+        }
+        for sev in SEVERITIES
+    }
+    return {
+        "n": int(labels.size),
+        "alpha": first[0] if first else None,
+        "corruptions": corruptions,
+        "mean_by_severity": mean,
+    }
 
 
-def markdown_table(models: dict[str, dict]) -> str:
-    """One table, models side by side."""
-    names = list(models)
+def ood_audit(p: Predictions, folder: str) -> dict:
+    """In-distribution (the audit data) vs a folder of out-of-distribution images."""
+    from cigl.serve.predict import expand_inputs
 
-    def ece_cell(m: dict) -> str:
-        ci = m.get("ece_ci")
-        return _pct(m["ece"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    files = expand_inputs([folder])
+    if not files:
+        raise InputError(f"--ood-data {folder} holds no images")
+    ood = np.stack([p.predictor.load_image(f) for f in files])
+    t = p.model["temperature_in_model"]
+    ood_conf = cal.softmax(model_logits(p.predictor, ood), t).max(axis=1)
+    return guarantees.ood_report(served_probs(p)[0].max(axis=1), ood_conf)
 
-    rows = [
-        ("samples", lambda m: str(m["n"])),
-        ("accuracy", lambda m: _pct(m["accuracy"])),
-        ("ECE (95% CI)", ece_cell),
-        ("adaptive ECE", lambda m: _pct(m["adaptive_ece"])),
-        ("MCE", lambda m: _pct(m["mce"])),
-        ("NLL", lambda m: f"{m['nll']:.4f}"),
-        ("Brier", lambda m: f"{m['brier']:.4f}"),
-        ("mean confidence", lambda m: _pct(m["mean_confidence"])),
-        ("temperature T", lambda m: f"{m['temperature']:.3f}"),
-        ("ECE after T", lambda m: _pct(m["ece_after_t"])),
-    ]
-    if any("model" in m for m in models.values()):
 
-        def recorded_ece(m: dict) -> str:
-            info = m.get("model")
-            if info is None or info["recorded"]["ece"] is None:
-                return "-"
-            return _pct(info["recorded"]["ece"]) + (" (drift beyond the CI)" if info["ece_drift"] else "")
+# --------------------------------------------------------------------------- the gate
 
-        rows += [
-            ("density (actual)", lambda m: f"{m['model']['actual_density']:.4f}" if m.get("model") else "-"),
-            ("ECE recorded in training", recorded_ece),
+
+@dataclass(frozen=True)
+class Gate:
+    max_ece: float | None = None  # on the served probabilities
+    min_coverage: float | None = None  # conformal coverage at the first --alpha
+    max_risk: float | None = None  # realised selective risk at the abstain threshold
+
+    def failures(self, m: dict) -> list[str]:
+        """What one model fails (empty: it passes)."""
+        out = []
+        if self.max_ece is not None and m["served"]["ece"] > self.max_ece:
+            out.append(f"ECE {report.pct(m['served']['ece'])} > {report.pct(self.max_ece)}")
+        if self.min_coverage is not None:
+            found = next(iter(m["conformal"]["alphas"].values()), None)
+            if found is None or found["coverage"] < self.min_coverage:
+                got = "none" if found is None else report.pct(found["coverage"])
+                out.append(f"coverage {got} < {report.pct(self.min_coverage)}")
+        if self.max_risk is not None:
+            t = m["selective"].get("threshold")
+            if t is None or t["risk"] is None or t["risk"] > self.max_risk:
+                got = "none" if t is None or t["risk"] is None else report.pct(t["risk"])
+                out.append(f"selective risk {got} > {report.pct(self.max_risk)}")
+        return out
+
+    def judge(self, models: dict[str, dict]) -> dict:
+        reasons = {name: self.failures(m) for name, m in models.items()}
+        failed = [name for name, r in reasons.items() if r]
+        return {
+            "max_ece": self.max_ece,
+            "min_coverage": self.min_coverage,
+            "max_risk": self.max_risk,
+            "passed": not failed,
+            "failed": failed,
+            "reasons": {name: r for name, r in reasons.items() if r},
+        }
+
+    def verdict(self, result: dict) -> str:
+        """One line, or "" when no gate was asked for."""
+        limits = [
+            f"{label} {report.pct(value)}"
+            for label, value in (
+                ("ECE <=", self.max_ece),
+                ("coverage >=", self.min_coverage),
+                ("risk <=", self.max_risk),
+            )
+            if value is not None
         ]
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {label} | " + " | ".join(fn(models[n]) for n in names) + " |" for label, fn in rows]
-    return "\n".join(lines)
+        if not limits:
+            return ""
+        failed = "; ".join(f"{n}: {', '.join(r)}" for n, r in result["reasons"].items())
+        return f"Gate: {', '.join(limits)}: " + ("PASS" if result["passed"] else f"FAIL ({failed})")
 
 
-def plot_reliability(models: dict[str, dict], path: Path) -> None:
-    """Reliability curves overlaid (top) and confidence histograms (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
-    for name, m in models.items():
-        b = m["bins"]
-        count = np.asarray(b["count"])
-        keep = count > 0
-        conf, acc = np.asarray(b["confidence"])[keep], np.asarray(b["accuracy"])[keep]
-        (line,) = top.plot(conf, acc, marker="o", label=f"{name} (ECE {_pct(m['ece'])})")
-        edges = np.asarray(b["edges"])
-        bottom.stairs(count / count.sum(), edges, color=line.get_color(), linewidth=1.5)
-    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
-    top.legend(loc="upper left", fontsize=8)
-    bottom.set(xlabel="confidence", ylabel="share of samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# --------------------------------------------------------------------------- writing
 
 
-def write_report(report: dict, out: Path, predictions: dict[str, Predictions] | None = None) -> None:
-    """Write report.json, report.md, reliability.png (and predictions-NAME.npz of audited ONNX
-    models) into `out` all at once: everything goes to a temp dir first, then is moved in."""
+def write_report(result: dict, out: Path, verdict: str, predictions: dict[str, Predictions] | None = None) -> None:
+    """Write report.json, report.md, report.html, the plots (and predictions-NAME.npz of audited
+    ONNX models) into `out` all at once: everything goes to a temp dir first, then is moved in."""
     make_output_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        gate = report["gate"]
-        verdict = (
-            ""
-            if gate["max_ece"] is None
-            else (
-                f"\n\nGate: ECE <= {_pct(gate['max_ece'])}: "
-                + ("PASS" if gate["passed"] else "FAIL (" + ", ".join(gate["failed"]) + ")")
-            )
-        )
-        (tmp / "report.md").write_text("# Calibration audit\n\n" + markdown_table(report["models"]) + verdict + "\n")
-        plot_reliability(report["models"], tmp / "reliability.png")
+        (tmp / "report.json").write_text(json.dumps(result, indent=2))
+        table = report.markdown_table(result["models"])
+        (tmp / "report.md").write_text("# Calibration audit\n\n" + table + (f"\n\n{verdict}" if verdict else "") + "\n")
+        pngs = report.plots(result["models"])
+        for name, png in pngs.items():
+            (tmp / name).write_bytes(png)
+        (tmp / "report.html").write_text(report.report_html(result, pngs, verdict))
         for name, p in (predictions or {}).items():
             np.savez(tmp / f"predictions-{name}.npz", logits=p.scores, labels=p.labels, classes=np.asarray(p.classes))
         out.mkdir(exist_ok=True)
@@ -306,53 +411,81 @@ def write_report(report: dict, out: Path, predictions: dict[str, Predictions] | 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- command line
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="confidence-audit",
-        description="Audit the calibration of one or more models from prediction files and gate on ECE.",
-        epilog="exit codes: 0 pass, 1 an ECE above --max-ece, 2 bad input",
+        description="Audit the calibration, conformal coverage, selective risk and robustness to shift of one or "
+        "more models (prediction files or exported .onnx models), with a pass/fail gate.",
+        epilog="exit codes: 0 pass, 1 a gate failed, 2 bad input",
         examples=[
             "confidence-audit runs/demo-cigl/predictions.npz --max-ece 0.05",
             "confidence-audit cigl=runs/a/predictions.npz rigl=runs/b/predictions.npz --out audit/",
-            "confidence-audit model.onnx --dataset digits                # run an exported model, then audit",
+            "confidence-audit model.onnx --dataset digits --shift --min-coverage 0.88 --max-ece 0.05",
         ],
     )
     p.add_argument(
         "predictions",
         nargs="+",
         metavar="[NAME=]FILE",
-        help=".npz (logits or probs, labels[, classes]) or .csv (label column + one column per class)",
+        help=".npz (logits or probs, labels[, classes]), .csv (label column + one column per class) or .onnx",
     )
-    p.add_argument("--bins", type=int, default=10, help="number of bins (default 10)")
-    p.add_argument(
+    g = p.add_argument_group("calibration")
+    g.add_argument("--bins", type=int, default=10, help="number of bins (default 10)")
+    g.add_argument(
         "--scheme",
         choices=cal.SCHEMES,
         default="uniform",
         help="ECE bins: equal width (uniform, default) or equal mass (adaptive)",
     )
-    p.add_argument(
+    g.add_argument(
         "--temperature",
         default="fit",
         help="fit (on --fit-split, report on the rest; default), none, model (the temperature stored in "
         "each .onnx: what its probs output serves), or a value T > 0",
     )
-    p.add_argument("--fit-split", type=float, default=0.5, help="share of samples used to fit T (default 0.5)")
-    p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE CI (default 1000; 0: none)"
+    g.add_argument(
+        "--fit-split", type=float, default=0.5, help="share of samples used to fit T and thresholds (default 0.5)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap (default 0)")
-    p.add_argument("--max-ece", type=float, help="gate: exit 1 when any model's ECE exceeds this (e.g. 0.05)")
-    p.add_argument("--out", default="audit", help="report folder (default ./audit)")
-    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
-    p.add_argument("--data", help="for .onnx models: ImageFolder (with test/ or class folders) to audit on")
-    p.add_argument(
+    g.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the ECE interval (default 1000; 0: none)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the fit/report split and the bootstrap (default 0)")
+    g = p.add_argument_group("guarantees")
+    g.add_argument("--alpha", type=float, nargs="+", default=[0.1], help="conformal miscoverage levels (default 0.1)")
+    g.add_argument(
+        "--conformal",
+        choices=conformal.METHODS,
+        default="aps",
+        help="conformal score when the model card has none (default aps)",
+    )
+    g.add_argument(
+        "--target-risk",
+        type=float,
+        help="choose the abstain threshold certified for this selective risk on the fit split",
+    )
+    g = p.add_argument_group("exported models (.onnx)")
+    g.add_argument("--data", help="ImageFolder (with test/ or class folders) to audit on")
+    g.add_argument(
         "--dataset",
         choices=("digits", "cifar10", "imagefolder"),
-        help="for .onnx models: audit on this dataset's test split (as training split it)",
+        help="audit on this dataset's test split (as trained)",
     )
-    p.add_argument("--data-dir", help="folder of --dataset cifar10 / imagefolder")
-    p.add_argument("--label-column", default="label", help="CSV label column (default label)")
-    p.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold (default probs)")
+    g.add_argument("--data-dir", help="folder of --dataset cifar10 / imagefolder")
+    g.add_argument("--shift", action="store_true", help="also audit on corrupted copies (9 corruptions x 5 severities)")
+    g.add_argument("--shift-samples", type=int, default=1000, help="images corrupted per setting (default 1000)")
+    g.add_argument("--ood-data", help="folder of out-of-distribution images: AUROC and FPR@95 of the confidence")
+    g = p.add_argument_group("gate (exit 1 when a model fails)")
+    g.add_argument("--max-ece", type=float, help="ECE of the served probabilities above this fails (e.g. 0.05)")
+    g.add_argument("--min-coverage", type=float, help="conformal coverage at the first --alpha below this fails")
+    g.add_argument("--max-risk", type=float, help="selective risk at the abstain threshold above this fails")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="audit", help="report folder (default ./audit)")
+    g.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    g.add_argument("--label-column", default="label", help="CSV label column (default label)")
+    g.add_argument("--csv-kind", choices=cal.KINDS, default="probs", help="what CSV class columns hold (default probs)")
     return p
 
 
@@ -362,30 +495,51 @@ def _check_options(args) -> None:
     if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
         raise InputError(f"--bootstrap must be >= 0 and <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
     check_output_dir(args.out)
-    if args.temperature not in ("fit", "none", "model"):
-        try:
-            t = float(args.temperature)
-        except ValueError:
-            t = float("nan")
-        if not t > 0 or not np.isfinite(t):
-            raise InputError(f"--temperature must be fit, none, model or a number > 0, got {args.temperature!r}")
+    _check_temperature(args.temperature)
     if not 0 < args.fit_split < 1:
         raise InputError(f"--fit-split must lie in (0, 1), got {args.fit_split}")
-    if args.max_ece is not None and not 0 <= args.max_ece <= 1:
-        raise InputError(f"--max-ece must lie in [0, 1] (e.g. 0.05 for 5%), got {args.max_ece}")
+    for flag, value in (
+        ("--max-ece", args.max_ece),
+        ("--min-coverage", args.min_coverage),
+        ("--max-risk", args.max_risk),
+    ):
+        if value is not None and not 0 <= value <= 1:
+            raise InputError(f"{flag} must lie in [0, 1] (e.g. 0.05 for 5%), got {value}")
+    for flag, values in (
+        ("--alpha", args.alpha),
+        ("--target-risk", [args.target_risk] if args.target_risk is not None else []),
+    ):
+        if any(not 0 < v < 1 for v in values):
+            raise InputError(f"{flag} must lie in (0, 1), got {' '.join(map(str, values))}")
+    if not 1 <= args.shift_samples <= MAX_SHIFT_SAMPLES:
+        raise InputError(f"--shift-samples must lie in 1..{MAX_SHIFT_SAMPLES}, got {args.shift_samples}")
+    _check_inputs(args)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _check_options(args)
-    onnx_specs = [s for s in args.predictions if s.endswith(".onnx")]
-    if onnx_specs and not (args.data or args.dataset):
+def _check_temperature(temperature: str) -> None:
+    if temperature in ("fit", "none", "model"):
+        return
+    try:
+        t = float(temperature)
+    except ValueError:
+        t = float("nan")
+    if not t > 0 or not np.isfinite(t):
+        raise InputError(f"--temperature must be fit, none, model or a number > 0, got {temperature!r}")
+
+
+def _check_inputs(args) -> None:
+    onnx = [s for s in args.predictions if s.endswith(".onnx")]
+    if onnx and not (args.data or args.dataset):
         raise InputError("auditing a .onnx model needs --data DIR or --dataset NAME to run it on")
-    if onnx_specs and args.data and args.dataset:
+    if onnx and args.data and args.dataset:
         raise InputError("give either --data or --dataset, not both")
+    if (args.shift or args.ood_data) and len(onnx) != len(args.predictions):
+        raise InputError("--shift and --ood-data run the models on images: give .onnx models only")
+
+
+def _load_all(args) -> list[Predictions]:
     preds = [
-        onnx_predictions(s, args)
+        onnx_predictions(s, args.data, args.dataset, args.data_dir)
         if s.endswith(".onnx")
         else load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind)
         for s in args.predictions
@@ -393,36 +547,62 @@ def main(argv: list[str] | None = None) -> int:
     names = [p.name for p in preds]
     if len(set(names)) != len(names):
         raise InputError(f"two inputs share the name {max(names, key=names.count)!r}; name them NAME=path")
-    models = {
-        p.name: audit_one(
-            p,
-            n_bins=args.bins,
-            scheme=args.scheme,
-            temperature=args.temperature,
-            fit_split=args.fit_split,
-            n_boot=args.bootstrap,
-            seed=args.seed,
-        )
-        for p in preds
-    }
-    failed = [n for n, m in models.items() if args.max_ece is not None and m["ece"] > args.max_ece]
-    report = {
-        "settings": {k: getattr(args, k) for k in ("bins", "scheme", "temperature", "fit_split", "bootstrap", "seed")},
-        "inputs": dict(zip(names, args.predictions, strict=True)),
+    return preds
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_options(args)
+    preds = _load_all(args)
+    settings = Settings(
+        n_bins=args.bins,
+        scheme=args.scheme,
+        temperature=args.temperature,
+        fit_split=args.fit_split,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        alphas=tuple(args.alpha),
+        conformal=args.conformal,
+        target_risk=args.target_risk,
+        shift=args.shift,
+        shift_samples=args.shift_samples,
+    )
+    models = {p.name: audit_one(p, settings) for p in preds}
+    if args.ood_data:
+        for p in preds:
+            models[p.name]["ood"] = ood_audit(p, args.ood_data)
+    gate = Gate(args.max_ece, args.min_coverage, args.max_risk)
+    judged = gate.judge(models)
+    keys = (
+        "bins",
+        "scheme",
+        "temperature",
+        "fit_split",
+        "bootstrap",
+        "seed",
+        "alpha",
+        "conformal",
+        "target_risk",
+        "shift",
+    )
+    result = {
+        "settings": {k: getattr(args, k) for k in keys},
+        "inputs": {p.name: spec for p, spec in zip(preds, args.predictions, strict=True)},
         "models": models,
-        "gate": {"max_ece": args.max_ece, "passed": not failed, "failed": failed},
+        "gate": judged,
     }
-    out = Path(args.out)
-    write_report(report, out, {p.name: p for p in preds if p.model is not None})
+    out, verdict = Path(args.out), gate.verdict(judged)
+    write_report(result, out, verdict, {p.name: p for p in preds if p.model is not None})
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        print(markdown_table(models))
-        if args.max_ece is not None:
-            print(f"gate ECE <= {_pct(args.max_ece)}: " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
-        print(f"report: {out / 'report.md'}, {out / 'report.json'}; diagram: {out / 'reliability.png'}")
-    return 1 if failed else 0
+        print(report.markdown_table(models))
+        if verdict:
+            print(verdict)
+        print(f"report: {out / 'report.html'} ({out / 'report.md'}, {out / 'report.json'}, plots)")
+    return 0 if judged["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     POST /v1/predict   multipart image upload(s) (any field name), or JSON {"inputs": [...]}
                        with arrays at the model's input size (C x H x W, normalised); optional
-                       "top_k" and "abstain_below" (JSON) or query parameters (multipart)
+                       "top_k", "abstain_below" and "alpha" (JSON) or query parameters (multipart)
     GET  /v1/metadata  the model card: classes, input size, density, temperature, recorded metrics
     GET  /healthz      liveness and the execution provider in use
     GET  /docs         OpenAPI documentation
@@ -37,7 +37,8 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list = Field(..., description="arrays of shape C x H x W (normalised), one per image")
     top_k: int = Field(1, ge=1, le=1000)
-    abstain_below: float = Field(0.0, ge=0.0, le=1.0)
+    abstain_below: float | None = Field(None, ge=0.0, le=1.0, description="default: the card's certified threshold")
+    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="add the conformal prediction set at this alpha")
 
 
 def _error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -80,8 +81,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail))
 
 
-async def json_inputs(request: Request) -> tuple[list[str], np.ndarray, int, float]:
-    """(names, float batch, top_k, abstain_below) of a JSON body; BadRequest or InputError otherwise."""
+async def json_inputs(request: Request) -> tuple[list[str], np.ndarray, PredictRequest]:
+    """(names, float batch, the request's options) of a JSON body; BadRequest or InputError otherwise."""
     try:
         body = PredictRequest.model_validate(json.loads(await request.body()))
     except json.JSONDecodeError as exc:
@@ -100,7 +101,7 @@ async def json_inputs(request: Request) -> tuple[list[str], np.ndarray, int, flo
         x = np.asarray(body.inputs, dtype=np.float32)
     except (ValueError, TypeError, RecursionError):
         raise InputError("inputs must be equally shaped numeric arrays (C x H x W each)") from None
-    return [f"inputs[{i}]" for i in range(len(x))], x, body.top_k, body.abstain_below
+    return [f"inputs[{i}]" for i in range(len(x))], x, body
 
 
 async def multipart_inputs(request: Request, predictor: Predictor, max_batch: int) -> tuple[list[str], np.ndarray]:
@@ -114,6 +115,16 @@ async def multipart_inputs(request: Request, predictor: Predictor, max_batch: in
     images = [predictor.load_image(io.BytesIO(await u.read()), name=u.filename or "upload") for u in uploads]
     names = [u.filename or f"file[{i}]" for i, u in enumerate(uploads)]
     return names, predictor.normalize(np.stack(images))
+
+
+def _check_query(top_k: int, abstain_below: float | None, alpha: float | None) -> None:
+    """The query options of a multipart request, bounded as the JSON body's are."""
+    if top_k < 1 or top_k > 1000:
+        raise BadRequest(422, f"top_k: must lie in 1..1000, got {top_k}")
+    if abstain_below is not None and not 0 <= abstain_below <= 1:
+        raise BadRequest(422, f"abstain_below: must lie in [0, 1], got {abstain_below}")
+    if alpha is not None and not 0 < alpha < 1:
+        raise BadRequest(422, f"alpha: must lie in (0, 1), got {alpha}")
 
 
 def metadata_of(predictor: Predictor, max_batch: int) -> dict:
@@ -130,6 +141,8 @@ def metadata_of(predictor: Predictor, max_batch: int) -> dict:
         "target_density": card.number("target_density"),
         "actual_density": card.number("actual_density"),
         "recorded": card.recorded(),
+        "conformal_alphas": sorted(card.conformal()[1], reverse=True) if card.conformal() else [],
+        "abstain_threshold": card.abstain_threshold(),
         "max_batch": max_batch,
     }
 
@@ -159,20 +172,20 @@ def create_app(predictor: Predictor, max_batch: int = 64, max_body_mb: float = 1
         return metadata_of(predictor, max_batch)
 
     @app.post("/v1/predict", responses={400: {"description": "bad input"}, 413: {"description": "too large"}})
-    async def predict(request: Request, top_k: int = 1, abstain_below: float = 0.0):
+    async def predict(request: Request, top_k: int = 1, abstain_below: float | None = None, alpha: float | None = None):
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
-            names, x, top_k, abstain_below = await json_inputs(request)
+            names, x, body = await json_inputs(request)
+            top_k, abstain_below, alpha = body.top_k, body.abstain_below, body.alpha
         elif kind.startswith("multipart/form-data"):
-            if top_k < 1 or not 0 <= abstain_below <= 1:
-                raise InputError("need top_k >= 1 and 0 <= abstain_below <= 1")
+            _check_query(top_k, abstain_below, alpha)
             names, x = await multipart_inputs(request, predictor, max_batch)
         else:
             raise BadRequest(415, 'send multipart/form-data image uploads or application/json {"inputs": [...]}')
         if len(names) > max_batch:
             raise InputError(f"{len(names)} inputs in one request; at most {max_batch} (--max-batch)")
         _, probs = predictor.predict(x)
-        return {"predictions": predictor.records(names, probs, top_k, abstain_below)}
+        return {"predictions": predictor.records(names, probs, top_k, abstain_below, alpha)}
 
     return app
 

@@ -1,7 +1,8 @@
 """`cigl-predict MODEL.onnx INPUT...`: calibrated predictions for images, folders and .npy arrays.
 
 One record per input (JSON lines or CSV): source, class, confidence (the calibrated
-probability of the predicted class), top_k, abstained (confidence < --abstain-below), and
+probability of the predicted class), top_k, abstained (confidence < --abstain-below, by default
+the model card's certified threshold), prediction_set with --alpha (conformal, from the card), and
 `error` for an input that could not be read. Exit codes: 0 all predicted, 1 some inputs
 unreadable (reported in their records), 2 bad usage or, with --strict, any unreadable input.
 """
@@ -9,11 +10,12 @@ unreadable (reported in their records), 2 bad usage or, with --strict, any unrea
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
+MakeRecords = Callable[[list[str], np.ndarray], list[dict]]  # (sources, probs) -> records
 MAX_NPY_BYTES = 2 * 1024**3  # largest .npy input read into memory
 
 
@@ -95,12 +98,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="file", file=sys.stderr, leave=False)
 
 
-def _npy_records(predictor: Predictor, path: Path, batch: int, top_k: int, abstain_below: float) -> list[dict]:
+def _npy_records(predictor: Predictor, path: Path, batch: int, make_records: MakeRecords) -> list[dict]:
     """One record per array of a .npy file."""
     return [
         record
         for sources, x in _npy_batches(predictor, path, batch)
-        for record in predictor.records(sources, predictor.predict(x)[1], top_k, abstain_below)
+        for record in make_records(sources, predictor.predict(x)[1])
     ]
 
 
@@ -109,13 +112,14 @@ def predict_all(
     paths: list[Path],
     *,
     batch: int,
-    top_k: int,
-    abstain_below: float,
+    make_records: MakeRecords,
     strict: bool,
     progress: bool,
 ) -> list[dict]:
     """Records for every input, in input order: image files are decoded one by one and run in
-    batches of `batch`; an unreadable input gets an error record (or raises with `strict`)."""
+    batches of `batch`, their probabilities turned into records by `make_records` (e.g.
+    Predictor.records with the chosen top-k, abstain threshold and alpha); an unreadable input
+    gets an error record (or raises with `strict`)."""
     records: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []  # (record slot, decoded image)
 
@@ -124,7 +128,7 @@ def predict_all(
             return
         slots = [slot for slot, _ in pending]
         _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
-        found = predictor.records([records[s]["source"] for s in slots], probs, top_k, abstain_below)
+        found = make_records([records[s]["source"] for s in slots], probs)
         for slot, record in zip(slots, found, strict=True):
             records[slot] = record
         pending.clear()
@@ -134,7 +138,7 @@ def predict_all(
         try:
             if path.suffix.lower() == ".npy":
                 flush()
-                records.extend(_npy_records(predictor, path, batch, top_k, abstain_below))
+                records.extend(_npy_records(predictor, path, batch, make_records))
             else:
                 pending.append((len(records), predictor.load_image(path)))
                 records.append({"source": str(path)})
@@ -157,11 +161,20 @@ def render(records: list[dict], fmt: str) -> str:
         return "".join(json.dumps(r) + "\n" for r in records)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["source", "class", "confidence", "top_k", "abstained", "error"])
+    w.writerow(["source", "class", "confidence", "top_k", "abstained", "prediction_set", "error"])
     for r in records:
         top = ";".join(f"{c}:{p}" for c, p in r.get("top_k", []))
+        found = ";".join(r.get("prediction_set", []))
         w.writerow(
-            [r["source"], r.get("class", ""), r.get("confidence", ""), top, r.get("abstained", ""), r.get("error", "")]
+            [
+                r["source"],
+                r.get("class", ""),
+                r.get("confidence", ""),
+                top,
+                r.get("abstained", ""),
+                found,
+                r.get("error", ""),
+            ]
         )
     return buf.getvalue()
 
@@ -189,9 +202,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--abstain-below",
         type=float,
-        default=0.0,
         metavar="P",
-        help="flag predictions whose calibrated confidence is below P",
+        help="flag predictions whose calibrated confidence is below P (default: the threshold the model "
+        "card certifies for its --target-risk, else 0)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="add the conformal prediction set that holds the true class with probability >= 1 - ALPHA "
+        "(an alpha calibrated in the model card: 0.1, 0.05 or 0.01)",
     )
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     p.add_argument("--out", help="write records to FILE (default stdout)")
@@ -205,16 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.top_k < 1:
         raise InputError("--batch-size and --top-k must be >= 1")
-    if not 0 <= args.abstain_below <= 1:
+    if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         raise InputError(f"--abstain-below must lie in [0, 1], got {args.abstain_below}")
     predictor = Predictor(args.model, device=args.device)
+    if args.alpha is not None:
+        predictor.card.conformal_threshold(args.alpha)  # an alpha the card lacks fails before any work
     paths = expand_inputs(args.inputs)
     records = predict_all(
         predictor,
         paths,
         batch=min(args.batch_size, predictor.max_batch),
-        top_k=args.top_k,
-        abstain_below=args.abstain_below,
+        make_records=functools.partial(
+            predictor.records, top_k=args.top_k, abstain_below=args.abstain_below, alpha=args.alpha
+        ),
         strict=args.strict,
         progress=sys.stderr.isatty(),
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cigl import conformal
 from cigl.card import ModelCard
 from cigl.errors import FormatError, InputError
 from cigl.images import load_image
@@ -100,20 +101,35 @@ class Predictor:
         c, h, w = self.card.input_size
         return load_image(source, c, (h, w), name=name)
 
-    def records(self, sources: list[str], probs: np.ndarray, top_k: int = 1, abstain_below: float = 0.0) -> list[dict]:
-        """One record per input: predicted class, calibrated confidence, top-k, abstained."""
+    def records(
+        self,
+        sources: list[str],
+        probs: np.ndarray,
+        top_k: int = 1,
+        abstain_below: float | None = None,
+        alpha: float | None = None,
+    ) -> list[dict]:
+        """One record per input: predicted class, calibrated confidence, top-k, abstained
+        (confidence below `abstain_below`; None: the card's certified threshold, else 0) and,
+        with `alpha`, the conformal prediction set of the card's thresholds for that alpha."""
+        threshold = self.card.abstain_threshold() if abstain_below is None else abstain_below
+        sets = None
+        if alpha is not None:
+            method, q = self.card.conformal_threshold(alpha)
+            sets = conformal.prediction_sets(probs, q, method, seed=0)  # APS/RAPS draw u per position
         k = max(1, min(top_k, probs.shape[1]))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         out = []
-        for src, p, idx in zip(sources, probs, order, strict=True):
+        for i, (src, p, idx) in enumerate(zip(sources, probs, order, strict=True)):
             conf = float(p[idx[0]])
-            out.append(
-                {
-                    "source": src,
-                    "class": self.card.classes[idx[0]],
-                    "confidence": round(conf, 6),
-                    "top_k": [[self.card.classes[i], round(float(p[i]), 6)] for i in idx],
-                    "abstained": conf < abstain_below,
-                }
-            )
+            record = {
+                "source": src,
+                "class": self.card.classes[idx[0]],
+                "confidence": round(conf, 6),
+                "top_k": [[self.card.classes[j], round(float(p[j]), 6)] for j in idx],
+                "abstained": conf < threshold,
+            }
+            if sets is not None:
+                record["prediction_set"] = [self.card.classes[j] for j in np.flatnonzero(sets[i])]
+            out.append(record)
         return out

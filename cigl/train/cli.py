@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from cigl import distributed
+from cigl.conformal import METHODS as CONFORMAL_METHODS
 from cigl.data import DATASETS
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.sparse.allocation import INITS
@@ -66,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--mc-samples",
         type=int,
         help="also report MC dropout of the final weights: K passes with the random mask (needs --dpnum)",
+    )
+    g = p.add_argument_group("confidence guarantees (calibrated on the validation split)")
+    g.add_argument(
+        "--conformal",
+        choices=CONFORMAL_METHODS,
+        help=f"conformal score for prediction sets at alpha 0.1/0.05/0.01 (default {d.conformal})",
+    )
+    g.add_argument(
+        "--target-risk",
+        type=float,
+        help="R: record the lowest confidence threshold certified (90%% confidence) to keep the error "
+        "among accepted predictions <= R; predict/serve abstain below it",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")

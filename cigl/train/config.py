@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from cigl.conformal import METHODS as CONFORMAL_METHODS
 from cigl.data import DATASETS
 from cigl.errors import InputError
 from cigl.images import MAX_SIDE
@@ -46,6 +47,8 @@ class TrainConfig:
     avg_start: int | None = None  # first averaged epoch (1-based); cigl: 80% of the epochs
     product: str | None = None  # "averaged" (default with averaging) or "final" (the final weights)
     mc_samples: int = 0  # also evaluate MC dropout: K stochastic passes with the random mask
+    conformal: str = "aps"  # conformal score calibrated on the validation split: lac, aps or raps
+    target_risk: float | None = None  # abstain threshold certified to keep the selective risk <= this
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.1
@@ -87,6 +90,7 @@ NUMBER_RANGES = {
     "warmup_epochs": (0.0, 1e9, "float"),
     "wd": (0.0, 1.0, "float"),
     "momentum": (0.0, 0.999, "float"),
+    "target_risk": (0.0001, 0.9999, "float"),
 }
 
 
@@ -126,6 +130,7 @@ def _check_choices(cfg: TrainConfig) -> None:
         ("sparse_init", cfg.sparse_init, INITS),
         ("product", cfg.product, (None, *PRODUCTS)),
         ("device", cfg.device, DEVICES),
+        ("conformal", cfg.conformal, CONFORMAL_METHODS),
     ):
         if value not in choices:
             names = ", ".join(c for c in choices if c is not None)
@@ -182,6 +187,8 @@ def _fill_product(cfg: TrainConfig) -> None:
     cfg.product = cfg.product or ("averaged" if cfg.avg_start else "final")
     if cfg.product == "averaged" and not cfg.avg_start:
         raise InputError("--product averaged needs weight averaging: add --avg-start EPOCH or use --method cigl")
+    if cfg.target_risk is not None and cfg.val_size == 0:
+        raise InputError("--target-risk certifies the abstain threshold on the validation split: drop --val-size 0")
     if cfg.mc_samples and not cfg.dpnum:
         raise InputError(
             "--mc-samples K (K >= 1) draws the random mask at evaluation: it needs --dpnum N (e.g. --method cigl)"

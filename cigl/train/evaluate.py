@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cigl import calibration
+from cigl import calibration, conformal, selective
 from cigl.pipeline import normalize
 from cigl.sparse import random_mask
 
@@ -102,3 +102,35 @@ def make_summary(cfg, masks: dict[str, torch.Tensor], target_nnz: dict[str, int]
         **results,
         "layers": layers,
     }
+
+
+def confidence_guarantees(
+    logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], temperature: float, method: str, target_risk
+) -> dict:
+    """Conformal thresholds (cigl.conformal) and, with `target_risk`, the certified abstain
+    threshold (cigl.selective), calibrated on the validation split's served probabilities
+    softmax(logits / T), and what they give on the test split. {} without a validation split.
+    T was fitted on the same split: one scalar, whose effect the test columns show."""
+    if "val" not in logits:
+        return {}
+    val = calibration.softmax(logits["val"], temperature)
+    test = calibration.softmax(logits["test"], temperature)
+    alphas = [a for a in conformal.DEFAULT_ALPHAS if len(val) >= conformal.min_samples(a)]
+    out = {}
+    if alphas:
+        thresholds = conformal.calibrate(val, labels["val"], alphas, method)
+        sets = {a: conformal.prediction_sets(test, q, method, seed=1) for a, q in thresholds.items()}
+        out["conformal"] = {
+            "method": method,
+            "thresholds": {str(a): q for a, q in thresholds.items()},
+            "n_calibration": len(val),
+            "test_coverage": {str(a): conformal.coverage(s, labels["test"]) for a, s in sets.items()},
+            "test_mean_size": {str(a): float(s.sum(axis=1).mean()) for a, s in sets.items()},
+        }
+    if target_risk is not None:
+        chosen = selective.risk_threshold(val.max(axis=1), val.argmax(axis=1) == labels["val"], target_risk)
+        on_test = selective.selective_metrics(
+            test.max(axis=1), test.argmax(axis=1) == labels["test"], chosen["threshold"]
+        )
+        out["selective"] = chosen | {"test_coverage": on_test["coverage"], "test_risk": on_test["risk"]}
+    return out

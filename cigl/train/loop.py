@@ -39,7 +39,14 @@ from cigl.sparse import Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.schedule import FEW_UPDATES, default_update_every, update_count
 from cigl.tables import format_table
 from cigl.train.config import TrainConfig, resolve
-from cigl.train.evaluate import evaluate, make_summary, mc_dropout_logits, split_logits, split_metrics
+from cigl.train.evaluate import (
+    confidence_guarantees,
+    evaluate,
+    make_summary,
+    mc_dropout_logits,
+    split_logits,
+    split_metrics,
+)
 
 
 @dataclass
@@ -435,6 +442,9 @@ def finish(run: Run, last_logits: dict[str, np.ndarray]) -> dict:
     chosen = "averaged" if cfg.product == "averaged" else "final_weights"
     product, product_masks = products[chosen]
     summary = make_summary(cfg, product_masks, masking.nnz if masking else {}, results, chosen)
+    summary |= confidence_guarantees(logits[chosen], run.eval_y, summary["temperature"], cfg.conformal, cfg.target_risk)
+    if cfg.target_risk is not None and summary["selective"]["threshold"] is None:
+        run.say(f"note: no abstain threshold keeps the risk <= {cfg.target_risk:g} on this validation split")
     if masking is not None:
         updates, moved = masking.churn()
         summary |= {"mask_updates": updates, "mask_churn": moved / sum(masking.nnz.values())}

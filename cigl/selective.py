@@ -1,0 +1,93 @@
+"""Selective prediction (numpy; scipy for the binomial bound): answer only when confident.
+
+A threshold t accepts the predictions whose confidence (the top served probability) is >= t.
+Coverage is the share accepted, selective risk the error rate among them. The risk-coverage
+curve sweeps t over all confidences; AURC is the area under it (mean selective risk over
+coverages, Geifman et al. 2019), and excess AURC subtracts the AURC an oracle ordering of the
+same predictions (all errors rejected first) would reach.
+
+`risk_threshold` picks t on held-out data so that, with probability >= 1 - delta over that
+data, the selective risk of new predictions at t stays <= the target R. The candidates are a
+fixed grid of thresholds (THRESHOLDS, chosen before seeing any data, dense near 1 where a good
+model's confidences are); each gets the Clopper-Pearson upper bound of its risk at level
+delta / len(THRESHOLDS), so that by the union bound no candidate whose true risk exceeds R
+passes, except with probability delta (a Learn-then-Test procedure with Bonferroni
+correction, Angelopoulos et al. 2021). The lowest passing threshold (most coverage) is chosen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cigl.errors import InputError
+
+THRESHOLDS = np.unique(np.r_[np.linspace(0.05, 0.95, 19), 1 - np.logspace(-1.3, -5, 38)])
+
+
+def _check(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if confidence.ndim != 1 or confidence.shape != correct.shape or confidence.size == 0:
+        raise InputError(f"need equal-length 1-D confidence and correctness, got {confidence.shape}, {correct.shape}")
+    return confidence, correct
+
+
+def risk_coverage_curve(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, selective risk) after accepting the k most confident samples, k = 1..N
+    (ties broken by the order given)."""
+    confidence, correct = _check(confidence, correct)
+    order = np.argsort(-confidence, kind="stable")
+    errors = np.cumsum(~correct[order])
+    k = np.arange(1, confidence.size + 1)
+    return k / confidence.size, errors / k
+
+
+def aurc(confidence, correct) -> float:
+    """Area under the risk-coverage curve: the mean of the selective risks at k = 1..N."""
+    return float(risk_coverage_curve(confidence, correct)[1].mean())
+
+
+def excess_aurc(confidence, correct) -> float:
+    """AURC minus the AURC of the best possible ordering of the same predictions."""
+    _, correct = _check(confidence, correct)
+    return aurc(confidence, correct) - aurc(correct.astype(np.float64), correct)
+
+
+def clopper_pearson_upper(errors: np.ndarray, n: np.ndarray, delta: float) -> np.ndarray:
+    """One-sided (1 - delta) upper confidence bound on a binomial rate with `errors` in `n` trials."""
+    from scipy.stats import beta
+
+    errors, n = np.asarray(errors, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    bound = beta.ppf(1 - delta, errors + 1, n - errors)
+    return np.where(errors >= n, 1.0, bound)
+
+
+def risk_threshold(confidence, correct, target_risk: float, delta: float = 0.1) -> dict:
+    """The lowest grid threshold whose selective risk is certified <= target_risk (module
+    docstring). Returns the threshold, the held-out coverage and risk at it and the risk's
+    upper bound; threshold None when no candidate can be certified on this data."""
+    confidence, correct = _check(confidence, correct)
+    if not 0 < target_risk < 1 or not 0 < delta < 1:
+        raise InputError(f"need 0 < target risk < 1 and 0 < delta < 1, got {target_risk}, {delta}")
+    accepted = confidence[None, :] >= THRESHOLDS[:, None]
+    n = accepted.sum(axis=1)
+    errors = (accepted & ~correct[None, :]).sum(axis=1)
+    upper = np.where(n > 0, clopper_pearson_upper(errors, np.maximum(n, 1), delta / THRESHOLDS.size), 1.0)
+    result = {"target_risk": target_risk, "delta": delta, "threshold": None, "coverage": 0.0, "risk": None}
+    passing = np.flatnonzero(upper <= target_risk)
+    if not passing.size:
+        return result
+    i = passing[0]  # thresholds ascend: the first passing one accepts the most
+    return result | {
+        "threshold": float(THRESHOLDS[i]),
+        "coverage": float(n[i] / confidence.size),
+        "risk": float(errors[i] / n[i]),
+        "risk_upper_bound": float(upper[i]),
+    }
+
+
+def selective_metrics(confidence, correct, threshold: float | None) -> dict:
+    """Coverage and selective risk of `threshold` on labelled data (threshold None: all rejected)."""
+    confidence, correct = _check(confidence, correct)
+    accepted = confidence >= threshold if threshold is not None else np.zeros_like(correct)
+    n = int(accepted.sum())
+    return {"coverage": n / confidence.size, "risk": float((~correct[accepted]).mean()) if n else None}
