@@ -7,21 +7,20 @@ coverages, Geifman et al. 2019), and excess AURC subtracts the AURC an oracle or
 same predictions (all errors rejected first) would reach.
 
 `risk_threshold` picks t on held-out data so that, with probability >= 1 - delta over that
-data, the selective risk of new predictions at t stays <= the target R. The candidates are a
-fixed grid of thresholds (THRESHOLDS, chosen before seeing any data, dense near 1 where a good
-model's confidences are); each gets the Clopper-Pearson upper bound of its risk at level
-delta / len(THRESHOLDS), so that by the union bound no candidate whose true risk exceeds R
-passes, except with probability delta (a Learn-then-Test procedure with Bonferroni
-correction, Angelopoulos et al. 2021). The lowest passing threshold (most coverage) is chosen.
+data, the selective risk at t stays <= the target R: SGR, the selection-with-guaranteed-risk
+algorithm of Geifman & El-Yaniv (NeurIPS 2017). A binary search over the sorted held-out
+confidences tests k = ceil(log2 n) thresholds, each with the Clopper-Pearson upper bound of its
+risk at level delta / k (a union bound over the tested thresholds), moving down while the
+bound holds; the lowest threshold whose bound held is returned.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cigl.errors import InputError
-
-THRESHOLDS = np.unique(np.r_[np.linspace(0.05, 0.95, 19), 1 - np.logspace(-1.3, -5, 38)])
 
 
 def _check(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
@@ -62,27 +61,32 @@ def clopper_pearson_upper(errors: np.ndarray, n: np.ndarray, delta: float) -> np
 
 
 def risk_threshold(confidence, correct, target_risk: float, delta: float = 0.1) -> dict:
-    """The lowest grid threshold whose selective risk is certified <= target_risk (module
-    docstring). Returns the threshold, the held-out coverage and risk at it and the risk's
-    upper bound; threshold None when no candidate can be certified on this data."""
+    """The lowest confidence threshold whose selective risk SGR certifies <= target_risk (module
+    docstring). Returns the threshold, the held-out coverage and risk at it and the risk's upper
+    bound; threshold None when no tested threshold could be certified on this data."""
     confidence, correct = _check(confidence, correct)
     if not 0 < target_risk < 1 or not 0 < delta < 1:
         raise InputError(f"need 0 < target risk < 1 and 0 < delta < 1, got {target_risk}, {delta}")
-    accepted = confidence[None, :] >= THRESHOLDS[:, None]
-    n = accepted.sum(axis=1)
-    errors = (accepted & ~correct[None, :]).sum(axis=1)
-    upper = np.where(n > 0, clopper_pearson_upper(errors, np.maximum(n, 1), delta / THRESHOLDS.size), 1.0)
+    sorted_conf = np.sort(confidence)
+    steps = max(1, math.ceil(math.log2(confidence.size)))
+    low, high = 0, confidence.size - 1  # indices into sorted_conf
     result = {"target_risk": target_risk, "delta": delta, "threshold": None, "coverage": 0.0, "risk": None}
-    passing = np.flatnonzero(upper <= target_risk)
-    if not passing.size:
-        return result
-    i = passing[0]  # thresholds ascend: the first passing one accepts the most
-    return result | {
-        "threshold": float(THRESHOLDS[i]),
-        "coverage": float(n[i] / confidence.size),
-        "risk": float(errors[i] / n[i]),
-        "risk_upper_bound": float(upper[i]),
-    }
+    for _ in range(steps):
+        mid = math.ceil((low + high) / 2)
+        accepted = confidence >= sorted_conf[mid]
+        n, errors = int(accepted.sum()), int((accepted & ~correct).sum())
+        bound = float(clopper_pearson_upper(np.array([errors]), np.array([n]), delta / steps)[0])
+        if bound <= target_risk:
+            high = mid
+            result |= {
+                "threshold": float(sorted_conf[mid]),
+                "coverage": n / confidence.size,
+                "risk": errors / n,
+                "risk_upper_bound": bound,
+            }
+        else:
+            low = mid
+    return result
 
 
 def selective_metrics(confidence, correct, threshold: float | None) -> dict:

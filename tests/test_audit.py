@@ -59,12 +59,16 @@ def test_report_contents_and_plot(files, tmp_path):
     assert lr["nll"] == pytest.approx(cal.nll(probs, labels, kind="probs"))
     assert lr["brier"] == pytest.approx(cal.brier(probs, labels, kind="probs"))
     assert lr["adaptive_ece"] == pytest.approx(cal.adaptive_ece(probs, labels, kind="probs"))
-    assert lr["ece_ci"][0] < lr["ece"] < lr["ece_ci"][1]
+    served = lr["served"]  # a probs file serves its probabilities as given
+    assert served["ece"] == pytest.approx(lr["ece"]) and served["what"] == "as given"
+    # the bias-corrected ECE lies inside its interval and below the (upward-biased) plug-in estimate
+    assert served["ece_ci"][0] <= served["ece_debiased"] <= served["ece_ci"][1]
+    assert served["ece_debiased"] < served["ece"]
     assert sum(lr["bins"]["count"]) == len(labels) and lr["temperature"] == 1.0
     sharp = report["models"]["sharp"]
     assert sharp["ece"] > lr["ece"] and sharp["accuracy"] == lr["accuracy"]
     md = (out / "report.md").read_text()
-    assert "| metric | lr | sharp |" in md and "ECE (95% CI)" in md and f"{100 * lr['ece']:.2f}%" in md
+    assert "| metric | lr | sharp |" in md and "bias-corrected [95% CI]" in md and f"{100 * lr['ece']:.2f}%" in md
     png = (out / "reliability.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| metric | lr | sharp |" in proc.stdout
@@ -86,7 +90,7 @@ def test_temperature_fit_on_split_improves_the_sharp_model(files, tmp_path):
     m = json.loads(proc.stdout)["models"]["sharp"]
     assert m["n"] + m["n_fit"] == len(labels) and m["n_fit"] == round(0.5 * len(labels))
     assert m["temperature"] > 2.0  # logits were sharpened 4x
-    assert m["ece_after_t"] < m["ece"] and m["nll_after_t"] < m["nll"] and "ece_ci" not in m
+    assert m["ece_after_t"] < m["ece"] and m["nll_after_t"] < m["nll"] and "ece_ci" not in m["served"]
 
 
 def test_csv_matches_npz(files, tmp_path):
@@ -128,10 +132,12 @@ def test_gate_exit_codes(files, tmp_path):
     ok = audit(calm, "--max-ece", "0.2", "--temperature", "none", "--out", str(tmp_path / "a"))
     assert ok.returncode == 0 and "PASS" in ok.stdout
     bad = audit(calm, sharp, "--max-ece", "0.05", "--temperature", "none", "--out", str(tmp_path / "b"))
-    assert bad.returncode == 1 and "FAIL: sharp" in bad.stdout
+    assert bad.returncode == 1 and "FAIL (sharp: ECE" in bad.stdout
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["gate"] == {"max_ece": 0.05, "passed": False, "failed": ["sharp"]}
-    assert "Gate: ECE <= 5.00%: FAIL (sharp)" in (tmp_path / "b" / "report.md").read_text()
+    gate = report["gate"]
+    assert gate["max_ece"] == 0.05 and gate["passed"] is False and gate["failed"] == ["sharp"]
+    assert gate["reasons"]["sharp"][0].startswith("ECE ")
+    assert "Gate: ECE <= 5.00%: FAIL (sharp: ECE " in (tmp_path / "b" / "report.md").read_text()
 
 
 def _write(path, **arrays):

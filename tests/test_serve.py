@@ -1,7 +1,9 @@
 """Predictor, cigl-predict and confidence-audit on exported models (onnxruntime, no torch)."""
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,8 @@ PREDICT, AUDIT, EXPORT = (os.path.join(BIN, n) for n in ("cigl-predict", "confid
 def digits_run(tmp_path_factory):
     """A real CigL run on digits, exported."""
     out = tmp_path_factory.mktemp("serve") / "run"
-    summary = train(TrainConfig(method="cigl", epochs=4, batch_size=64, update_every=5, out=str(out)), quiet=True)
+    cfg = TrainConfig(method="cigl", epochs=4, batch_size=64, update_every=5, target_risk=0.2, out=str(out))
+    summary = train(cfg, quiet=True)
     assert run_cli(EXPORT, str(out / "model.pt")).returncode == 0
     return out, summary
 
@@ -92,7 +95,10 @@ def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, c
     assert_one_line_error(strict, "broken.jpg")
     assert not (tmp_path / "strict.jsonl").exists()
     clean = run_cli(PREDICT, str(cifar_onnx), str(folder / "cat"), "--format", "csv")
-    assert clean.returncode == 0 and clean.stdout.splitlines()[0] == "source,class,confidence,top_k,abstained,error"
+    assert (
+        clean.returncode == 0
+        and clean.stdout.splitlines()[0] == "source,class,confidence,top_k,abstained,prediction_set,error"
+    )
     assert len(clean.stdout.splitlines()) == 11
 
 
@@ -144,11 +150,14 @@ def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
         for name in ("accuracy", "ece", "nll", "brier"):
             assert m[name] == pytest.approx(summary["test"][name], abs=1e-4)
         assert m["model"]["recorded"]["ece"] == pytest.approx(summary["test"]["ece"])
+        # the served probabilities (the model's own temperature) reproduce training's calibrated test metrics
+        assert m["served"]["ece"] == pytest.approx(summary["test_calibrated"]["ece"], abs=1e-4)
+        assert m["model"]["recorded"]["served_ece"] == pytest.approx(summary["test_calibrated"]["ece"])
         assert m["model"]["ece_drift"] is False
         assert m["model"]["actual_density"] == pytest.approx(summary["actual_density"])
         saved = np.load(report_dir / "predictions-cigl.npz")
         assert saved["logits"].shape == (len(test), 10)
-        assert "ECE recorded in training" in (report_dir / "report.md").read_text()
+        assert "served ECE recorded in training" in (report_dir / "report.md").read_text()
     # --temperature model: the ECE of the served probs equals training's calibrated test ECE
     proc = run_cli(
         AUDIT,
@@ -192,3 +201,100 @@ def test_serving_never_imports_torch(tmp_path, digits_run):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) >= 3
+
+
+def test_confidence_guarantees_travel_from_training_to_serving(tmp_path, digits_run):
+    """Conformal thresholds and the certified abstain threshold are calibrated on the validation
+    split at the end of training, written into the model card, and served by cigl-predict."""
+    out, summary = digits_run
+    found = summary["conformal"]
+    assert found["method"] == "aps" and set(found["thresholds"]) == {"0.1", "0.05", "0.01"}
+    assert found["n_calibration"] > 100  # the validation split
+    assert found["test_coverage"]["0.1"] >= 0.82 and found["test_mean_size"]["0.1"] < 5
+    chosen = summary["selective"]
+    assert chosen["threshold"] is not None and chosen["risk_upper_bound"] <= 0.2
+    p = Predictor(out / "model.onnx", device="cpu")
+    assert p.card.conformal_threshold(0.1) == ("aps", pytest.approx(found["thresholds"]["0.1"]))
+    assert p.card.abstain_threshold() == pytest.approx(chosen["threshold"])
+    test = load_dataset("digits").test
+    _, probs = p.predict(p.normalize(test.x))
+    records = p.records([str(i) for i in range(len(test.y))], probs, alpha=0.1)
+    covered = np.mean([str(y) in r["prediction_set"] for r, y in zip(records, test.y, strict=True)])
+    assert covered >= 0.82
+    assert all(r["abstained"] == (r["confidence"] < chosen["threshold"]) for r in records)
+    np.save(tmp_path / "x.npy", test.x[:5])
+    proc = run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "x.npy"), "--alpha", "0.05", "--format", "csv")
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0].endswith("prediction_set,error")
+    bad = run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "x.npy"), "--alpha", "0.2")
+    assert_one_line_error(bad, "alpha 0.2 is not in the model card (calibrated: 0.1, 0.05, 0.01)")
+
+
+def test_audit_gates_what_is_served_and_writes_a_readable_report(tmp_path, digits_run):
+    """--max-ece judges the served (temperature-scaled) probabilities of an exported model, the
+    shift audit runs every corruption, and report.html is one self-contained page."""
+    out, _ = digits_run
+    common = [str(out / "model.onnx"), "--dataset", "digits", "--bootstrap", "100", "--json"]
+    first = json.loads(run_cli(AUDIT, *common, "--out", str(tmp_path / "a")).stdout)["models"]["model"]
+    served, raw = first["served"]["ece"], first["ece"]
+    # the temperature makes the served probabilities better calibrated than the raw logits
+    assert served < raw
+    gate = f"{(served + raw) / 2:.4f}"
+    report_dir = tmp_path / "report"
+    proc = run_cli(AUDIT, *common, "--max-ece", gate, "--min-coverage", "0.8", "--shift", "--out", str(report_dir))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["gate"]["passed"] and result["gate"]["max_ece"] == float(gate)
+    m = result["models"]["model"]
+    assert m["conformal"]["source"] == "model card" and set(m["conformal"]["alphas"]) == {"0.1", "0.05", "0.01"}
+    assert m["selective"]["threshold"]["source"] == "model card"
+    shift = m["shift"]
+    assert len(shift["corruptions"]) == 9 and all(len(v) == 5 for v in shift["corruptions"].values())
+    assert shift["mean_by_severity"]["5"]["accuracy"] < m["served"]["accuracy"]
+    page = (report_dir / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "Confusion matrix" in page and "Conformal prediction sets" in page and "Distribution shift" in page
+    failing = run_cli(AUDIT, *common, "--max-ece", f"{served / 2:.4f}", "--out", str(tmp_path / "f"))
+    assert failing.returncode == 1 and json.loads(failing.stdout)["gate"]["failed"] == ["model"]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_html_renders_its_plots_in_headless_chromium(tmp_path, digits_run):
+    """The report opened in a real browser shows its plots: the screenshot has the plots' pixels."""
+    out, _ = digits_run
+    report_dir = tmp_path / "report"
+    proc = run_cli(AUDIT, str(out / "model.onnx"), "--dataset", "digits", "--bootstrap", "50", "--out", str(report_dir))
+    assert proc.returncode == 0, proc.stderr
+    shot = tmp_path / "shot.png"
+    browser = subprocess.run(
+        [
+            "chromium",
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            (report_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shot.is_file(), browser.stderr
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+    # plot lines and markers are coloured (matplotlib's blue): a text-only page has none
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80)
+    assert blue.sum() > 2000, blue.sum()
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
