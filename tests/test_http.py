@@ -100,6 +100,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, cifar_small):
         ({"files": _jpegs(cifar_small, 5)}, 400, "at most 4"),
         ({"json": {"inputs": [], "colour": "blue"}}, 422, "colour"),
         ({"json": {"inputs": np.zeros((1, 3, 32, 32)).tolist(), "top_k": 0}}, 422, "top_k"),
+        ({"json": {"inputs": np.zeros((1, 3, 32, 32)).tolist(), "alpha": 1.5}}, 422, "alpha"),
+        # this model's card has no conformal thresholds: asking for a set is the client's mistake
+        ({"json": {"inputs": np.zeros((1, 3, 32, 32)).tolist(), "alpha": 0.1}}, 400, "no conformal thresholds"),
+        ({"files": _jpegs(cifar_small, 1), "params": {"alpha": 0.1}}, 400, "no conformal thresholds"),
+        ({"files": _jpegs(cifar_small, 1), "params": {"abstain_below": 2}}, 422, "abstain_below"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
         ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
         ({"content": b"x" * 60_000, "headers": {"content-type": "application/json"}}, 413, "larger than"),

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """The whole chain on the bundled digits data, as `make demo` runs it:
 
-train Dense, RigL and CigL (density 0.1) -> export each to safetensors + ONNX -> cigl-predict on a
-few images -> confidence-audit of the three exported models side by side.
+train Dense, RigL and CigL (density 0.1; conformal thresholds and a certified abstain threshold
+calibrated on the validation split) -> export each to safetensors + ONNX -> cigl-predict on a few
+images with 90% prediction sets -> confidence-audit of the three exported models side by side,
+also on corrupted copies of the test images.
 Every step runs the real command-line tool, exactly as a user would.
 """
 
@@ -49,6 +51,8 @@ def main() -> int:
             str(args.epochs),
             "--batch-size",
             "64",
+            "--target-risk",
+            "0.05",
             "--out",
             str(run),
             "--quiet",
@@ -65,13 +69,15 @@ def main() -> int:
     test = load_dataset("digits").test
     for i in range(5):
         Image.fromarray(test.x[i, :, :, 0]).save(images / f"digit{i}_label{test.y[i]}.png")
-    print("[3/4] cigl-predict with the CigL model on 5 test digits:", flush=True)
+    print("[3/4] cigl-predict with the CigL model on 5 test digits (with 90% prediction sets):", flush=True)
     records = tool(
         "cigl-predict",
         str(out / "cigl" / "model.onnx"),
         str(images),
         "--top-k",
         "2",
+        "--alpha",
+        "0.1",
         "--out",
         str(out / "predictions.jsonl"),
     )
@@ -84,6 +90,7 @@ def main() -> int:
         "digits",
         "--temperature",
         "model",
+        "--shift",
         "--out",
         str(out / "audit"),
     )
@@ -91,7 +98,7 @@ def main() -> int:
     sizes = {m: (out / m / "model.safetensors").stat().st_size for m in METHODS}
     print("model.safetensors sizes: " + ", ".join(f"{m} {s / 1024:.0f} KB" for m, s in sizes.items()))
     print(f"runs: {out}/<method>/ (summary.json, model.pt, model.safetensors, model.onnx)")
-    print(f"report: {out / 'audit' / 'report.md'}   reliability diagram: {out / 'audit' / 'reliability.png'}")
+    print(f"report: {out / 'audit' / 'report.html'}   reliability diagram: {out / 'audit' / 'reliability.png'}")
     assert np.isfinite(list(sizes.values())).all()
     return 0
 
