@@ -3,6 +3,7 @@ stays resident as uint8, batches are gathered, augmented and normalised there.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -37,9 +38,18 @@ def augment(x: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 -> float32 in [0, 1], then per-channel (x - mean) / std."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    m, s = _scales(tuple(mean), tuple(std), x.device)
     return (x.float() - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _scales(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean * 255 and std * 255 as (1, C, 1, 1) tensors on `device`, made once: a copy from the
+    host at every training step would be one more host-device transfer per step."""
+    return (
+        torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+        torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0,
+    )
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ def served_metrics(probs: np.ndarray, labels: np.ndarray, *, n_bins: int, n_boot
     """Accuracy, NLL, Brier and ECE of served probabilities, with the bias-corrected ECE and its
     basic bootstrap interval (cigl.calibration.debiased_ece) when n_boot > 0."""
     s = cal.summary(probs, labels, kind="probs", n_bins=n_bins)
-    out = {k: s[k] for k in ("accuracy", "nll", "brier", "ece", "mean_confidence")}
+    out = {"n": int(labels.size)} | {k: s[k] for k in ("accuracy", "nll", "brier", "ece", "mean_confidence")}
     if n_boot:
         est, lo, hi = cal.debiased_ece(probs, labels, kind="probs", n_boot=n_boot, seed=seed, n_bins=n_bins)
         out |= {"ece_debiased": est, "ece_ci": [lo, hi]}
@@ -56,12 +56,13 @@ def conformal_report(
     method: str,
     card: tuple[str, dict[float, float]] | None,
 ) -> dict:
-    """Coverage, set sizes and class-conditional coverage on the report split. The thresholds
-    are the model card's (as served) when it has them, else calibrated on the fit split."""
+    """Coverage, set sizes and class-conditional coverage. The thresholds are the model card's
+    (as served; measured on every sample) when it has them, else calibrated on the fit split
+    and measured on the report split."""
     fit, report = split
     if card is not None:
         method, thresholds = card
-        source = "model card"
+        source, report = "model card", np.arange(labels.size)
     else:
         usable = [a for a in alphas if fit.size >= conformal.min_samples(a)]
         thresholds = conformal.calibrate(probs[fit], labels[fit], usable, method) if usable else {}
@@ -101,7 +102,7 @@ def selective_report(
         chosen = selective.risk_threshold(conf[fit], correct[fit], target_risk)
         threshold, source = chosen["threshold"], f"fit split, target risk {target_risk:g}"
     elif card_threshold > 0:
-        threshold, source = card_threshold, "model card"
+        threshold, source, report = card_threshold, "model card", np.arange(labels.size)
     else:
         return out
     realised = selective.selective_metrics(conf[report], correct[report], threshold)

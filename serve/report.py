@@ -45,8 +45,8 @@ def _recorded_ece(m: dict) -> str:
 
 
 SUMMARY_ROWS = [
-    ("samples", lambda m: str(m["n"])),
-    ("accuracy", lambda m: pct(m["accuracy"])),
+    ("samples: raw rows (the report split) / served rows", lambda m: f"{m['n']} / {m['served']['n']}"),
+    ("accuracy (served rows)", lambda m: pct(m["served"]["accuracy"])),
     ("probabilities served", lambda m: m["served"]["what"]),
     ("ECE of served probabilities (bias-corrected [95% CI])", _ece_cell),
     ("ECE raw (T = 1)", lambda m: pct(m["ece"])),
@@ -67,8 +67,22 @@ MODEL_ROWS = [
 ]
 
 
+def _by_severity(m: dict, key: str) -> str:
+    means = m["shift"]["mean_by_severity"]
+    return " / ".join(pct(means[s][key]) for s in sorted(means, key=int))
+
+
+SHIFT_ROWS = [
+    ("shift: accuracy at severity 1/2/3/4/5 (mean of 9 corruptions)", lambda m: _by_severity(m, "accuracy")),
+    ("shift: served ECE at severity 1/2/3/4/5", lambda m: _by_severity(m, "ece")),
+]
+OOD_ROWS = [("OOD: AUROC / FPR at 95% TPR", lambda m: f"{m['ood']['auroc']:.4f} / {pct(m['ood']['fpr_at_95_tpr'])}")]
+
+
 def _rows(models: dict[str, dict]) -> list[tuple[str, list[str]]]:
     rows = SUMMARY_ROWS + (MODEL_ROWS if any("model" in m for m in models.values()) else [])
+    rows += SHIFT_ROWS if all("shift" in m for m in models.values()) else []
+    rows += OOD_ROWS if all("ood" in m for m in models.values()) else []
     return [(label, [fn(m) for m in models.values()]) for label, fn in rows]
 
 
@@ -139,7 +153,7 @@ def shift_png(models: dict[str, dict]) -> bytes:
         shift = m["shift"]
         severities = ["0", *sorted(next(iter(shift["corruptions"].values())))]
         ece = [m["served"]["ece"]] + [shift["mean_by_severity"][s]["ece"] for s in severities[1:]]
-        acc = [m["accuracy"]] + [shift["mean_by_severity"][s]["accuracy"] for s in severities[1:]]
+        acc = [m["served"]["accuracy"]] + [shift["mean_by_severity"][s]["accuracy"] for s in severities[1:]]
         left.plot([int(s) for s in severities], ece, marker="o", label=name)
         right.plot([int(s) for s in severities], acc, marker="o", label=name)
     left.set(

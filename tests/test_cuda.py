@@ -38,6 +38,48 @@ def test_masking_keeps_density_on_cuda():
         assert not p[~masking.masks[name]].any()
 
 
+@cuda
+@pytest.mark.parametrize("method", ["dense", "static", "set", "rigl", "cigl"])
+def test_training_steps_between_mask_updates_never_synchronise(method):
+    """The whole step as the trainer runs it (gather, augment, normalise, forward, backward,
+    masking, SGD) raises under CUDA's sync debug mode "error" if anything waits for the GPU."""
+    from cigl.models import create_model
+    from cigl.pipeline import augment, normalize
+    from cigl.sparse import Masking
+    from cigl.train import train_step
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    masking = None
+    if method != "dense":
+        masking = Masking(model, method, density=0.1, update_every=1000, update_until=10_000)
+        assert masking.on_device
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 10, (512,), device="cuda")
+    order = torch.randperm(512, device="cuda")
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step(i):
+        idx = order[(i % 8) * 64 : (i % 8 + 1) * 64]
+        x = normalize(augment(images[idx], 4, True), (0.5,) * 3, (0.25,) * 3).contiguous(
+            memory_format=torch.channels_last
+        )
+        return train_step(model, opt, masking, x, labels[idx], i, amp)
+
+    step(1)  # warm-up: allocations, cuDNN choices, the optimiser's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2, 12):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

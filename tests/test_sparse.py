@@ -272,3 +272,58 @@ def test_bn_recalibration_changes_stats_not_weights():
         expected = torch.stack([model.conv1(b).mean((0, 2, 3)) for b in batches]).mean(0)
     assert torch.allclose(bn.running_mean, expected, atol=1e-5)
     assert bn.momentum == 0.1 and model.training
+
+
+def _bookkeeping(masking):
+    """One step's bookkeeping around a backward pass: draw R, mask the gradients, restore."""
+    masking.begin_step()
+    masking.mask_gradients()
+    masking.end_step()
+
+
+@pytest.mark.parametrize("dpnum", [10, None])
+def test_device_bookkeeping_traces_as_one_graph(dpnum):
+    """The per-step bookkeeping CUDA uses has no host-device synchronisation and no
+    data-dependent shapes: torch.compile(fullgraph=True) traces it whole. The compact CPU path
+    (index lists, a host-side loop over geometric gaps) cannot be: that is why both exist."""
+    _, _, masking = _masking("rigl", dpnum=dpnum, density=0.2, bookkeeping="device")
+    for p in masking.params.values():
+        p.grad = torch.ones_like(p)
+    torch._dynamo.reset()
+    torch.compile(_bookkeeping, fullgraph=True, backend="eager")(masking)
+    if dpnum:
+        _, _, compact = _masking("rigl", dpnum=dpnum, density=0.2, bookkeeping="compact")
+        for p in compact.params.values():
+            p.grad = torch.ones_like(p)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            torch.compile(_bookkeeping, fullgraph=True, backend="eager")(compact)
+
+
+def test_device_and_compact_bookkeeping_agree():
+    """Same semantics, same distribution: dropped weights come back unchanged after the step,
+    their gradients are zero, the rest of the support gets scale^2 * grad, and about 1/DPNUM of
+    the active weights drop."""
+    for mode in ("compact", "device"):
+        _, _, masking = _masking("rigl", dpnum=10, density=0.2, bookkeeping=mode)
+        before = {n: p.detach().clone() for n, p in masking.params.items()}
+        shares = []
+        for step in range(20):
+            torch.manual_seed(step)
+            masking.begin_step()
+            zeroed = sum(int(((p == 0) & masking.masks[n]).sum()) for n, p in masking.params.items())
+            shares.append(zeroed / sum(masking.nnz.values()))
+            for p in masking.params.values():
+                p.grad = torch.ones_like(p)
+            masking.mask_gradients()
+            for n, p in masking.params.items():
+                active = p.grad[masking.masks[n]]
+                assert (
+                    torch.isclose(active, torch.tensor(0.0))
+                    .logical_or(torch.isclose(active, torch.tensor(masking.scale**2)))
+                    .all()
+                )
+                assert not p.grad[~masking.masks[n]].any()
+            masking.end_step()
+            assert all(torch.equal(before[n], p) for n, p in masking.params.items()), mode
+        assert sum(shares) / len(shares) == pytest.approx(0.1, abs=0.01), mode

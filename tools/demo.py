@@ -52,7 +52,7 @@ def main() -> int:
             "--batch-size",
             "64",
             "--target-risk",
-            "0.05",
+            "0.1",
             "--out",
             str(run),
             "--quiet",

@@ -11,6 +11,13 @@ Per step the work is O(nnz/DPNUM) plus one in-place pass over the gradients:
   outside M at exactly zero (no gradient, so no momentum there).
 - A dropped entry is written back after the optimiser step, so it keeps its value.
 
+Two ways to keep this per-step bookkeeping, with the same random mask distribution:
+"compact" draws the dropped positions as geometric gaps over the active entries and works on
+index lists and flat views (O(nnz/DPNUM) work: the CPU default); "device" draws one uniform
+number per weight and works on boolean tensors shaped like the weights (more arithmetic, but no
+host-device synchronisation and no data-dependent shapes: the CUDA default, and what
+torch.compile traces as one graph). "auto" picks by the parameters' device.
+
 `weights()` gives w (for evaluation and export), `snapshot()` the effective weights u * R of
 the last step (for weight-and-mask averaging).
 """
@@ -25,6 +32,8 @@ from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
 from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step
+
+BOOKKEEPING = ("auto", "compact", "device")
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -48,6 +57,8 @@ class Masking:
             automatic random mask. Without it (cigl's own trainer), `update_until` and
             `begin_step`/`mask_gradients`/`end_step`/`update` are driven by the caller.
         dpnum: random mask drop probability 1/dpnum (None: no random mask; "cigl": 100).
+        bookkeeping: "compact" (O(nnz/DPNUM) index lists), "device" (boolean tensors, no host
+            sync, traceable by torch.compile) or "auto" (device on CUDA, else compact).
 
     Example:
         >>> import torch, cigl
@@ -77,6 +88,7 @@ class Masking:
         total_steps: int | None = None,
         dpnum: int | None = None,
         seed: int = 0,
+        bookkeeping: str = "auto",
     ) -> None:
         self.params = masked_parameters(model)
         if isinstance(method, str):
@@ -101,6 +113,11 @@ class Masking:
             random_mask.check_dpnum(dpnum)
         self.dpnum = dpnum
         self.scale = random_mask.scale(dpnum) if dpnum else 1.0
+        if bookkeeping not in BOOKKEEPING:
+            raise InputError(f"bookkeeping must be one of {', '.join(BOOKKEEPING)}, got {bookkeeping!r}")
+        self.on_device = bookkeeping == "device" or (bookkeeping == "auto" and device.type == "cuda")
+        self._drops: dict[str, torch.Tensor] = {}  # device: this step's dropped entries per layer
+        self._kept: dict[str, torch.Tensor] = {}  # device: the layer's values before they were zeroed
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
@@ -169,6 +186,8 @@ class Masking:
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
         for name, local in self._split_dropped():
             flat(snap[name])[local] = 0.0
+        for name, drop in self._drops.items():
+            snap[name].masked_fill_(drop, 0.0)
         return snap
 
     # ------------------------------------------------------------------ a training step
@@ -190,6 +209,12 @@ class Masking:
         """Draw R and zero the dropped weights in place for the forward pass (values kept)."""
         if not self.dpnum:
             return
+        if self.on_device:
+            for name, p in self.params.items():
+                self._drops[name] = (torch.rand_like(p) < 1.0 / self.dpnum) & self.masks[name]
+                self._kept[name] = p.detach().clone()
+                p.masked_fill_(self._drops[name], 0.0)
+            return
         pos = random_mask.sample_dropped(self._active.numel(), self.dpnum, self._active.device)
         self._dropped = self._active[pos]
         self._grad_scale[self._dropped] = 0.0
@@ -203,12 +228,21 @@ class Masking:
     def mask_gradients(self) -> None:
         """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
         for name, p in self.params.items():
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if self.on_device:
+                blocked = ~self.masks[name] | self._drops[name] if self._drops else ~self.masks[name]
+                p.grad.masked_fill_(blocked, 0.0).mul_(self.scale**2)
+            else:
                 flat(p.grad).mul_(self._segments[name])
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Put the dropped weights back as they were before the step."""
+        for name, kept in self._kept.items():
+            p = self.params[name]
+            p.copy_(torch.where(self._drops[name], kept, p))
+        self._kept = {}
         for w, local, values in self._held:
             w[local] = values
         self._held = []
@@ -273,3 +307,4 @@ class Masking:
         self.updates += 1
         self._refresh()
         self._dropped = self._dropped[:0]
+        self._drops = {}
