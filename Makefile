@@ -19,7 +19,7 @@ DECAY_EVERY ?= 30
 # any further cigl-train options, e.g. EXTRA="--device cuda"
 EXTRA  ?=
 
-.PHONY: install demo test bench lint data clean repro-cpu repro-paper cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
+.PHONY: install demo test bench gpu-suite lint data clean repro-cpu repro-paper repro-gpu cifar10.ERK.RigL cifar10.ERK.Dense cifar100.ERK.RigL
 
 install: $(BIN)/.installed
 
@@ -86,6 +86,18 @@ repro-paper: install data
 	$(BIN)/python tools/study.py run --paper --data-dir $(DATA) --model $(MODEL) --epochs $(EPOCHS) --jobs 1 \
 	  --runs runs/paper-$(MODEL)
 	$(BIN)/python tools/study.py report --runs runs/paper-$(MODEL) --out docs/results/paper-$(MODEL)
+
+# the paper's WRN-22-2 CIFAR-10 protocol (reference recipe, 250 epochs, all training images): Dense, RigL
+# and CigL (+ RigL+W-DP and RigL+MC-DP from the CigL runs) at sparsity 80/90/95%, one seed, all 7 runs packed
+# onto one GPU. Restartable: finished runs are skipped, interrupted ones resume (SEED=1 ... for more seeds).
+repro-gpu: install data
+	$(BIN)/python tools/study.py run --paper --data-dir $(DATA) --model wrn22_2 --epochs 250 \
+	  --densities 0.2 0.1 0.05 --seeds $(SEED) --jobs 7 --runs runs/paper-wrn22_2
+	$(BIN)/python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2
+
+# on a lent GPU machine: the CUDA tests, the CUDA benchmark rows, epoch timings (benchmarks/results/gpu_suite.json)
+gpu-suite: install data
+	$(BIN)/python benchmarks/gpu_suite.py --data-dir $(DATA)
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -218,3 +219,30 @@ def test_each_sparse_method_trains_and_keeps_density(tmp_path, method):
     else:
         assert summary["product"] == "final_weights"
         assert summary["actual_density"] == pytest.approx(0.2, rel=1e-3)
+
+
+def test_compile_trains_and_a_failing_compile_falls_back(tmp_path, monkeypatch, capsys):
+    """--compile runs the model through torch.compile (inductor, on the CPU here); when
+    compiling fails, the run goes on in eager mode with a one-line note."""
+    cfg = TrainConfig(method="cigl", epochs=1, batch_size=64, train_per_class=40, update_every=2, compile=True)
+    compiled = train(replace(cfg, out=str(tmp_path / "compiled")), quiet=True)
+    eager = train(replace(cfg, compile=False, out=str(tmp_path / "eager")), quiet=True)
+    assert compiled["final_weights"]["test"]["accuracy"] == pytest.approx(
+        eager["final_weights"]["test"]["accuracy"], abs=0.1
+    )
+
+    def broken(module, **_):
+        def call(*_):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    capsys.readouterr()
+    fallback = train(replace(cfg, out=str(tmp_path / "fallback")), quiet=True)
+    err = capsys.readouterr().err
+    assert "note: torch.compile failed (no C++ compiler found); training without it" in err
+    assert err.count("torch.compile failed") == 1
+    assert fallback["final_weights"]["test"]["accuracy"] == pytest.approx(
+        eager["final_weights"]["test"]["accuracy"], abs=1e-9
+    )

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=DEVICES, help="auto = CUDA when present (default auto)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (first steps slower; falls back to eager with a note if compiling fails)",
+    )
     g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<method>-s<seed>)")
     g.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (only --epochs may change)"

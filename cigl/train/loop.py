@@ -85,6 +85,25 @@ class Run:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
 
+class CompiledOrEager(nn.Module):
+    """torch.compile(module), or the module itself from the first call on which compiling or
+    running the compiled code fails (with a one-line note): --compile never ends a run."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.eager, self.compiled = module, torch.compile(module)
+
+    def forward(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # torch.compile raises many types (backend, C++ toolchain, graph)
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                print(f"note: torch.compile failed ({reason}); training without it", file=sys.stderr, flush=True)
+                self.compiled = None
+        return self.eager(*args)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict | None:
     """Train as `cfg` says and write the run directory.
 
@@ -179,6 +198,8 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
         if launch.world == 1
         else nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     )
+    if cfg.compile:
+        run.net = CompiledOrEager(run.net)
     for split, part in (("val", data.val), ("test", data.test)):
         if len(part):
             run.eval_x[split], labels = to_device(part, device)
