@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import cigl.sparse.masking
+import cigl.train.config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,8 +35,9 @@ def test_readme_api_examples_run(tmp_path):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(cigl.sparse.masking, verbose=False)
-    assert result.attempted >= 5 and result.failed == 0
+    for module, examples in ((cigl.sparse.masking, 5), (cigl.train.config, 2)):
+        result = doctest.testmod(module, verbose=False)
+        assert result.attempted >= examples and result.failed == 0, module.__name__
 
 
 def test_import_cigl_stays_torch_free_and_loads_entry_points_lazily():

@@ -143,27 +143,9 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
     ckpt = runfiles.load_checkpoint(out / "last.pt") if resume else None
     if not resume and (out / "last.pt").exists():
         raise InputError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
-
-    # ---- data: the training split on the device, the global batch and the schedule's length
-    data = load_dataset(
-        cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size, train_per_class=cfg.train_per_class
-    )
-    train_x, train_y = to_device(data.train, device)
-    batch = min(cfg.batch_size, train_x.shape[0])
-    if batch % launch.world:
-        raise InputError(
-            f"the batch of {batch} images does not split evenly over {launch.world} processes; "
-            f"use a --batch-size that is a multiple of {launch.world}"
-        )
+    data, train_x, train_y, batch = load_training_data(cfg, launch, device)
     steps_per_epoch = train_x.shape[0] // batch
-
-    # ---- model and optimiser
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, image_size=data.image_size)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    model, optimizer = build_model(cfg, data, device)
 
     # ---- sparsity (masks M, random mask R) and weight-and-mask averaging
     end_step = int(cfg.update_end * steps_per_epoch * cfg.epochs)
@@ -188,7 +170,7 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
         cfg, launch, device, say, data, train_x, train_y, batch, steps_per_epoch, model, optimizer, masking, average
     )
 
-    # ---- resume, then DDP (it starts by copying rank 0's weights to every rank)
+    # ---- resume, then DDP (it starts by copying rank 0's weights to every rank), evaluation data
     if ckpt is not None:
         resume_from(run, ckpt)
     elif launch.main:
@@ -206,6 +188,31 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
             run.eval_y[split] = labels.cpu().numpy()
     start_run_files(run)
     return run
+
+
+def load_training_data(cfg: TrainConfig, launch, device: torch.device):
+    """(dataset, training images and labels on the device, global batch size)."""
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size, train_per_class=cfg.train_per_class
+    )
+    train_x, train_y = to_device(data.train, device)
+    batch = min(cfg.batch_size, train_x.shape[0])
+    if batch % launch.world:
+        raise InputError(
+            f"the batch of {batch} images does not split evenly over {launch.world} processes; "
+            f"use a --batch-size that is a multiple of {launch.world}"
+        )
+    return data, train_x, train_y, batch
+
+
+def build_model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model (seeded; channels_last on CUDA) and its SGD optimiser."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, image_size=data.image_size)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
 def warn_few_updates(run: Run, explicit_every: int | None, end_step: int) -> None:
