@@ -172,3 +172,35 @@ def test_corruptions_are_deterministic_and_accuracy_falls_with_severity(digits_i
     assert clean >= means[0] and means == sorted(means, reverse=True) and means[-1] < clean - 0.05, (clean, means)
     rgb = np.repeat(x[:20], 3, axis=3)
     assert not np.array_equal(corrupt(rgb, "gaussian_noise", 1, seed=0), corrupt(rgb, "gaussian_noise", 1, seed=1))
+
+
+@pytest.fixture(scope="module")
+def cifar_probs(tmp_path_factory):
+    """Held-out probabilities of a real (weak) CIFAR-10 classifier: a logistic regression on the
+    pixels of 100 training images per class, applied to 1,000 test images."""
+    from conftest import CIFAR_ARCHIVE
+
+    from cigl.data import extract_archive_subset, load_image_folder
+
+    root = extract_archive_subset(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cifar-lr"), {"train": 100, "test": 100})
+    train, _ = load_image_folder(root / "train")
+    test, _ = load_image_folder(root / "test")
+    model = LogisticRegression(max_iter=300, C=0.001).fit(train.x.reshape(len(train.x), -1) / 255, train.y)
+    return model.predict_proba(test.x.reshape(len(test.x), -1) / 255), test.y
+
+
+@pytest.mark.parametrize("method", conformal.METHODS)
+def test_conformal_coverage_on_cifar10(cifar_probs, method):
+    """The same finite-sample bounds on CIFAR-10, where the model is right a third of the time
+    and the sets must grow large to keep their promise."""
+    probs, labels = cifar_probs
+    assert 0.2 < (probs.argmax(axis=1) == labels).mean() < 0.5
+    alpha, covered, sizes = 0.1, [], []
+    for seed, cal, test in _splits(len(labels)):
+        q = conformal.calibrate(probs[cal], labels[cal], [alpha], method, seed=seed)[alpha]
+        sets = conformal.prediction_sets(probs[test], q, method, seed=seed + 10_000, nonempty=False)
+        covered.append(conformal.coverage(sets, labels[test]))
+        sizes.append(sets.sum(axis=1).mean())
+    mean, se = np.mean(covered), np.std(covered) / math.sqrt(N_SPLITS)
+    assert 1 - alpha - 3 * se <= mean <= 1 - alpha + 1 / (N_CAL + 1) + 3 * se, (mean, se)
+    assert 3 < np.mean(sizes) < 9  # uncertain model: large but not trivial sets
