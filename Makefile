@@ -93,7 +93,7 @@ repro-paper: install data
 repro-gpu: install data
 	$(BIN)/python tools/study.py run --paper --data-dir $(DATA) --model wrn22_2 --epochs 250 \
 	  --densities 0.2 0.1 0.05 --seeds $(SEED) --jobs 7 --runs runs/paper-wrn22_2
-	$(BIN)/python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2
+	$(BIN)/python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2  # + paper_comparison.md
 
 # on a lent GPU machine: the CUDA tests, the CUDA benchmark rows, epoch timings (benchmarks/results/gpu_suite.json)
 gpu-suite: install data

@@ -23,6 +23,28 @@ from cigl.card import metric
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
 NAMES = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "cigl": "CigL"}
+# the paper's WRN-22-2 CIFAR-10 results (submission Table 1/3): (method, density) -> (accuracy %, ECE)
+PAPER_WRN22_2 = {
+    ("RigL", 0.2): (93.12, 0.0319),
+    ("RigL", 0.1): (92.26, 0.0272),
+    ("RigL", 0.05): (91.02, 0.0235),
+    ("CigL", 0.2): (93.95, 0.0178),
+    ("CigL", 0.1): (93.05, 0.0159),
+    ("CigL", 0.05): (91.34, 0.0131),
+}
+
+
+def paper_table(groups: dict[str, list[dict]]) -> str:
+    """Our WRN-22-2 rows beside the paper's (mean over our seeds)."""
+    lines = ["| run | seeds | acc. % (ours) | acc. % (paper) | ECE (ours) | ECE (paper) |", "|---" * 6 + "|"]
+    for label, rows in sorted(groups.items()):
+        key = (label.split(",")[0], rows[0]["target_density"])
+        if key in PAPER_WRN22_2:
+            acc, ece = PAPER_WRN22_2[key]
+            ours_acc = 100 * statistics.mean(metric(r["test"], "accuracy") for r in rows)
+            ours_ece = statistics.mean(r["test"]["ece"] for r in rows)
+            lines.append(f"| {label} | {len(rows)} | {ours_acc:.2f} | {acc:.2f} | {ours_ece:.4f} | {ece:.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def grid(args) -> list[tuple[str, list[str]]]:
@@ -136,6 +158,12 @@ def cmd_report(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_study_table.md").write_text(table + "\n")
     print(table)
+    summaries = [json.loads(p.read_text()) for p in root.glob("*/summary.json")]
+    if all(s["model"] == "wrn22_2" and s["dataset"] == "cifar10" for s in summaries):
+        beside = paper_table(groups)
+        if beside:
+            (out / "paper_comparison.md").write_text(beside + "\n")
+            print("\nbeside the paper (WRN-22-2, CIFAR-10, submission Table 1/3):\n" + beside)
     preds = [f"{p.parent.name}={p}" for p in sorted(root.glob("*-s0/predictions.npz"))]
     if preds:
         subprocess.run(
