@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 
-def tensor_row(name: str, shape, nnz: int, stored: str | None = None, nbytes: int | None = None) -> dict:
+def tensor_row(
+    name: str, shape, nnz: int, stored: str | None = None, nbytes: int | None = None, numel: int | None = None
+) -> dict:
     """One tensor: name, shape, numel, nnz, density and, for a stored file, how (dense or
-    packed) and in how many bytes."""
+    packed) and in how many bytes. `numel` is given for a row that sums several tensors."""
     shape = [int(s) for s in shape]
-    numel = math.prod(shape)
+    numel = math.prod(shape) if numel is None else numel
     row = {"name": name, "shape": shape, "numel": numel, "nnz": int(nnz), "density": int(nnz) / max(numel, 1)}
     if stored is not None:
         row |= {"stored": stored, "bytes": int(nbytes or 0)}
@@ -30,9 +32,8 @@ def format_table(rows: list[dict], title: str = "layer", group_small: bool = Fal
     `group_small` sums the 0-d and 1-d tensors (biases, norms, buffers) into one line."""
     if group_small and any(len(r["shape"]) < 2 for r in rows):
         small = [r for r in rows if len(r["shape"]) < 2]
-        other = tensor_row(
-            f"other ({len(small)} tensors)", [sum(r["numel"] for r in small)], sum(r["nnz"] for r in small)
-        )
+        numel = sum(r["numel"] for r in small)
+        other = tensor_row(f"other ({len(small)} tensors)", [], sum(r["nnz"] for r in small), numel=numel)
         if "stored" in rows[0]:
             other |= {"stored": "dense", "bytes": sum(r["bytes"] for r in small)}
         rows = [r for r in rows if len(r["shape"]) >= 2] + [other]
@@ -46,5 +47,5 @@ def format_table(rows: list[dict], title: str = "layer", group_small: bool = Fal
         lines.append(f"{r['name']:<{width}}  {shape:<18} {r['density']:>8.4f} {r['nnz']:>10,}" + extra)
     nnz, numel = sum(r["nnz"] for r in rows), sum(r["numel"] for r in rows)
     extra = f" {'':>7} {sum(r['bytes'] for r in rows):>12,}" if stored else ""
-    lines.append(f"{'total':<{width}}  {numel:<18,} {nnz / max(numel, 1):>8.4f} {nnz:>10,}" + extra)
+    lines.append(f"{'total':<{width}}  {'':<18} {nnz / max(numel, 1):>8.4f} {nnz:>10,}" + extra)
     return "\n".join(lines)
