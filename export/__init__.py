@@ -31,7 +31,26 @@ def save(
     dense: bool = False,
 ) -> None:
     """Write a model as safetensors: masked tensors packed (values + 1-bit mask), or with
-    `dense=True` plain tensors that timm's / torch's load_state_dict accept directly."""
+    `dense=True` plain tensors that timm's / torch's load_state_dict accept directly.
+
+    Args:
+        model_or_state_dict: the model, or its state dict.
+        path: the .safetensors file to write (atomically).
+        masks: name -> boolean support of each sparse tensor (nonzeros outside it are refused).
+        metadata: string entries for the header, e.g. cigl.card.write_card's model card.
+        fp16: store the packed values as float16.
+        dense: store every tensor plain (no packing).
+
+    Example:
+        >>> import tempfile, torch, cigl
+        >>> layer = torch.nn.Linear(64, 16)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(torch.rand(16, 64) < 0.1)
+        >>> path = tempfile.mkdtemp() + "/layer.safetensors"
+        >>> cigl.export.save(layer, path, masks={"weight": layer.weight != 0})
+        >>> torch.equal(cigl.export.load_state_dict(path)["weight"], layer.weight)
+        True
+    """
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors, shapes = packed.pack_state_dict(state, {} if dense else (masks or {}), fp16=fp16)
     meta = {"format": packed.FORMAT, "format_version": packed.VERSION, **(metadata or {})}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cigl.export
 import cigl.sparse.masking
 import cigl.train.config
 
@@ -35,7 +36,7 @@ def test_readme_api_examples_run(tmp_path):
 
 
 def test_docstring_examples():
-    for module, examples in ((cigl.sparse.masking, 5), (cigl.train.config, 2)):
+    for module, examples in ((cigl.sparse.masking, 5), (cigl.train.config, 2), (cigl.export, 5)):
         result = doctest.testmod(module, verbose=False)
         assert result.attempted >= examples and result.failed == 0, module.__name__
 
