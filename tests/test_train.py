@@ -183,6 +183,8 @@ def test_import_cigl_without_torch():
     code = BLOCK_TORCH + (
         "import cigl, cigl.calibration, cigl.card, cigl.errors, cigl.data, cigl.images, cigl.runfiles, cigl.tables\n"
         "import cigl.serve.audit, cigl.serve.http, cigl.serve.predict, cigl.serve.predictor, cigl.serve.session\n"
+        "import cigl.conformal, cigl.corruptions, cigl.selective\n"
+        "import cigl.serve.audit_inputs, cigl.serve.guarantees, cigl.serve.report\n"
         "import numpy as np\n"
         "print(cigl.calibration.ece(np.array([[2.0, 0.0]]), np.array([0]), kind='logits'))\n"
         "assert 'torch' not in sys.modules\n"

@@ -1,0 +1,137 @@
+"""What confidence-audit audits: prediction files (.npz, .csv) loaded and checked, and exported
+models run over labelled images (numpy, onnxruntime; no torch)."""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cigl import calibration as cal
+from cigl.errors import FormatError, InputError
+from cigl.serve.predictor import Predictor
+
+
+@dataclass
+class Predictions:
+    name: str
+    scores: np.ndarray
+    labels: np.ndarray
+    kind: str  # "logits" or "probs"
+    classes: list[str] | None = None
+    model: dict | None = None  # for an audited .onnx: its sparsity and recorded calibration
+    predictor: Predictor | None = None  # for an audited .onnx: runs the shift and OOD checks
+    images: np.ndarray | None = None  # for an audited .onnx: the uint8 images it was audited on
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise FormatError(f"{path} is not a readable .npz file ({exc})") from None
+    kind = "logits" if "logits" in arrays else "probs" if "probs" in arrays else None
+    if kind is None or "labels" not in arrays:
+        raise FormatError(f"{path} needs arrays 'labels' and 'logits' or 'probs'; it has {sorted(arrays)}")
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+    return arrays[kind], arrays["labels"], kind, classes
+
+
+def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    try:
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f) if row]  # blank lines are not rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FormatError(f"{path} is not a readable CSV file ({exc})") from None
+    if len(rows) < 2:
+        raise FormatError(f"{path} needs a header row and at least one prediction row")
+    header = rows[0]
+    if label_column not in header:
+        raise FormatError(f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column")
+    li = header.index(label_column)
+    classes = [c for i, c in enumerate(header) if i != li]
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise FormatError(f"{path}: line {number} has {len(row)} cells but the header has {len(header)}")
+    try:
+        table = np.array([[float(v) for v in row] for row in rows[1:]], dtype=np.float64)
+    except ValueError as exc:
+        raise FormatError(f"{path}: every cell must be a number ({exc})") from None
+    return np.delete(table, li, axis=1), table[:, li], kind, classes
+
+
+def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = "probs") -> Predictions:
+    """`NAME=path` or `path` (named by its stem) -> validated Predictions."""
+    name, _, path = spec.rpartition("=")
+    path = Path(path)
+    name = name or path.stem
+    if not path.is_file():
+        raise InputError(f"prediction file not found: {path}")
+    if path.suffix == ".npz":
+        scores, labels, kind, classes = _load_npz(path)
+    elif path.suffix == ".csv":
+        scores, labels, kind, classes = _load_csv(path, label_column, csv_kind)
+    else:
+        raise InputError(f"{path}: expected a .npz or .csv prediction file")
+    try:
+        scores, labels = cal.validate(scores, labels, kind)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return Predictions(name, scores, labels, kind, classes)
+
+
+def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, data_dir: str | None):
+    """uint8 images (N, H, W, C) and labels a model is audited on: an ImageFolder (`data`)
+    decoded as cigl-predict would, or a dataset's test split (the split training used)."""
+    from cigl.data import load_dataset
+    from cigl.serve.predict import expand_inputs
+
+    classes = predictor.card.classes
+    if data:
+        root = Path(data)
+        root = root / "test" if (root / "test").is_dir() else root
+        if not root.is_dir():
+            raise InputError(f"--data folder not found: {root}")
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        unknown = [f.name for f in folders if f.name not in classes]
+        if not folders or unknown:
+            raise InputError(
+                f"{root} needs one folder per class named as the model's classes "
+                f"({', '.join(classes)}); unexpected: {', '.join(unknown) or 'no class folders'}"
+            )
+        files = [(f, classes.index(folder.name)) for folder in folders for f in expand_inputs([str(folder)])]
+        images = np.stack([predictor.load_image(f) for f, _ in files])
+        return images, np.array([label for _, label in files], dtype=np.int64)
+    split = load_dataset(dataset, data_dir, val_size=0).test
+    c, h, w = predictor.card.input_size
+    if split.x.shape[1:] != (h, w, c):
+        raise InputError(f"{dataset} images are {split.x.shape[1:]}, the model takes {(h, w, c)} (H, W, C)")
+    return split.x, split.y
+
+
+def model_logits(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """Logits of uint8 images, in batches."""
+    return np.concatenate(
+        [predictor.predict(predictor.normalize(images[i : i + 256]))[0] for i in range(0, len(images), 256)]
+    )
+
+
+def onnx_predictions(spec: str, data: str | None, dataset: str | None, data_dir: str | None) -> Predictions:
+    """Run an exported model over the audit data; the report then treats it like a file."""
+    name, _, path = spec.rpartition("=")
+    predictor = Predictor(path, device="cpu")
+    images, labels = _audit_images(predictor, data, dataset, data_dir)
+    card = predictor.card
+    model = {
+        "path": path,
+        "provider": predictor.provider,
+        "target_density": card.number("target_density"),
+        "actual_density": card.number("actual_density"),
+        "temperature_in_model": card.temperature,
+        "recorded": card.recorded(),
+    }
+    logits = model_logits(predictor, images)
+    return Predictions(name or Path(path).stem, logits, labels, "logits", card.classes, model, predictor, images)
