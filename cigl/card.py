@@ -11,6 +11,7 @@ differently; `metric` still reads those.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -132,6 +133,11 @@ class ModelCard:
     def conformal(self) -> tuple[str, dict[float, float]] | None:
         """(score method, alpha -> threshold) calibrated at training, or None. Checked: the
         file may come from anyone."""
+        return self._conformal
+
+    @functools.cached_property
+    def _conformal(self) -> tuple[str, dict[float, float]] | None:
+        """The conformal entry parsed once (the card never changes; the server asks per request)."""
         if "conformal" not in self.raw:
             return None
         try:

@@ -130,6 +130,7 @@ def _check_query(top_k: int, abstain_below: float | None, alpha: float | None) -
 def metadata_of(predictor: Predictor, max_batch: int) -> dict:
     """GET /v1/metadata: the model card's entries a client needs."""
     card = predictor.card
+    found = card.conformal()
     return {
         "classes": card.classes,
         "input_size": list(card.input_size),
@@ -141,7 +142,7 @@ def metadata_of(predictor: Predictor, max_batch: int) -> dict:
         "target_density": card.number("target_density"),
         "actual_density": card.number("actual_density"),
         "recorded": card.recorded(),
-        "conformal_alphas": sorted(card.conformal()[1], reverse=True) if card.conformal() else [],
+        "conformal_alphas": sorted(found[1], reverse=True) if found else [],
         "abstain_threshold": card.abstain_threshold(),
         "max_batch": max_batch,
     }
