@@ -75,6 +75,11 @@ def served_probs(p: Predictions) -> tuple[np.ndarray, str]:
     return cal.to_probs(p.scores, p.kind), "as given" if p.kind == "probs" else "softmax of the logits"
 
 
+def served_probs_of(p: Predictions, images: np.ndarray) -> np.ndarray:
+    """What an exported model serves for other uint8 images (corrupted or out-of-distribution)."""
+    return cal.softmax(model_logits(p.predictor, images), p.model["temperature_in_model"])
+
+
 def calibration_metrics(p: Predictions, s: Settings, split: tuple[np.ndarray, np.ndarray]) -> dict:
     """The raw scores' metrics and the effect of --temperature, on the report split (all
     samples unless the temperature is fitted)."""
@@ -162,12 +167,11 @@ def shift_audit(p: Predictions, s: Settings, conformal_found: dict) -> dict:
     images, labels = p.images[pick], p.labels[pick]
     first = next(iter(conformal_found["alphas"].items()), None)
     method = conformal_found["method"]
-    t = p.model["temperature_in_model"]
     corruptions: dict[str, dict[str, dict]] = {}
     for name in CORRUPTIONS:
         corruptions[name] = {}
         for severity in SEVERITIES:
-            probs = cal.softmax(model_logits(p.predictor, corrupt(images, name, severity, s.seed)), t)
+            probs = served_probs_of(p, corrupt(images, name, severity, s.seed))
             row = {
                 k: v
                 for k, v in cal.summary(probs, labels, kind="probs", n_bins=s.n_bins).items()
@@ -199,9 +203,7 @@ def ood_audit(p: Predictions, folder: str) -> dict:
     if not files:
         raise InputError(f"--ood-data {folder} holds no images")
     ood = np.stack([p.predictor.load_image(f) for f in files])
-    t = p.model["temperature_in_model"]
-    ood_conf = cal.softmax(model_logits(p.predictor, ood), t).max(axis=1)
-    return guarantees.ood_report(served_probs(p)[0].max(axis=1), ood_conf)
+    return guarantees.ood_report(served_probs(p)[0].max(axis=1), served_probs_of(p, ood).max(axis=1))
 
 
 # --------------------------------------------------------------------------- the gate

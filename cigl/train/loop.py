@@ -462,7 +462,7 @@ def finish(run: Run, last_logits: dict[str, np.ndarray]) -> dict:
         products["averaged"] = averaged_model(run, masks)
         logits["averaged"] = split_logits(products["averaged"][0], run.eval_x, data, run.amp)
     if cfg.mc_samples:  # RigL+MC-DP: the final weights with K random masks, softmax averaged
-        weights = {n: masking.params[n].detach() for n in masks}
+        weights = masking.weights()  # after finalize: the trained weights w themselves
         logits["mc_dropout"] = mc_dropout_logits(
             run.model, run.eval_x, data, run.amp, weights, cfg.dpnum, cfg.mc_samples, cfg.seed
         )
