@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import BLOCK_TORCH, assert_one_line_error, run_cli
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 import cigl.export as cx
 from cigl.data import CIFAR10_CLASSES, load_dataset
@@ -229,7 +230,7 @@ def test_confidence_guarantees_travel_from_training_to_serving(tmp_path, digits_
     assert_one_line_error(bad, "alpha 0.2 is not in the model card (calibrated: 0.1, 0.05, 0.01)")
 
 
-def test_audit_gates_what_is_served_and_writes_a_readable_report(tmp_path, digits_run):
+def test_audit_gates_what_is_served_and_writes_a_readable_report(tmp_path, digits_run, cifar_small):
     """--max-ece judges the served (temperature-scaled) probabilities of an exported model, the
     shift audit runs every corruption, and report.html is one self-contained page."""
     out, _ = digits_run
@@ -240,7 +241,10 @@ def test_audit_gates_what_is_served_and_writes_a_readable_report(tmp_path, digit
     assert served < raw
     gate = f"{(served + raw) / 2:.4f}"
     report_dir = tmp_path / "report"
-    proc = run_cli(AUDIT, *common, "--max-ece", gate, "--min-coverage", "0.8", "--shift", "--out", str(report_dir))
+    ood = ["--ood-data", str(cifar_small / "test")]  # natural photos are out of distribution for digits
+    proc = run_cli(
+        AUDIT, *common, "--max-ece", gate, "--min-coverage", "0.8", "--shift", *ood, "--out", str(report_dir)
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["gate"]["passed"] and result["gate"]["max_ece"] == float(gate)
@@ -250,6 +254,14 @@ def test_audit_gates_what_is_served_and_writes_a_readable_report(tmp_path, digit
     shift = m["shift"]
     assert len(shift["corruptions"]) == 9 and all(len(v) == 5 for v in shift["corruptions"].values())
     assert shift["mean_by_severity"]["5"]["accuracy"] < m["served"]["accuracy"]
+    # AUROC of the served confidence, digits (in distribution) vs CIFAR-10 photos, recomputed here
+    p = Predictor(out / "model.onnx", device="cpu")
+    photos = sorted((cifar_small / "test").rglob("*.jpg"))
+    in_conf = p.predict(p.normalize(load_dataset("digits").test.x))[1].max(axis=1)
+    out_conf = p.predict(p.normalize(np.stack([p.load_image(f) for f in photos])))[1].max(axis=1)
+    truth = np.r_[np.ones(in_conf.size), np.zeros(out_conf.size)]
+    assert m["ood"]["n_ood"] == len(photos) == 100
+    assert m["ood"]["auroc"] == pytest.approx(roc_auc_score(truth, np.r_[in_conf, out_conf]), abs=1e-4)
     page = (report_dir / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
