@@ -31,7 +31,7 @@ from cigl.errors import InputError
 from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
-from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step
+from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step, update_count
 
 BOOKKEEPING = ("auto", "compact", "device")
 
@@ -194,6 +194,10 @@ class Masking:
 
     def is_update_step(self, step: int) -> bool:
         return self.method.updates and is_update_step(step, self.update_every, self.update_until)
+
+    def planned_updates(self) -> int:
+        """How many mask updates the schedule makes in all (0 for a method whose masks never change)."""
+        return update_count(self.update_every, self.update_until) if self.method.updates else 0
 
     def _split_dropped(self) -> list[tuple[str, torch.Tensor]]:
         """(layer, positions within the layer) of the last step's dropped entries."""

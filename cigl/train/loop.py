@@ -36,7 +36,7 @@ from cigl.errors import CheckpointError, InputError
 from cigl.models import create_model
 from cigl.pipeline import augment, epoch_order, normalize, shuffled_batches, to_device
 from cigl.sparse import Masking, WeightAverage, recalibrate_bn
-from cigl.sparse.schedule import FEW_UPDATES, default_update_every, update_count
+from cigl.sparse.schedule import FEW_UPDATES, default_update_every
 from cigl.tables import format_table
 from cigl.train.config import TrainConfig, resolve
 from cigl.train.evaluate import (
@@ -174,7 +174,7 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
     if ckpt is not None:
         resume_from(run, ckpt)
     elif launch.main:
-        warn_few_updates(run, explicit_every, end_step)
+        warn_few_updates(run, explicit_every)
     run.net = (
         model
         if launch.world == 1
@@ -215,12 +215,12 @@ def build_model(cfg: TrainConfig, data: Dataset, device: torch.device) -> tuple[
     return model, torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
-def warn_few_updates(run: Run, explicit_every: int | None, end_step: int) -> None:
+def warn_few_updates(run: Run, explicit_every: int | None) -> None:
     """A dynamic method with under FEW_UPDATES mask updates is close to static training: say so."""
     cfg, masking = run.cfg, run.masking
     if masking is None or not masking.method.updates:
         return
-    planned = update_count(cfg.update_every, end_step)
+    planned, end_step = masking.planned_updates(), masking.update_until
     if planned >= FEW_UPDATES:
         return
     fix = (
@@ -282,8 +282,6 @@ def start_run_files(run: Run) -> None:
     cfg, launch = run.cfg, run.launch
     layers = run.masking.table() if run.masking is not None else []
     if launch.main:
-        end_step = int(cfg.update_end * run.total_steps)
-        dynamic = run.masking is not None and run.masking.method.updates
         run_info = {
             **asdict(cfg),
             "classes": run.data.classes,
@@ -293,7 +291,7 @@ def start_run_files(run: Run) -> None:
             "world_size": launch.world,
             "steps_per_epoch": run.steps_per_epoch,
             "total_steps": run.total_steps,
-            "mask_updates_planned": update_count(cfg.update_every, end_step) if dynamic else 0,
+            "mask_updates_planned": run.masking.planned_updates() if run.masking is not None else 0,
             "sparse_layers": layers,
         }
         runfiles.write_run_start(run.out, run_info, run.step // run.steps_per_epoch)
