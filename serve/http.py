@@ -4,7 +4,7 @@
                        with arrays at the model's input size (C x H x W, normalised); optional
                        "top_k", "abstain_below" and "alpha" (JSON) or query parameters (multipart)
     GET  /v1/metadata  the model card: classes, input size, density, temperature, recorded metrics
-    GET  /healthz      liveness and the execution provider in use
+    GET  /healthz      liveness and the engine in use (onnxruntime's provider, sparse, or auto's choice)
     GET  /docs         OpenAPI documentation
 
 Every bad request gets a 4xx with {"error": "..."}; one onnxruntime session is shared by all
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cigl.errors import ArgumentParser, CiglError, InputError, cli_entry
+from cigl.serve.engines import add_engine_option
 from cigl.serve.predictor import Predictor
 from cigl.serve.session import add_device_option
 
@@ -193,6 +194,7 @@ def app_from_env() -> FastAPI:
     predictor = Predictor(
         os.environ["CIGL_SERVE_MODEL"],
         device=os.environ.get("CIGL_SERVE_DEVICE", "auto"),
+        engine=os.environ.get("CIGL_SERVE_ENGINE", "auto"),
         max_batch=int(os.environ.get("CIGL_SERVE_MAX_BATCH", "64")),
     )
     return create_app(predictor, predictor.max_batch, float(os.environ.get("CIGL_SERVE_MAX_BODY_MB", "10")))
@@ -216,6 +218,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="most inputs per request (default 64)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
     add_device_option(p)
+    add_engine_option(p)
     return p
 
 
@@ -228,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--port must lie in 0..65535, got {args.port}")
     if args.port == 0 and args.workers > 1:
         raise InputError("--port 0 (any free port) needs --workers 1; give a port number to run several workers")
-    Predictor(args.model, device=args.device)  # fail here, with one line, before uvicorn starts
+    Predictor(args.model, device=args.device, engine=args.engine)  # fail here, with one line, before uvicorn starts
     os.environ.update(
         {
             "CIGL_SERVE_MODEL": str(args.model),
             "CIGL_SERVE_DEVICE": args.device,
+            "CIGL_SERVE_ENGINE": args.engine,
             "CIGL_SERVE_MAX_BATCH": str(args.max_batch),
             "CIGL_SERVE_MAX_BODY_MB": str(args.max_body_mb),
         }

@@ -1,4 +1,5 @@
-"""`cigl-predict MODEL.onnx INPUT...`: calibrated predictions for images, folders and .npy arrays.
+"""`cigl-predict MODEL.onnx INPUT...`: calibrated predictions for images, folders and .npy arrays
+(onnxruntime, or cigl's sparse engine with --engine; see cigl.serve.engines).
 
 One record per input (JSON lines or CSV): source, class, confidence (the calibrated
 probability of the predicted class), top_k, abstained (confidence < --abstain-below, by default
@@ -23,6 +24,7 @@ import numpy as np
 from cigl.data import IMAGE_EXTENSIONS
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.io import atomic_open
+from cigl.serve.engines import add_engine_option
 from cigl.serve.predictor import Predictor
 from cigl.serve.session import add_device_option
 
@@ -188,6 +190,7 @@ def build_parser() -> ArgumentParser:
             "cigl-predict runs/demo-cigl/model.onnx cat.jpg dog.png --top-k 3",
             "cigl-predict model.onnx images/ --format csv --out predictions.csv --abstain-below 0.6",
             "cigl-predict model.onnx batch.npy                     # uint8 NHWC or normalised float NCHW",
+            "cigl-predict model.onnx images/ --engine sparse       # cigl's sparse CPU engine (cigl[sparse])",
         ],
     )
     p.add_argument("model", help="model.onnx written by cigl-export")
@@ -216,6 +219,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", help="write records to FILE (default stdout)")
     p.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2, nothing written)")
     add_device_option(p)
+    add_engine_option(p)
     return p
 
 
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--batch-size and --top-k must be >= 1")
     if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         raise InputError(f"--abstain-below must lie in [0, 1], got {args.abstain_below}")
-    predictor = Predictor(args.model, device=args.device)
+    predictor = Predictor(args.model, device=args.device, engine=args.engine)
     if args.alpha is not None:
         predictor.card.conformal_threshold(args.alpha)  # an alpha the card lacks fails before any work
     paths = expand_inputs(args.inputs)

@@ -1,7 +1,8 @@
-"""Calibrated predictions from an exported model.onnx with onnxruntime (numpy + pillow, no torch).
+"""Calibrated predictions from an exported model.onnx with onnxruntime or cigl's sparse engine
+(numpy + pillow, no torch).
 
-p = Predictor("model.onnx")                 # device="auto" | "cpu" | "cuda"
-p.provider                                  # the execution provider actually in use
+p = Predictor("model.onnx")                 # device="auto" | "cpu" | "cuda", engine="auto" | "onnxruntime" | "sparse"
+p.provider                                  # the engine actually in use (onnxruntime's provider, or "sparse")
 image = p.load_image("cat.jpg")             # path, file object or PIL.Image -> uint8 H x W x C
 logits, probs = p.predict(p.normalize(image[None]))  # float32 NCHW, normalised as the model expects
 records = p.records(["cat.jpg"], probs)     # class, calibrated confidence, top-k, abstained
@@ -17,21 +18,30 @@ from cigl import conformal
 from cigl.card import ModelCard
 from cigl.errors import FormatError, InputError
 from cigl.images import load_image
-from cigl.serve.session import open_session
+from cigl.serve.engines import open_engine
 
 MAX_BATCH = 1024
 
 
 class Predictor:
-    """One onnxruntime session (safe to share across threads) plus the model card."""
+    """One inference engine (safe to share across threads; cigl.serve.engines) plus the model card."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, max_batch: int = MAX_BATCH):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        max_batch: int = MAX_BATCH,
+        engine: str = "auto",
+    ):
         path = Path(path)
         if not path.is_file():
             raise InputError(f"model not found: {path}")
-        self.session = open_session(path.read_bytes(), device=device, threads=threads, source=str(path))
-        self.provider = self.session.get_providers()[0]
-        self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.engine = open_engine(
+            path.read_bytes(), engine=engine, device=device, threads=threads, source=str(path), max_batch=max_batch
+        )
+        self.provider = self.engine.name
+        self.card = ModelCard.from_metadata(self.engine.metadata, str(path))
         self._check_graph(str(path))
         self.max_batch = max_batch
         self.path = path
@@ -39,8 +49,7 @@ class Predictor:
     def _check_graph(self, source: str) -> None:
         """The card must describe the graph: input `images` of the card's size, outputs `logits`
         and `probs` with one column per class."""
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        inputs, outputs = self.engine.inputs, self.engine.outputs
         if "images" not in inputs or not {"logits", "probs"} <= set(outputs):
             raise FormatError(f"{source} is not a cigl model (needs input 'images', outputs 'logits' and 'probs')")
         declared = [d for d in inputs["images"][1:] if isinstance(d, int)]
@@ -82,8 +91,7 @@ class Predictor:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities) of a normalised float batch."""
-        logits, probs = self.session.run(["logits", "probs"], {"images": self.check_batch(x)})
-        return logits, probs
+        return self.engine.run(self.check_batch(x))
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) images -> normalised float32 NCHW."""

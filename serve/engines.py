@@ -1,0 +1,128 @@
+"""The inference engines behind the Predictor, and `--engine auto|onnxruntime|sparse`.
+
+Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
+shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, on a
+batch of 1 and a batch of AUTO_BATCH zeros (compute does not depend on the values), and then
+runs each batch on the engine that was faster at the nearer of those sizes; an engine that lost
+at both is dropped, so a model served by the sparse engine alone holds no dense weights.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from cigl.errors import InputError
+from cigl.serve.session import open_session
+
+ENGINES = ("auto", "onnxruntime", "sparse")
+AUTO_BATCH = 16  # the large batch auto times; batches of SMALL_BATCH or fewer follow the batch-1 timing
+SMALL_BATCH = 4
+AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxruntime without timing
+
+
+class OnnxRuntime:
+    """An onnxruntime session (thread-safe) as an engine."""
+
+    def __init__(self, model: bytes, *, device: str, threads: int, source: str):
+        self.session = open_session(model, device=device, threads=threads, source=source)
+        self.name = self.session.get_providers()[0]
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.outputs = {o.name: o.shape for o in self.session.get_outputs()}
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, probs = self.session.run(["logits", "probs"], {"images": x})
+        return logits, probs
+
+
+def add_engine_option(parser) -> None:
+    """--engine of the serving tools."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="inference engine (default auto: on the CPU, whichever of onnxruntime and cigl's sparse engine "
+        "is faster for this model, timed once at load; sparse needs pip install 'cigl[sparse]')",
+    )
+
+
+def _best_seconds(engine, x: np.ndarray, repeats: int = 2) -> float:
+    engine.run(x)  # warm-up: allocations, onnxruntime's first-run planning
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class Auto:
+    """Both engines; each batch runs on the one measured faster at the nearer timed size."""
+
+    def __init__(self, ort: OnnxRuntime, sparse, input_size: tuple[int, ...], max_batch: int):
+        self.metadata, self.inputs, self.outputs = ort.metadata, ort.inputs, ort.outputs
+        engines = {"onnxruntime": ort, "sparse": sparse}
+        self.seconds: dict[int, dict[str, float]] = {}
+        for batch in sorted({1, min(AUTO_BATCH, max_batch)}):
+            x = np.zeros((batch, *input_size), np.float32)
+            self.seconds[batch] = {name: _best_seconds(e, x) for name, e in engines.items()}
+        fastest = {batch: min(t, key=t.get) for batch, t in self.seconds.items()}
+        self.small, self.large = fastest[1], fastest[max(fastest)]
+        self.engines = {name: e for name, e in engines.items() if name in (self.small, self.large)}
+        label = {"onnxruntime": ort.name, "sparse": "sparse"}
+        self.name = (
+            f"auto: {label[self.small]}"
+            if self.small == self.large
+            else f"auto: {label[self.small]} for batches <= {SMALL_BATCH}, {label[self.large]} above"
+        )
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.engines[self.small if len(x) <= SMALL_BATCH else self.large].run(x)
+
+
+def _sparse_or_note(model: bytes, source: str, required: bool, threads: int = 0):
+    """The sparse engine for `model`, or None with a one-line note when it cannot run it
+    (`required`: numba missing is an error rather than a note)."""
+    from cigl.serve import sparse_engine
+
+    why = sparse_engine.missing()
+    if why is not None:
+        if required:
+            raise InputError(why)
+        return None
+    try:
+        return sparse_engine.SparseEngine(model, source=source, threads=threads)
+    except sparse_engine.Unsupported as exc:
+        warnings.warn(f"sparse engine: {source} uses {exc}, which it does not run; using onnxruntime", stacklevel=2)
+        return None
+
+
+def open_engine(
+    model: bytes,
+    *,
+    engine: str = "auto",
+    device: str = "auto",
+    threads: int = 0,
+    source: str = "model",
+    max_batch: int = 1024,
+):
+    """The engine `engine` names for the serialised ONNX `model` (see the module docstring)."""
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "sparse" and device == "cuda":
+        raise InputError("the sparse engine runs on the CPU; use --device cpu or --engine onnxruntime")
+    if engine == "sparse":
+        sparse = _sparse_or_note(model, source, required=True, threads=threads)
+        if sparse is not None:
+            return sparse
+    ort = OnnxRuntime(model, device=device, threads=threads, source=source)
+    if engine == "onnxruntime" or ort.name != "CPUExecutionProvider" or engine == "sparse":
+        return ort
+    sparse = _sparse_or_note(model, source, required=False, threads=threads)
+    shape = ort.inputs.get("images", [])[1:]
+    if sparse is None or sparse.density > AUTO_MAX_DENSITY or not all(isinstance(d, int) for d in shape):
+        return ort
+    return Auto(ort, sparse, tuple(shape), max_batch)

@@ -1,0 +1,332 @@
+"""Reading an exported model.onnx into the engine's program: a list of steps over named values.
+
+Packed weights (values + bit mask + the unpack subgraph of cigl.export.onnx_export) are read as
+their nonzeros; the unpack subgraph itself never runs, so no dense copy of a sparse layer exists.
+Nodes whose inputs are all constants are folded at load with the numpy ops. Convolutions (and
+Gemm) become kernel calls in the padded-plane layout, taking a following residual Add and ReLU
+(Conv -> Add -> Relu, Conv -> Relu) and a batch norm's ReLU into the same pass; the rest runs
+as numpy. A graph with any other operator, or a convolution the kernels do not cover, raises
+Unsupported naming it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from cigl.export.packed import MASK, VALUES
+from cigl.serve.sparse_engine import kernels
+from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
+from cigl.serve.sparse_engine.layout import Planes, mask
+from cigl.serve.sparse_engine.ops import OPS, attributes, bn_affine
+
+
+class Unsupported(Exception):
+    """The graph uses something the sparse engine does not run (the message says what)."""
+
+
+Value = np.ndarray | Planes
+
+
+def as_array(v: Value) -> np.ndarray:
+    return v.nchw() if isinstance(v, Planes) else v
+
+
+def as_planes(v: Value) -> Planes:
+    return v if isinstance(v, Planes) else Planes.from_nchw(np.asarray(v, np.float32))
+
+
+@dataclass
+class Step:
+    """One call: output = run(*inputs). `kind`, `fused` and `nonzeros` (of its weight) feed the profile."""
+
+    kind: str
+    inputs: list[str]
+    output: str
+    run: Callable[..., Value]
+    name: str = ""
+    weight: SparseWeight | None = None
+
+    @property
+    def nonzeros(self) -> int:
+        return 0 if self.weight is None else self.weight.index.size
+
+    fused: list[str] = field(default_factory=list)
+
+
+def _add_values(a: Value, b: Value) -> Value:
+    if isinstance(a, Planes) and isinstance(b, Planes) and a.grid == b.grid and a.data.shape == b.data.shape:
+        return Planes(a.data + b.data, a.grid)  # zero padding stays zero
+    return as_array(a) + as_array(b)
+
+
+def _relu_values(x: Value) -> Value:
+    if isinstance(x, Planes):
+        return Planes(np.maximum(x.data, 0), x.grid)
+    return np.maximum(x, 0)
+
+
+def _packed_weights(graph) -> dict[str, SparseWeight]:
+    inits = {i.name: i for i in graph.initializer}
+    found = {}
+    for name in inits:
+        if not name.endswith(VALUES):
+            continue
+        base = name[: -len(VALUES)]
+        if base + MASK in inits and base + "::shape" in inits:
+            shape = tuple(int(s) for s in numpy_helper.to_array(inits[base + "::shape"]))
+            values = numpy_helper.to_array(inits[name]).astype(np.float32)
+            try:
+                found[base] = SparseWeight.from_packed(values, numpy_helper.to_array(inits[base + MASK]), shape)
+            except ValueError as exc:
+                raise Unsupported(f"packed weight {base}: {exc}") from None
+    return found
+
+
+def _is_unpack_node(node, packed: dict[str, SparseWeight]) -> bool:
+    """A node of a packed weight's unpack subgraph: it writes NAME or NAME::part."""
+    for out in node.output:
+        cuts = [i for i in range(len(out)) if out.startswith("::", i)]
+        if out in packed or any(out[:i] in packed for i in cuts):
+            return True
+    return False
+
+
+class Program:
+    """The engine's steps for one ONNX graph, with constants folded and fusions applied."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.packed = _packed_weights(graph)
+        packed_parts = {b + s for b in self.packed for s in (VALUES, MASK, "::shape", "::numel")}
+        self.consts: dict[str, np.ndarray] = {
+            i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name not in packed_parts
+        }
+        self.input = graph.input[0].name if graph.input else "images"
+        self.outputs = [o.name for o in graph.output]
+        runtime = self._fold(graph.node)
+        uses = Counter(i for n in runtime for i in n.input if i) + Counter(self.outputs)
+        self.steps: list[Step] = []
+        self.producer: dict[str, Step] = {}
+        for node in runtime:
+            self._compile(node, uses)
+        weights = [s.weight for s in self.steps if s.weight is not None]
+        self.density = sum(w.index.size for w in weights) / max(1, sum(int(np.prod(w.shape)) for w in weights))
+        self.last_use = {}
+        for i, s in enumerate(self.steps):
+            for name in s.inputs:
+                self.last_use[name] = i
+
+    # ---------------------------------------------------------------- constants
+
+    def _fold(self, nodes) -> list:
+        """Evaluate constant nodes; return the rest in order."""
+        runtime = []
+        for node in nodes:
+            if _is_unpack_node(node, self.packed):
+                continue
+            if node.op_type == "Constant":
+                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                continue
+            inputs = [i for i in node.input if i]
+            if inputs and all(i in self.consts for i in inputs) and node.op_type in OPS:
+                try:
+                    outs = OPS[node.op_type]([self.consts[i] if i else None for i in node.input], attributes(node))
+                except (NotImplementedError, ValueError, KeyError, IndexError) as exc:
+                    raise Unsupported(f"{node.op_type} node {node.name or node.output[0]}: {exc}") from None
+                self.consts.update(zip(node.output, outs, strict=False))
+                continue
+            runtime.append(node)
+        return runtime
+
+    def _weight(self, name: str, what: str) -> SparseWeight:
+        if name in self.packed:
+            return self.packed[name]
+        if name in self.consts:
+            return SparseWeight.from_dense(np.asarray(self.consts[name], np.float32))
+        raise Unsupported(f"{what} whose weight {name} is computed at run time")
+
+    # ---------------------------------------------------------------- steps
+
+    def _compile(self, node, uses: Counter) -> None:
+        a = attributes(node)
+        handler = {
+            "Conv": self._conv,
+            "Add": self._residual,
+            "Relu": self._relu,
+            "BatchNormalization": self._batch_norm,
+            "Gemm": self._gemm,
+            "GlobalAveragePool": self._global_average_pool,
+        }.get(node.op_type)
+        if handler is not None and handler(node, a, uses):
+            return
+        if node.op_type not in OPS:
+            raise Unsupported(f"operator {node.op_type}")
+        fn = OPS[node.op_type]
+        consts = self.consts
+        names = list(node.input)
+
+        def run(*values, fn=fn, names=names, a=a):
+            it = iter(values)
+            args = [consts[n] if n in consts else (as_array(next(it)) if n else None) for n in names]
+            return fn(args, a)[0]
+
+        self._push(Step(node.op_type, [n for n in names if n and n not in consts], node.output[0], run, node.name))
+
+    def _push(self, step: Step) -> None:
+        self.steps.append(step)
+        self.producer[step.output] = step
+
+    def _conv(self, node, a, _uses) -> bool:
+        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise Unsupported(f"grouped or dilated convolution {node.name or node.output[0]}")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise Unsupported(f"convolution {node.name or node.output[0]} with auto_pad")
+        weight = self._weight(node.input[1], "convolution")
+        if len(weight.shape) != 4:
+            raise Unsupported(f"{len(weight.shape) - 2}-D convolution {node.name or node.output[0]}")
+        bias = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
+        pads = tuple(a.get("pads", [0, 0, 0, 0]))
+        conv = Conv(weight, bias, tuple(a.get("strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
+        step = Step("Conv", [node.input[0]], node.output[0], None, node.name or node.output[0])
+        step.run = lambda x, residual=None, relu=False: conv(as_planes(x), residual, relu)
+        step.weight = weight
+        self._push(step)
+        return True
+
+    def _fusable(self, name: str, uses: Counter, kinds: tuple[str, ...]) -> Step | None:
+        step = self.producer.get(name)
+        if step is not None and step.kind in kinds and uses[name] == 1 and name not in self.outputs:
+            return step
+        return None
+
+    def _residual(self, node, _a, uses) -> bool:
+        """Conv -> Add: the other operand becomes the convolution's residual. It must exist
+        before the convolution runs, so of two convolutions the later one takes it; two
+        activations in planes are added in place of the generic numpy Add."""
+        if len(node.input) != 2 or any(i in self.consts for i in node.input):
+            return False
+        order = {s.output: i for i, s in enumerate(self.steps)}
+        pairs = [(c, o) for c, o in (node.input, node.input[::-1]) if self._fusable(c, uses, ("Conv",))]
+        pairs = [(c, o) for c, o in pairs if not self.producer[c].fused]
+        if not pairs:
+            self._push(Step("Add", list(node.input), node.output[0], _add_values, node.name))
+            return True
+        conv_name, other = max(pairs, key=lambda p: order[p[0]])
+        step = self.producer[conv_name]
+        if order.get(other, -1) > order[conv_name]:  # the residual is made later: run the convolution after it
+            self.steps.remove(step)
+            self.steps.append(step)
+        run = step.run
+        step.inputs = [*step.inputs, other]
+        step.run = lambda x, r, run=run, relu=False: run(x, as_planes(r), relu)
+        step.fused.append("Add")
+        self._rename(step, node.output[0])
+        return True
+
+    def _rename(self, step: Step, output: str) -> None:
+        del self.producer[step.output]
+        step.output = output
+        self.producer[output] = step
+
+    def _relu(self, node, _a, uses) -> bool:
+        step = self._fusable(node.input[0], uses, ("Conv", "BatchNormalization"))
+        if step is None or "Relu" in step.fused:
+            self._push(Step("Relu", [node.input[0]], node.output[0], _relu_values, node.name))
+            return True
+        run = step.run
+        step.run = lambda *values, run=run: run(*values, relu=True)
+        step.fused.append("Relu")
+        self._rename(step, node.output[0])
+        return True
+
+    def _batch_norm(self, node, a, _uses) -> bool:
+        if not all(i in self.consts for i in node.input[1:5]):
+            raise Unsupported(f"batch norm {node.name or node.output[0]} with run-time statistics")
+        scale, shift = bn_affine([self.consts[i] for i in node.input[1:5]], a)
+
+        def run(x, relu=False, scale=scale, shift=shift):
+            if isinstance(x, Planes) or np.ndim(x) == 4:
+                p = as_planes(x)
+                out = Planes(np.empty_like(p.data), p.grid)
+                kernels.channel_affine(p.data, scale, shift, mask(p.grid), relu, out.data)
+                return out
+            y = x * scale + shift
+            return np.maximum(y, 0) if relu else y
+
+        self._push(Step("BatchNormalization", [node.input[0]], node.output[0], run, node.name))
+        return True
+
+    def _gemm(self, node, a, _uses) -> bool:
+        w_name = node.input[1]
+        if not (w_name in self.packed or w_name in self.consts) or a.get("transA", 0):
+            return False
+        if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            return False
+        weight = self._weight(w_name, "Gemm")
+        if not a.get("transB", 0):  # W is (in, out): index the transposed nonzeros
+            w_in, w_out = weight.shape
+            r, c = np.unravel_index(weight.index, weight.shape)
+            order = np.lexsort((r, c))
+            weight = SparseWeight((w_out, w_in), (c * w_in + r)[order], weight.values[order])
+        bias = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+        if bias.size != weight.shape[0]:
+            return False
+        linear = Linear(weight, bias)
+        step = Step("Gemm", [node.input[0]], node.output[0], lambda x: linear(as_array(x)), node.name)
+        step.weight = weight
+        self._push(step)
+        return True
+
+    def _global_average_pool(self, node, _a, _uses) -> bool:
+        def run(x):
+            if isinstance(x, Planes):
+                g = x.grid
+                sums = x.data[:, : g.n * g.block].reshape(-1, g.n, g.block).sum(axis=2, dtype=np.float64)
+                return (sums.T / (g.h * g.w)).astype(np.float32)[:, :, None, None]
+            return x.mean(axis=(2, 3), keepdims=True)
+
+        self._push(Step("GlobalAveragePool", [node.input[0]], node.output[0], run, node.name))
+        return True
+
+    # ---------------------------------------------------------------- running
+
+    def run(self, images: np.ndarray, trace: list | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs for `images`; each value is dropped after its last use. With
+        `trace`, (seconds, output pixels per image) of each step are appended to it."""
+        values: dict[str, Value] = {self.input: images}
+        for i, step in enumerate(self.steps):
+            start = time.perf_counter()
+            values[step.output] = out = step.run(*(values[n] for n in step.inputs))
+            if trace is not None:
+                pixels = out.grid.h * out.grid.w if isinstance(out, Planes) else 1
+                trace.append((time.perf_counter() - start, pixels))
+            for name in step.inputs:
+                if self.last_use.get(name) == i and name not in self.outputs:
+                    values.pop(name, None)
+        return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
+
+    def profile(self, images: np.ndarray, repeats: int = 3) -> list[dict]:
+        """Per step, the best of `repeats` timed runs (after one warm-up run)."""
+        self.run(images)
+        runs = []
+        for _ in range(repeats):
+            runs.append([])
+            self.run(images, runs[-1])
+        return [
+            {
+                "step": "+".join([s.kind, *s.fused]),
+                "name": s.name,
+                "seconds": min(r[i][0] for r in runs),
+                "macs_per_image": s.nonzeros * runs[0][i][1],
+            }
+            for i, s in enumerate(self.steps)
+        ]

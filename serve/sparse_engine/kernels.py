@@ -1,0 +1,105 @@
+"""The sparse engine's compiled kernels (numba; fp32; parallel over output rows and chunks).
+
+`sparse_conv` is one sparse-weight x dense-activation kernel for every convolution and linear
+layer. An activation is a set of flat *planes* (one per input channel, or per channel and stride
+phase); output position q of row o is
+
+    out[o, shift + q] = bias[o] + sum_k vals[k] * src[planes[k], offs[k] + q]      (k in row o)
+
+so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
+fused multiply-add per output element: time falls with the number of nonzeros. Each row's
+nonzeros are padded with zero weights to a multiple of GROUP so that one pass over an output
+chunk (kept in L1) applies GROUP weights; a chunk is CHUNK floats
+(fewer when the input has many planes). Jobs never share an output
+element, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+GROUP = 4
+CHUNK = 1024  # output floats per job; src reads span every plane, so many planes want less
+
+
+def chunk_for(planes: int) -> int:
+    """Output chunk for a kernel reading `planes` planes: their slices of one chunk should stay in L2."""
+    return CHUNK if planes <= 64 else 256
+
+
+@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, mask, relu, chunk):  # noqa: PLR0913
+    """See the module docstring; then, per element: + residual[o, shift + q] (if residual has
+    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding)."""
+    rows = out.shape[0]
+    chunks = (length + chunk - 1) // chunk
+    for job in prange(rows * chunks):  # chunk-major: a thread's rows reuse the same input chunk
+        o = job % rows
+        q0 = (job // rows) * chunk
+        n = min(chunk, length - q0)
+        acc = out[o, shift + q0 : shift + q0 + n]
+        b = bias[o]
+        for p in range(n):
+            acc[p] = b
+        for k in range(ptr[o], ptr[o + 1], GROUP):
+            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+            s0 = src[planes[k], offs[k] + q0 :]
+            s1 = src[planes[k + 1], offs[k + 1] + q0 :]
+            s2 = src[planes[k + 2], offs[k + 2] + q0 :]
+            s3 = src[planes[k + 3], offs[k + 3] + q0 :]
+            for p in range(n):
+                acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]
+        if residual.shape[0]:
+            r = residual[o, shift + q0 :]
+            for p in range(n):
+                acc[p] += r[p]
+        if relu:
+            for p in range(n):
+                acc[p] = max(acc[p], 0.0)
+        if mask.shape[0]:
+            m = mask[shift + q0 :]
+            for p in range(n):
+                acc[p] *= m[p]
+
+
+@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+def channel_affine(x, scale, offset, mask, relu, out):
+    """out[c] = (x[c] * scale[c] + offset[c]), then max(., 0) if relu, times mask (inference
+    batch norm on planes whose padding must stay zero)."""
+    for c in prange(x.shape[0]):
+        s, t = scale[c], offset[c]
+        xc, oc = x[c], out[c]
+        for p in range(x.shape[1]):
+            v = xc[p] * s + t
+            if relu:
+                v = max(v, 0.0)
+            oc[p] = v * mask[p]
+
+
+def empty_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The (residual, mask) arguments that switch those steps off."""
+    return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, out):  # noqa: PLR0913
+    """Stride phases of the zero-padded input: out[(a * stride_w + b) * C + c, i * hq * wq + r * wq + t]
+    = element (i, c, r * stride_h + a - pad_top, t * stride_w + b - pad_left) of the planes `x`
+    (grid n x h x w), zero outside the image; the tail of `out` is zeroed."""
+    channels = x.shape[0]
+    row, block = w + 1, (h + 1) * (w + 1)
+    for job in prange(stride_h * stride_w * channels):
+        phase, c = job // channels, job % channels
+        a, b = phase // stride_w, phase % stride_w
+        dst = out[job]
+        for i in range(n):
+            for r in range(hq):
+                y = r * stride_h + a - pad_top
+                base = (i * hq + r) * wq
+                for t in range(wq):
+                    xx = t * stride_w + b - pad_left
+                    inside = 0 <= y < h and 0 <= xx < w
+                    dst[base + t] = x[c, i * block + (y + 1) * row + xx + 1] if inside else 0.0
+        for p in range(n * hq * wq, dst.shape[0]):
+            dst[p] = 0.0

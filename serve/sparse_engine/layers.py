@@ -1,0 +1,178 @@
+"""Convolutions and linear layers on sparse weights, stored as their nonzeros only.
+
+`SparseWeight` keeps the flat C-order positions and values of a weight's nonzeros, read straight
+from a packed tensor (values + bit mask) or from a plain one. For a given input geometry a layer
+turns them into the kernel's per-row tables (plane, offset, value), padded to kernels.GROUP;
+tables are cached per input height and width.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from cigl.serve.sparse_engine import kernels
+from cigl.serve.sparse_engine.layout import Grid, Planes, mask
+
+
+@dataclass
+class SparseWeight:
+    """The nonzeros of a weight of `shape` (out, in, kh, kw) or (out, in): flat positions in C order
+    (sorted) and their values."""
+
+    shape: tuple[int, ...]
+    index: np.ndarray  # int64
+    values: np.ndarray  # float32
+
+    @classmethod
+    def from_dense(cls, w: np.ndarray) -> SparseWeight:
+        index = np.flatnonzero(w)
+        return cls(tuple(w.shape), index, w.reshape(-1)[index].astype(np.float32))
+
+    @classmethod
+    def from_packed(cls, values: np.ndarray, bits: np.ndarray, shape: tuple[int, ...]) -> SparseWeight:
+        """From a packed tensor: the set bits of `bits` (little-endian, C order) hold `values`."""
+        numel = int(np.prod(shape))
+        if bits.dtype != np.uint8 or bits.size != (numel + 7) // 8:
+            raise ValueError(f"mask of {bits.size} bytes for a tensor of {numel} elements")
+        index = np.flatnonzero(np.unpackbits(bits, count=numel, bitorder="little"))
+        if index.size != values.size and not (index.size == 0 and values.size == 1):
+            raise ValueError(f"{values.size} values for {index.size} mask bits")
+        return cls(tuple(shape), index, values[: index.size].astype(np.float32))
+
+    @property
+    def density(self) -> float:
+        return self.index.size / max(1, int(np.prod(self.shape)))
+
+    def taps(self) -> tuple[np.ndarray, ...]:
+        """(out row, input channel, kh, kw) of every nonzero."""
+        shape = self.shape if len(self.shape) == 4 else (*self.shape, 1, 1)
+        return np.unravel_index(self.index, shape)
+
+    def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The kernel's (ptr, planes, offs, vals) for the per-nonzero `plane` and `offset`, each
+        row padded with zero weights (plane 0, offset 0) to a multiple of kernels.GROUP."""
+        rows = self.shape[0]
+        counts = np.bincount(self.taps()[0], minlength=rows)
+        padded = -(-counts // kernels.GROUP) * kernels.GROUP
+        ptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(padded, out=ptr[1:])
+        row_of = np.repeat(np.arange(rows), counts)
+        slot = ptr[row_of] + (np.arange(self.index.size) - np.repeat(np.cumsum(counts) - counts, counts))
+        planes, offs = np.zeros(ptr[-1], np.int64), np.zeros(ptr[-1], np.int64)
+        vals = np.zeros(ptr[-1], np.float32)
+        planes[slot], offs[slot], vals[slot] = plane, offset, self.values
+        return ptr, planes, offs, vals
+
+
+@dataclass
+class Conv:
+    """A 2-D convolution (group 1, dilation 1) with a sparse weight and a bias."""
+
+    weight: SparseWeight
+    bias: np.ndarray
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+
+    def __post_init__(self):
+        self._tables = functools.lru_cache(maxsize=8)(self._build_tables)
+
+    @property
+    def direct(self) -> bool:
+        """Stride 1, same-size output, padding <= 1: reads and writes the padded planes in place."""
+        _, _, kh, kw = self.weight.shape
+        pt, pl, pb, pr = self.pads
+        return self.stride == (1, 1) and kh - 1 == pt + pb and kw - 1 == pl + pr and max(self.pads) <= 1
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        _, _, kh, kw = self.weight.shape
+        pt, pl, pb, pr = self.pads
+        return (h + pt + pb - kh) // self.stride[0] + 1, (w + pl + pr - kw) // self.stride[1] + 1
+
+    @staticmethod
+    def _chunk(src: np.ndarray) -> int:
+        return kernels.chunk_for(src.shape[0])
+
+    def _phases(self, h: int, w: int) -> tuple[int, int, int]:
+        """(hq, wq, extra) of the stride-phase planes (gather path): each phase is hq x wq per
+        image, one row and column more than the output when the kernel reaches at most one phase
+        step beyond it (then the kernel writes the output planes directly), more otherwise."""
+        ho, wo = self.output_size(h, w)
+        _, _, kh, kw = self.weight.shape
+        eh, ew = max(1, (kh - 1) // self.stride[0]), max(1, (kw - 1) // self.stride[1])
+        return ho + eh, wo + ew, eh * ew
+
+    def _build_tables(self, h: int, w: int):
+        _, ic, kh, kw = self.weight.taps()
+        if self.direct:
+            pt, pl = self.pads[:2]
+            return self.weight.tables(ic, (kh - pt + 1) * (w + 1) + (kw - pl + 1))
+        sh, sw = self.stride
+        _, wq, _ = self._phases(h, w)
+        phase = (kh % sh) * sw + kw % sw
+        return self.weight.tables(phase * self.weight.shape[1] + ic, (kh // sh) * wq + kw // sw)
+
+    def __call__(self, x: Planes, residual: Planes | None = None, relu: bool = False) -> Planes:
+        g = x.grid
+        tables = self._tables(g.h, g.w)
+        rows = self.weight.shape[0]
+        res = residual.data if residual is not None else kernels.empty_rows()[0]
+        if self.direct:
+            out = Planes.empty(rows, g)
+            kernels.sparse_conv(
+                x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu, self._chunk(x.data)
+            )
+            return out
+        # strided or widely padded: one plane per (stride phase, channel), then the same kernel
+        hq, wq, extra = self._phases(g.h, g.w)
+        _, _, kh, kw = self.weight.shape
+        sh, sw = self.stride
+        reach = ((kh - 1) // sh) * wq + (kw - 1) // sw + 1
+        src = np.empty((sh * sw * x.data.shape[0], g.n * hq * wq + reach), np.float32)
+        kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, src)
+        out_grid = Grid(g.n, *self.output_size(g.h, g.w))
+        if extra == 1:  # phase planes have the output's geometry: write the output planes directly
+            out = Planes.empty(rows, out_grid)
+            kernels.sparse_conv(
+                src,
+                *tables,
+                self.bias,
+                out.data,
+                out_grid.row + 1,
+                g.n * hq * wq,
+                res,
+                mask(out_grid),
+                relu,
+                self._chunk(src),
+            )
+            return out
+        flat = np.empty((rows, g.n * hq * wq), np.float32)
+        kernels.sparse_conv(
+            src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, self._chunk(src)
+        )
+        y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
+        if residual is not None:
+            y = y + residual.nchw()
+        return Planes.from_nchw(np.maximum(y, 0) if relu else y)
+
+
+@dataclass
+class Linear:
+    """y = x W^T + b with a sparse W of shape (out, in): each input feature is a plane of length N."""
+
+    weight: SparseWeight
+    bias: np.ndarray
+
+    def __post_init__(self):
+        _, feature = self.weight.taps()[:2]
+        self._tables = self.weight.tables(feature, np.zeros_like(feature))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        src = np.ascontiguousarray(x.T, dtype=np.float32)
+        out = np.empty((self.weight.shape[0], n), np.float32)
+        res, no_mask = kernels.empty_rows()
+        kernels.sparse_conv(src, *self._tables, self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
+        return out.T

@@ -1,0 +1,78 @@
+"""The engine's activation layout: per channel, every image of the batch in one flat plane with
+one shared row and column of zero padding.
+
+Element (n, c, y, x) of an N x C x H x W tensor lives at data[c, n * block + (y + 1) * row + x + 1]
+with row = W + 1 and block = (H + 1) * row: row 0 and column 0 of each image are zeros, and the
+zero column of row y + 1 is also the right padding of row y, the zero row of image n + 1 the
+bottom padding of image n. A 3x3, stride-1, padding-1 convolution then reads tap (kh, kw) of
+output q = n * block + y * row + x at q + kh * row + kw, for the whole batch in one long loop,
+and writes q at q + row + 1, back in this layout; the positions it wrote junk to (column 0 and
+row 0) are re-zeroed by `mask`. The tail (2 rows + 4) keeps every read of the last image in bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a batch of n images of h x w in the padded-plane layout."""
+
+    n: int
+    h: int
+    w: int
+
+    @property
+    def row(self) -> int:
+        return self.w + 1
+
+    @property
+    def block(self) -> int:
+        return (self.h + 1) * self.row
+
+    @property
+    def length(self) -> int:
+        return self.n * self.block + 2 * self.row + 4
+
+    def interior(self, data: np.ndarray) -> np.ndarray:
+        """The (C, N, H, W) view of the elements of `data`."""
+        return data[:, : self.n * self.block].reshape(-1, self.n, self.h + 1, self.row)[:, :, 1:, 1:]
+
+
+@dataclass
+class Planes:
+    """An activation in the padded-plane layout: data is (C, grid.length) float32."""
+
+    data: np.ndarray
+    grid: Grid
+
+    @classmethod
+    def empty(cls, channels: int, grid: Grid) -> Planes:
+        """Uninitialised interior, zero padding at both ends (the parts a convolution never writes)."""
+        data = np.empty((channels, grid.length), np.float32)
+        data[:, : grid.row + 1] = 0
+        data[:, grid.n * grid.block + grid.row + 1 :] = 0
+        return cls(data, grid)
+
+    @classmethod
+    def from_nchw(cls, x: np.ndarray) -> Planes:
+        n, c, h, w = x.shape
+        grid = Grid(n, h, w)
+        planes = cls(np.zeros((c, grid.length), np.float32), grid)
+        grid.interior(planes.data)[...] = x.transpose(1, 0, 2, 3)
+        return planes
+
+    def nchw(self) -> np.ndarray:
+        return np.ascontiguousarray(self.grid.interior(self.data).transpose(1, 0, 2, 3))
+
+
+@functools.lru_cache(maxsize=64)
+def mask(grid: Grid) -> np.ndarray:
+    """1.0 at element positions, 0.0 at padding (float32, grid.length)."""
+    m = np.zeros(grid.length, np.float32)
+    grid.interior(m[None])[...] = 1.0
+    return m

@@ -1,0 +1,233 @@
+"""numpy implementations of the ONNX operators the engine runs outside its kernels: shape
+arithmetic folded at load (the Pad amounts of an option-A shortcut) and the cheap tensor ops
+around the convolutions (pooling, flatten, the classifier's Mul and Softmax, slicing).
+
+Each op is f(inputs, attrs) -> list of outputs, following the ONNX operator specification for the
+opsets torch exports (13-21); anything else is reported as unsupported by the graph reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+Op = Callable[[list, dict], list]
+OPS: dict[str, Op] = {}
+
+_ONNX_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+
+
+def op(*names: str):
+    def add(fn: Op) -> Op:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return add
+
+
+def attributes(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@op("Identity")
+def _identity(x, _attrs):
+    return [x[0]]
+
+
+@op("Relu")
+def _relu(x, _attrs):
+    return [np.maximum(x[0], 0)]
+
+
+@op("Add")
+def _add(x, _attrs):
+    return [x[0] + x[1]]
+
+
+@op("Sub")
+def _sub(x, _attrs):
+    return [x[0] - x[1]]
+
+
+@op("Mul")
+def _mul(x, _attrs):
+    return [x[0] * x[1]]
+
+
+@op("Div")
+def _div(x, _attrs):
+    return [x[0] / x[1] if np.asarray(x[0]).dtype.kind == "f" else x[0] // x[1]]
+
+
+@op("Cast")
+def _cast(x, a):
+    if a["to"] not in _ONNX_DTYPES:
+        raise NotImplementedError(f"Cast to ONNX type {a['to']}")
+    return [np.asarray(x[0]).astype(_ONNX_DTYPES[a["to"]])]
+
+
+@op("Reshape")
+def _reshape(x, a):
+    shape = [int(s) for s in x[1]]
+    if not a.get("allowzero", 0):
+        shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [np.reshape(x[0], shape)]
+
+
+@op("Flatten")
+def _flatten(x, a):
+    axis = a.get("axis", 1) % max(x[0].ndim, 1)
+    return [np.reshape(x[0], (int(np.prod(x[0].shape[:axis])), -1))]
+
+
+@op("Transpose")
+def _transpose(x, a):
+    return [np.transpose(x[0], a.get("perm"))]
+
+
+@op("Concat")
+def _concat(x, a):
+    return [np.concatenate([np.asarray(t) for t in x], axis=a["axis"])]
+
+
+@op("Unsqueeze")
+def _unsqueeze(x, _attrs):
+    return [np.expand_dims(x[0], tuple(int(i) for i in x[1]))]
+
+
+@op("Squeeze")
+def _squeeze(x, _attrs):
+    return [np.squeeze(x[0], tuple(int(i) for i in x[1])) if len(x) > 1 else np.squeeze(x[0])]
+
+
+@op("Shape")
+def _shape(x, a):
+    return [np.array(np.shape(x[0]), np.int64)[a.get("start", 0) : a.get("end")]]
+
+
+@op("Gather")
+def _gather(x, a):
+    return [np.take(x[0], np.asarray(x[1]), axis=a.get("axis", 0))]
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(x, a):
+    value = a.get("value")
+    fill = np.zeros(1, np.float32) if value is None else _tensor(value)
+    return [np.full([int(s) for s in x[0]], fill.reshape(-1)[0], fill.dtype)]
+
+
+def _tensor(proto) -> np.ndarray:
+    return numpy_helper.to_array(proto)
+
+
+@op("Slice")
+def _slice(x, _attrs):
+    data, starts, ends = x[0], x[1], x[2]
+    axes = x[3] if len(x) > 3 and x[3] is not None else range(len(starts))
+    steps = x[4] if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index = [slice(None)] * np.ndim(data)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[int(axis)] = slice(int(start), _clamp_end(int(end)), int(step))
+    return [data[tuple(index)]]
+
+
+def _clamp_end(end: int) -> int | None:
+    """ONNX writes 'to the end' as INT64_MAX (or -INT64_MAX going backwards); numpy as None."""
+    return None if abs(end) >= 2**62 else end
+
+
+@op("Pad")
+def _pad(x, a):
+    if a.get("mode", b"constant") not in (b"constant", "constant"):
+        raise NotImplementedError("Pad modes other than constant")
+    pads = [int(p) for p in x[1]]
+    fill = float(x[2]) if len(x) > 2 and x[2] is not None and np.size(x[2]) else 0.0
+    rank = x[0].ndim
+    widths = list(zip(pads[:rank], pads[rank:], strict=True))
+    if min(pads) < 0:
+        raise NotImplementedError("negative Pad amounts")
+    return [np.pad(x[0], widths, constant_values=fill)]
+
+
+@op("Gemm")
+def _gemm(x, a):
+    left = x[0].T if a.get("transA", 0) else x[0]
+    right = x[1].T if a.get("transB", 0) else x[1]
+    out = a.get("alpha", 1.0) * (left @ right)
+    if len(x) > 2 and x[2] is not None:
+        out = out + a.get("beta", 1.0) * x[2]
+    return [out.astype(np.float32)]
+
+
+@op("MatMul")
+def _matmul(x, _attrs):
+    return [np.matmul(x[0], x[1])]
+
+
+@op("Softmax")
+def _softmax(x, a):
+    z = x[0] - x[0].max(axis=a.get("axis", -1), keepdims=True)
+    e = np.exp(z)
+    return [e / e.sum(axis=a.get("axis", -1), keepdims=True)]
+
+
+@op("GlobalAveragePool")
+def _global_average_pool(x, _attrs):
+    return [x[0].mean(axis=(2, 3), keepdims=True)]
+
+
+@op("BatchNormalization")
+def _batch_norm(x, a):
+    scale, shift = bn_affine(x[1:5], a)
+    return [x[0] * scale[None, :, None, None] + shift[None, :, None, None]]
+
+
+def bn_affine(params: list, a: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Inference batch norm as y = x * scale + shift, per channel."""
+    gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+    scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def pool(x: np.ndarray, a: dict, kind: str) -> np.ndarray:
+    """2-D max or average pooling (count_include_pad as the attribute says, ceil_mode 0)."""
+    if (
+        a.get("ceil_mode", 0)
+        or any(d != 1 for d in a.get("dilations", [1, 1]))
+        or a.get("auto_pad", b"NOTSET")
+        not in (
+            b"NOTSET",
+            "NOTSET",
+        )
+    ):
+        raise NotImplementedError(f"{kind} with ceil_mode, dilations or auto_pad")
+    kh, kw = a["kernel_shape"]
+    sh, sw = a.get("strides", [1, 1])
+    pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
+    fill = -np.inf if kind == "MaxPool" else 0.0
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    rows, cols = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+    taps = [xp[:, :, i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw)]
+    if kind == "MaxPool":
+        return np.maximum.reduce(taps)
+    total = np.add.reduce(taps)
+    if a.get("count_include_pad", 0):
+        return (total / (kh * kw)).astype(np.float32)
+    ones = np.pad(np.ones(x.shape[2:], np.float32), ((pt, pb), (pl, pr)))
+    count = sum(ones[i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw))
+    return (total / count).astype(np.float32)
+
+
+@op("MaxPool")
+def _max_pool(x, a):
+    return [pool(x[0], a, "MaxPool")]
+
+
+@op("AveragePool")
+def _average_pool(x, a):
+    return [pool(x[0], a, "AveragePool")]
