@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cigl import packing
 from cigl.card import write_card
 from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
 from cigl.export import onnx_export, packed, save
@@ -132,10 +133,10 @@ def safetensors_rows(tensors: dict[str, torch.Tensor], shapes: dict[str, list[in
     rows = [
         tensor_row(name, t.shape, int((t != 0).sum()), "dense", t.numel() * t.element_size())
         for name, t in tensors.items()
-        if not name.endswith((packed.VALUES, packed.MASK))
+        if not name.endswith((packing.VALUES, packing.MASK))
     ]
     for name, shape in shapes.items():
-        values, mask = tensors[name + packed.VALUES], tensors[name + packed.MASK]
+        values, mask = tensors[name + packing.VALUES], tensors[name + packing.MASK]
         rows.append(
             tensor_row(name, shape, values.numel(), "packed", values.numel() * values.element_size() + mask.numel())
         )
@@ -184,10 +185,10 @@ def _inspect_rows(path: Path) -> tuple[list[dict], dict[str, str]]:
         inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
         rows = []
         for name, arr in inits.items():
-            if name.endswith(packed.VALUES):
-                base = name[: -len(packed.VALUES)]
-                nbytes = arr.nbytes + inits[base + packed.MASK].nbytes
-                rows.append(tensor_row(base, inits[base + "::shape"].tolist(), arr.size, "packed", nbytes))
+            if name.endswith(packing.VALUES):
+                base = name[: -len(packing.VALUES)]
+                nbytes = arr.nbytes + inits[base + packing.MASK].nbytes
+                rows.append(tensor_row(base, inits[base + packing.SHAPE].tolist(), arr.size, "packed", nbytes))
             elif arr.dtype == np.float32 and arr.ndim >= 2:
                 rows.append(tensor_row(name, arr.shape, int((arr != 0).sum()), "dense", arr.nbytes))
     return rows, meta

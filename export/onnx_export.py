@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from cigl.export.packed import MASK, VALUES
+from cigl.packing import MASK, NUMEL, SHAPE, VALUES, pack_mask
 from cigl.tables import tensor_row
 
 SHARED = "cigl::"
@@ -86,9 +86,9 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
         added += [
             # an all-zero tensor keeps one padding value so that Gather has something to index
             _const(n + VALUES, w.reshape(-1)[mask] if nnz else np.zeros(1, np.float32)),
-            _const(n + MASK, np.packbits(mask, bitorder="little")),
-            _const(n + "::numel", np.array([numel], np.int64)),
-            _const(n + "::shape", np.array(w.shape, np.int64)),
+            _const(n + MASK, pack_mask(mask)),
+            _const(n + NUMEL, np.array([numel], np.int64)),
+            _const(n + SHAPE, np.array(w.shape, np.int64)),
         ]
         p = n + "::"
         nodes += [
@@ -96,14 +96,14 @@ def pack_initializers(model: onnx.ModelProto, min_saving: float = 0.1) -> list[d
             helper.make_node("BitShift", [p + "u", SHARED + "shifts"], [p + "s"], direction="RIGHT"),
             helper.make_node("Mod", [p + "s", SHARED + "two"], [p + "b"]),
             helper.make_node("Reshape", [p + "b", SHARED + "minus1"], [p + "f"]),
-            helper.make_node("Slice", [p + "f", SHARED + "zero", n + "::numel"], [p + "t"]),
+            helper.make_node("Slice", [p + "f", SHARED + "zero", n + NUMEL], [p + "t"]),
             helper.make_node("Cast", [p + "t"], [p + "m"], to=TensorProto.BOOL),
             helper.make_node("Cast", [p + "t"], [p + "i"], to=TensorProto.INT64),
             helper.make_node("CumSum", [p + "i", SHARED + "axis0"], [p + "c"]),  # k-th set bit -> k
             helper.make_node("Sub", [p + "c", SHARED + "one"], [p + "k"]),
             helper.make_node("Gather", [n + VALUES, p + "k"], [p + "g"], axis=0),
             helper.make_node("Where", [p + "m", p + "g", SHARED + "fzero"], [p + "d"]),
-            helper.make_node("Reshape", [p + "d", n + "::shape"], [n]),
+            helper.make_node("Reshape", [p + "d", n + SHAPE], [n]),
         ]
         rows.append(tensor_row(init.name, w.shape, nnz, "packed", packed_bytes))
     if nodes:

@@ -1,9 +1,7 @@
 """Packed sparse safetensors: nonzero values plus a 1-bit-per-element mask per masked tensor.
 
-Format (docs/FORMAT.md): for a masked tensor NAME of shape S,
-    NAME::values  1-D, float32 (or float16), the entries where the mask is set, in C order
-    NAME::mask    1-D uint8, ceil(numel / 8) bytes, the C-order mask packed little-endian
-                  (bit i of byte j is element 8 j + i)
+Format (docs/FORMAT.md): a masked tensor NAME is stored as NAME::values (float32 or float16) and
+NAME::mask as cigl.packing defines them,
 and every other tensor (masked tensors whose mask is all ones included) is stored as it is.
 The header metadata (string -> string) holds `format` = "cigl-sparse", `format_version`,
 `packed` = JSON {NAME: S} of the packed tensors, and the model card written by cigl-export.
@@ -18,22 +16,23 @@ import torch
 
 from cigl.errors import FormatError, InputError
 from cigl.io import atomic_open
+from cigl.packing import MASK, VALUES, pack_mask, unpack_mask
 from cigl.runfiles import mask_problem
 
 FORMAT = "cigl-sparse"
 VERSION = "1"
-VALUES, MASK = "::values", "::mask"
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool tensor -> uint8 bytes (C order, little-endian bit order)."""
-    bits = np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little")
-    return torch.from_numpy(bits)
+    return torch.from_numpy(pack_mask(mask.detach().cpu().numpy()))
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    numel = int(np.prod(shape))
-    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little").astype(bool)
+    try:
+        bits = unpack_mask(packed.numpy(), int(np.prod(shape)))
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
     return torch.from_numpy(bits).view(shape)
 
 

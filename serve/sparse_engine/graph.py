@@ -20,11 +20,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from cigl.export.packed import MASK, VALUES
+from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
 from cigl.serve.sparse_engine.layout import Planes, mask
-from cigl.serve.sparse_engine.ops import OPS, attributes, bn_affine
+from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine
 
 
 class Unsupported(Exception):
@@ -79,8 +79,8 @@ def _packed_weights(graph) -> dict[str, SparseWeight]:
         if not name.endswith(VALUES):
             continue
         base = name[: -len(VALUES)]
-        if base + MASK in inits and base + "::shape" in inits:
-            shape = tuple(int(s) for s in numpy_helper.to_array(inits[base + "::shape"]))
+        if base + MASK in inits and base + SHAPE in inits:
+            shape = tuple(int(s) for s in numpy_helper.to_array(inits[base + SHAPE]))
             values = numpy_helper.to_array(inits[name]).astype(np.float32)
             try:
                 found[base] = SparseWeight.from_packed(values, numpy_helper.to_array(inits[base + MASK]), shape)
@@ -104,7 +104,7 @@ class Program:
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
         self.packed = _packed_weights(graph)
-        packed_parts = {b + s for b in self.packed for s in (VALUES, MASK, "::shape", "::numel")}
+        packed_parts = {b + s for b in self.packed for s in (VALUES, MASK, SHAPE, NUMEL)}
         self.consts: dict[str, np.ndarray] = {
             i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name not in packed_parts
         }
@@ -168,6 +168,10 @@ class Program:
             return
         if node.op_type not in OPS:
             raise Unsupported(f"operator {node.op_type}")
+        try:
+            CHECKS.get(node.op_type, lambda _a: None)(a)
+        except NotImplementedError as exc:
+            raise Unsupported(f"{node.op_type} node {node.name or node.output[0]}: {exc}") from None
         fn = OPS[node.op_type]
         consts = self.consts
         names = list(node.input)

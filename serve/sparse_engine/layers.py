@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cigl.packing import unpack_mask
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layout import Grid, Planes, mask
 
@@ -34,10 +35,7 @@ class SparseWeight:
     @classmethod
     def from_packed(cls, values: np.ndarray, bits: np.ndarray, shape: tuple[int, ...]) -> SparseWeight:
         """From a packed tensor: the set bits of `bits` (little-endian, C order) hold `values`."""
-        numel = int(np.prod(shape))
-        if bits.dtype != np.uint8 or bits.size != (numel + 7) // 8:
-            raise ValueError(f"mask of {bits.size} bytes for a tensor of {numel} elements")
-        index = np.flatnonzero(np.unpackbits(bits, count=numel, bitorder="little"))
+        index = np.flatnonzero(unpack_mask(bits, int(np.prod(shape))))
         if index.size != values.size and not (index.size == 0 and values.size == 1):
             raise ValueError(f"{values.size} values for {index.size} mask bits")
         return cls(tuple(shape), index, values[: index.size].astype(np.float32))

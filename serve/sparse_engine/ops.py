@@ -193,34 +193,49 @@ def bn_affine(params: list, a: dict) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
 
 
+def check_pool(a: dict) -> None:
+    """NotImplementedError for pooling attributes `pool` does not cover."""
+    if any(d != 1 for d in a.get("dilations", [1, 1])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise NotImplementedError("pooling with dilations or auto_pad")
+    if len(a.get("kernel_shape", [])) != 2:
+        raise NotImplementedError("pooling that is not 2-D")
+
+
+def _pool_size(size: int, pads: tuple[int, int], kernel: int, stride: int, ceil_mode: bool) -> int:
+    """Output length; in ceil mode the last window must start inside the input or its leading padding."""
+    span = size + pads[0] + pads[1] - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + pads[0] else out
+
+
 def pool(x: np.ndarray, a: dict, kind: str) -> np.ndarray:
-    """2-D max or average pooling (count_include_pad as the attribute says, ceil_mode 0)."""
-    if (
-        a.get("ceil_mode", 0)
-        or any(d != 1 for d in a.get("dilations", [1, 1]))
-        or a.get("auto_pad", b"NOTSET")
-        not in (
-            b"NOTSET",
-            "NOTSET",
-        )
-    ):
-        raise NotImplementedError(f"{kind} with ceil_mode, dilations or auto_pad")
+    """2-D max or average pooling as ONNX defines it (pads, strides, ceil_mode, count_include_pad)."""
+    check_pool(a)
     kh, kw = a["kernel_shape"]
     sh, sw = a.get("strides", [1, 1])
     pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
+    h, w = x.shape[2:]
+    ceil_mode = bool(a.get("ceil_mode", 0))
+    ho, wo = _pool_size(h, (pt, pb), kh, sh, ceil_mode), _pool_size(w, (pl, pr), kw, sw, ceil_mode)
+    eb, er = max(0, (ho - 1) * sh + kh - (h + pt + pb)), max(0, (wo - 1) * sw + kw - (w + pl + pr))
     fill = -np.inf if kind == "MaxPool" else 0.0
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
-    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb + eb), (pl, pr + er)), constant_values=fill)
     rows, cols = sh * (ho - 1) + 1, sw * (wo - 1) + 1
     taps = [xp[:, :, i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw)]
     if kind == "MaxPool":
         return np.maximum.reduce(taps)
-    total = np.add.reduce(taps)
+    # average: divide by the window's elements, counting explicit padding only with count_include_pad
+    counted = np.ones((h, w), np.float32)
     if a.get("count_include_pad", 0):
-        return (total / (kh * kw)).astype(np.float32)
-    ones = np.pad(np.ones(x.shape[2:], np.float32), ((pt, pb), (pl, pr)))
-    count = sum(ones[i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw))
-    return (total / count).astype(np.float32)
+        counted = np.pad(counted, ((pt, pb), (pl, pr)), constant_values=1.0)
+        counted = np.pad(counted, ((0, eb), (0, er)))
+    else:
+        counted = np.pad(counted, ((pt, pb + eb), (pl, pr + er)))
+    count = sum(counted[i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw))
+    return (np.add.reduce(taps) / count).astype(np.float32)
+
+
+CHECKS = {"MaxPool": check_pool, "AveragePool": check_pool}  # attribute checks run when a graph is read
 
 
 @op("MaxPool")

@@ -1,0 +1,225 @@
+"""cigl's sparse CPU engine: the same logits as onnxruntime on real exported models, the kernels
+against torch's convolution, the fallback for graphs it does not run, and --engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_one_line_error, make_model_pt, run_cli
+
+from cigl.serve.engines import open_engine
+from cigl.serve.predictor import Predictor
+from cigl.serve.sparse_engine import SparseEngine
+from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
+from cigl.serve.sparse_engine.layout import Planes
+from cigl.serve.sparse_engine.ops import pool
+from cigl.train import TrainConfig, train
+
+pytest.importorskip("numba")
+
+BIN = os.path.dirname(sys.executable)
+EXPORT, PREDICT = os.path.join(BIN, "cigl-export"), os.path.join(BIN, "cigl-predict")
+ARCHS = ("resnet20", "wrn22_2", "resnet18")
+
+
+def assert_matches(engine_out, ort_out) -> None:
+    """The issue's parity bar: max |logits diff| <= 1e-4 of the logits' scale, same argmax."""
+    (logits, probs), (ref_logits, ref_probs) = engine_out, ort_out
+    scale = np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * scale
+    assert np.abs(probs - ref_probs).max() <= 1e-4
+    np.testing.assert_array_equal(logits.argmax(1), ref_logits.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory) -> dict[str, str]:
+    """Each architecture trained with CigL on digits (1 epoch) and exported."""
+    root = tmp_path_factory.mktemp("engine")
+    out = {}
+    for arch in ARCHS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "only 3 mask updates": a short run on purpose
+            cfg = TrainConfig(method="cigl", model=arch, epochs=1, batch_size=64, update_every=3, out=str(root / arch))
+            train(cfg, quiet=True)
+        assert run_cli(EXPORT, str(root / arch / "model.pt")).returncode == 0
+        out[arch] = str(root / arch / "model.onnx")
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_matches_onnxruntime_on_trained_digits_models(digits_models, arch):
+    from cigl.data import load_dataset
+
+    ort = Predictor(digits_models[arch], device="cpu", engine="onnxruntime")
+    sparse = Predictor(digits_models[arch], device="cpu", engine="sparse")
+    assert (ort.provider, sparse.provider) == ("CPUExecutionProvider", "sparse")
+    x = ort.normalize(load_dataset("digits").test.x)
+    assert_matches(sparse.predict(x), ort.predict(x))
+    assert_matches(sparse.predict(x[:1]), ort.predict(x[:1]))  # batch 1 takes the same path
+    # packed weights stay packed: no dense copy of a sparse layer in the engine
+    program = sparse.engine.program
+    assert program.packed and not set(program.packed) & set(program.consts)
+    assert all(w.index.size < np.prod(w.shape) for w in program.packed.values())
+
+
+CIFAR_CASES = [("resnet20", 32), ("wrn22_2", 32), ("resnet18", 32), ("resnet18", 72), ("resnet10t", 32)]
+
+
+@pytest.mark.parametrize(("arch", "size"), CIFAR_CASES)
+def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch, size):
+    """Exported ERK-sparse models on real CIFAR-10 test JPEGs. Above 64 pixels timm's ResNet-18
+    keeps its 7x7 stride-2 stem and max pool; resnet10t has a deep stem and average-pool shortcuts."""
+    from cigl.data import CIFAR10_CLASSES
+
+    src = make_model_pt(
+        tmp_path / "run" / "model.pt",
+        arch,
+        dataset="cifar10",
+        data_dir=str(cifar_small),
+        in_chans=3,
+        size=size,
+        classes=CIFAR10_CLASSES,
+        density=0.05,
+    )
+    assert run_cli(EXPORT, str(src), "--check-data", str(cifar_small / "test")).returncode == 0
+    model = src.parent / "model.onnx"
+    ort = Predictor(model, device="cpu", engine="onnxruntime")
+    sparse = Predictor(model, device="cpu", engine="sparse")
+    files = sorted((cifar_small / "test").rglob("*.jpg"))
+    x = ort.normalize(np.stack([ort.load_image(f) for f in files]))
+    assert len(x) == 100
+    assert_matches(sparse.predict(x), ort.predict(x))
+    kinds = {s.kind for s in sparse.engine.program.steps}
+    assert ("MaxPool" in kinds) == (size > 64 or arch == "resnet10t")
+
+
+CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width)
+    (8, 16, 3, 1, (1, 1, 1, 1), 9, 7),  # direct
+    (8, 16, 1, 1, (0, 0, 0, 0), 6, 6),  # direct, 1x1
+    (8, 16, 3, 2, (1, 1, 1, 1), 9, 8),  # stride phases, written straight into planes
+    (8, 16, 1, 2, (0, 0, 0, 0), 8, 8),  # 1x1 downsample
+    (3, 8, 7, 2, (3, 3, 3, 3), 16, 15),  # timm stem: phases reach 3 steps, scattered
+    (4, 6, 5, 1, (2, 2, 2, 2), 7, 7),  # padding 2
+    (4, 6, 3, 1, (0, 0, 0, 0), 7, 7),  # valid convolution
+    (4, 6, 2, 1, (0, 0, 1, 1), 5, 6),  # asymmetric padding
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_conv_matches_torch(case, threads):
+    import numba
+
+    c_in, c_out, k, stride, pads, h, w = case
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(c_out, c_in, k, k, generator=gen) * (torch.rand(c_out, c_in, k, k, generator=gen) < 0.3)
+    bias, x = torch.randn(c_out, generator=gen), torch.randn(3, c_in, h, w, generator=gen)
+    conv = Conv(SparseWeight.from_dense(weight.numpy()), bias.numpy(), (stride, stride), pads)
+    residual = torch.randn(3, c_out, *conv.output_size(h, w), generator=gen)
+    padded = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    expected = torch.relu(torch.nn.functional.conv2d(padded, weight, bias, stride=stride) + residual).numpy()
+    numba.set_num_threads(threads)
+    try:
+        out = conv(Planes.from_nchw(x.numpy()), Planes.from_nchw(residual.numpy()), relu=True)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    np.testing.assert_allclose(out.nchw(), expected, rtol=1e-5, atol=1e-5)
+    # padding of the output planes stays zero: the next convolution reads it
+    kept = out.data.copy()
+    out.grid.interior(kept)[...] = 0
+    assert not kept.any()
+
+
+def test_linear_and_pooling_match_torch():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(10, 64, generator=gen) * (torch.rand(10, 64, generator=gen) < 0.2)
+    bias, x = torch.randn(10, generator=gen), torch.randn(5, 64, generator=gen)
+    out = Linear(SparseWeight.from_dense(weight.numpy()), bias.numpy())(x.numpy())
+    np.testing.assert_allclose(out, torch.nn.functional.linear(x, weight, bias).numpy(), rtol=1e-5, atol=1e-5)
+    f = torch.nn.functional
+    for size, kernel, stride, pad, ceil in [(9, 3, 2, 1, 0), (8, 2, 2, 0, 1), (9, 2, 2, 0, 1), (10, 3, 2, 1, 1)]:
+        images = torch.randn(2, 3, size, size, generator=gen)
+        attrs = {"kernel_shape": [kernel] * 2, "strides": [stride] * 2, "pads": [pad] * 4, "ceil_mode": ceil}
+        expected = f.max_pool2d(images, kernel, stride, pad, ceil_mode=bool(ceil)).numpy()
+        np.testing.assert_array_equal(pool(images.numpy(), attrs, "MaxPool"), expected)
+        for include in (0, 1):
+            expected = f.avg_pool2d(images, kernel, stride, pad, ceil_mode=bool(ceil), count_include_pad=bool(include))
+            got = pool(images.numpy(), {**attrs, "count_include_pad": include}, "AveragePool")
+            np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _with_sigmoid(src: str, dst) -> None:
+    """The model with its first Relu swapped for a Sigmoid (an op the engine does not run)."""
+    model = onnx.load(src)
+    first = next(n for n in model.graph.node if n.op_type == "Relu")
+    first.op_type = "Sigmoid"
+    onnx.save(model, str(dst))
+
+
+def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digits_models, capfd):
+    from cigl.data import load_dataset
+
+    model = tmp_path / "model.onnx"
+    _with_sigmoid(digits_models["resnet20"], model)
+    with pytest.warns(UserWarning, match="uses operator Sigmoid, which it does not run; using onnxruntime"):
+        p = Predictor(model, device="cpu", engine="sparse")
+    assert p.provider == "CPUExecutionProvider"
+    images = load_dataset("digits").test.x[:5]
+    np.save(tmp_path / "x.npy", images)
+    proc = run_cli(PREDICT, str(model), str(tmp_path / "x.npy"), "--engine", "sparse")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "sparse engine" in line]
+    assert notes == [f"warning: sparse engine: {model} uses operator Sigmoid, which it does not run; using onnxruntime"]
+    assert proc.stdout.count("\n") == 5
+
+
+def test_engine_option_end_to_end_and_its_errors(tmp_path, digits_models):
+    from cigl.data import load_dataset
+
+    np.save(tmp_path / "x.npy", load_dataset("digits").test.x[:40])
+    outputs = {}
+    for engine in ("onnxruntime", "sparse", "auto"):
+        proc = run_cli(PREDICT, digits_models["wrn22_2"], str(tmp_path / "x.npy"), "--engine", engine, "--top-k", "3")
+        assert proc.returncode == 0, proc.stderr
+        outputs[engine] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(outputs["onnxruntime"]) == 40
+    for engine in ("sparse", "auto"):
+        for got, ref in zip(outputs[engine], outputs["onnxruntime"], strict=True):
+            assert got["class"] == ref["class"]
+            assert got["confidence"] == pytest.approx(ref["confidence"], abs=1e-5)
+    proc = run_cli(PREDICT, digits_models["wrn22_2"], str(tmp_path / "x.npy"), "--engine", "sparse")
+    assert proc.stderr.endswith("40 predicted, 0 unreadable, 0 abstained (sparse)\n")
+    proc = run_cli(PREDICT, digits_models["wrn22_2"], str(tmp_path / "x.npy"), "--engine", "sparse", "--device", "cuda")
+    assert_one_line_error(proc, "the sparse engine runs on the CPU")
+    proc = run_cli(PREDICT, digits_models["wrn22_2"], str(tmp_path / "x.npy"), "--engine", "fast")
+    assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
+
+
+def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models):
+    with open(digits_models["resnet20"], "rb") as f:
+        model = f.read()
+    engine = open_engine(model, engine="auto", device="cpu")
+    assert set(engine.seconds) == {1, 16}
+    for timing in engine.seconds.values():
+        assert set(timing) == {"onnxruntime", "sparse"} and all(t > 0 for t in timing.values())
+    assert engine.small == min(engine.seconds[1], key=engine.seconds[1].get)
+    assert set(engine.engines) == {engine.small, engine.large}
+    x = np.random.default_rng(0).standard_normal((20, 1, 8, 8)).astype(np.float32)
+    ort = open_engine(model, engine="onnxruntime", device="cpu")
+    assert_matches(engine.run(x), ort.run(x))
+    assert_matches(engine.run(x[:2]), ort.run(x[:2]))
+
+
+def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path):
+    src = make_model_pt(tmp_path / "run" / "model.pt", "resnet20", density=1.0)
+    assert run_cli(EXPORT, str(src)).returncode == 0
+    p = Predictor(src.parent / "model.onnx", device="cpu")
+    assert p.provider == "CPUExecutionProvider"
+    assert isinstance(SparseEngine((src.parent / "model.onnx").read_bytes()).density, float)
