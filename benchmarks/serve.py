@@ -40,7 +40,7 @@ def engines(root: Path, check: Path) -> dict:
     fake_model_file(src, "resnet20", density=0.1, classes=CIFAR10_CLASSES)
     with contextlib.redirect_stdout(io.StringIO()):
         cli.main([str(src), "--check-data", str(check)])
-    predictor = Predictor(src.parent / "model.onnx", device="cpu")
+    predictor = Predictor(src.parent / "model.onnx", device="cpu", engine="onnxruntime")
     eager = cx.load_model(src.parent / "model.safetensors")
     rng = np.random.default_rng(0)
     out = {}

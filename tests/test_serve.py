@@ -37,7 +37,7 @@ def digits_run(tmp_path_factory):
 
 def test_predictor_matches_torch_on_digits(digits_run):
     out, _ = digits_run
-    p = Predictor(out / "model.onnx", device="cpu")
+    p = Predictor(out / "model.onnx", device="cpu", engine="onnxruntime")
     assert p.provider == "CPUExecutionProvider"
     assert p.card.input_size == (1, 8, 8) and p.card.classes == [str(i) for i in range(10)]
     test = load_dataset("digits").test

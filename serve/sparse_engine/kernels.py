@@ -92,14 +92,16 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, out
     for job in prange(stride_h * stride_w * channels):
         phase, c = job // channels, job % channels
         a, b = phase // stride_w, phase % stride_w
-        dst = out[job]
+        dst, src = out[job], x[c]
+        # columns t whose source column t * stride_w + b - pad_left lies inside the image
+        first = max(0, -((b - pad_left) // stride_w))
+        last = min(wq, (w - 1 - b + pad_left) // stride_w + 1)
         for i in range(n):
             for r in range(hq):
                 y = r * stride_h + a - pad_top
-                base = (i * hq + r) * wq
-                for t in range(wq):
-                    xx = t * stride_w + b - pad_left
-                    inside = 0 <= y < h and 0 <= xx < w
-                    dst[base + t] = x[c, i * block + (y + 1) * row + xx + 1] if inside else 0.0
-        for p in range(n * hq * wq, dst.shape[0]):
-            dst[p] = 0.0
+                line = dst[(i * hq + r) * wq : (i * hq + r + 1) * wq]
+                line[:] = 0.0
+                if 0 <= y < h and first < last:
+                    start = i * block + (y + 1) * row + 1 + first * stride_w + b - pad_left
+                    line[first:last] = src[start : start + (last - first - 1) * stride_w + 1 : stride_w]
+        dst[n * hq * wq :] = 0.0
