@@ -71,12 +71,11 @@ def bench_model(root: Path, arch: str, dense_ort: OnnxRuntime, dense_macs: float
         auto = open_engine(model, engine="auto", device="cpu")
         profile = engine.profile(np.zeros((64, 3, 32, 32), np.float32))
         sparse_macs = sum(p["macs_per_image"] for p in profile)
+        engines = {"dense": dense_ort, "ort": sparse_ort, "engine": engine, "auto": auto}
         for batch in (64, 1):
             x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-            t_dense = timed(lambda x=x: dense_ort.run(x), batch)
-            t_ort = timed(lambda x=x: sparse_ort.run(x), batch)
-            t_engine = timed(lambda x=x: engine.run(x), batch)
-            t_auto = timed(lambda x=x: auto.run(x), batch)
+            t = {name: timed(lambda e=e, x=x: e.run(x), batch) for name, e in engines.items()}
+            t_dense, t_ort, t_engine, t_auto = t["dense"], t["ort"], t["engine"], t["auto"]
             rows.append(
                 {
                     "arch": arch,
@@ -114,7 +113,8 @@ def main() -> None:
         root = Path(tmp)
         for arch in args.archs:
             dense = export(root, arch, 1.0)
-            dense_macs = sum(p["macs_per_image"] for p in SparseEngine(dense).profile(np.zeros((1, 3, 32, 32), np.float32)))
+            profile = SparseEngine(dense).profile(np.zeros((1, 3, 32, 32), np.float32))
+            dense_macs = sum(p["macs_per_image"] for p in profile)
             rows += bench_model(root, arch, OnnxRuntime(dense, device="cpu", threads=0, source=arch), dense_macs)
     path = write_results("sparse_inference", {"rows": rows})
     print(f"wrote {path}")

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
-from cigl.serve.sparse_engine.layout import Planes, mask
+from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine
 
 
@@ -110,6 +110,7 @@ class Program:
         }
         self.input = graph.input[0].name if graph.input else "images"
         self.outputs = [o.name for o in graph.output]
+        self.pool = BufferPool()  # runs are serialised by SparseEngine, so one pool serves them all
         runtime = self._fold(graph.node)
         uses = Counter(i for n in runtime for i in n.input if i) + Counter(self.outputs)
         self.steps: list[Step] = []
@@ -200,7 +201,7 @@ class Program:
         pads = tuple(a.get("pads", [0, 0, 0, 0]))
         conv = Conv(weight, bias, tuple(a.get("strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
         step = Step("Conv", [node.input[0]], node.output[0], None, node.name or node.output[0])
-        step.run = lambda x, residual=None, relu=False: conv(as_planes(x), residual, relu)
+        step.run = lambda x, residual=None, relu=False: conv(as_planes(x), residual, relu, self.pool)
         step.weight = weight
         self._push(step)
         return True
@@ -259,7 +260,7 @@ class Program:
         def run(x, relu=False, scale=scale, shift=shift):
             if isinstance(x, Planes) or np.ndim(x) == 4:
                 p = as_planes(x)
-                out = Planes(np.empty_like(p.data), p.grid)
+                out = Planes.empty(p.data.shape[0], p.grid, self.pool)
                 kernels.channel_affine(p.data, scale, shift, mask(p.grid), relu, out.data)
                 return out
             y = x * scale + shift
@@ -315,7 +316,9 @@ class Program:
                 trace.append((time.perf_counter() - start, pixels))
             for name in step.inputs:
                 if self.last_use.get(name) == i and name not in self.outputs:
-                    values.pop(name, None)
+                    done = values.pop(name, None)
+                    if isinstance(done, Planes) and not done.viewed and done is not out:
+                        self.pool.give(done.data)
         return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
 
     def profile(self, images: np.ndarray, repeats: int = 3) -> list[dict]:

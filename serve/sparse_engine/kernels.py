@@ -9,58 +9,85 @@ phase); output position q of row o is
 so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
 fused multiply-add per output element: time falls with the number of nonzeros. Each row's
 nonzeros are padded with zero weights to a multiple of GROUP so that one pass over an output
-chunk (kept in L1) applies GROUP weights; a chunk is CHUNK floats
-(fewer when the input has many planes). Jobs never share an output
+chunk (kept in L1) applies GROUP weights; a chunk is CHUNK floats. Jobs never share an output
 element, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 GROUP = 4
-CHUNK = 1024  # output floats per job; src reads span every plane, so many planes want less
+CHUNK = 2048  # output floats per job: long passes amortise each group's setup; 8 KiB stay in L1
 
 
-def chunk_for(planes: int) -> int:
-    """Output chunk for a kernel reading `planes` planes: their slices of one chunk should stay in L2."""
-    return CHUNK if planes <= 64 else 256
+@intrinsic
+def _pointer(_typingctx, address):
+    """An integer address as a void pointer (for numba.carray)."""
+
+    def codegen(_context, builder, _signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@njit(inline="always")
+def _floats(base, index, n):
+    """n float32 at element `index` of the buffer at address `base`, as an array without a
+    reference count: numba's views of one shared array would update its count atomically
+    from every thread at every nonzero group."""
+    return carray(_pointer(base + 4 * index), n, np.float32)
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
 def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, mask, relu, chunk):  # noqa: PLR0913
     """See the module docstring; then, per element: + residual[o, shift + q] (if residual has
-    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding)."""
+    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding).
+    The bias is added in the first pass over a chunk and the epilogue is one more pass."""
     rows = out.shape[0]
     chunks = (length + chunk - 1) // chunk
+    src_at, src_ld = src.ctypes.data, src.shape[1]
+    out_at, out_ld = out.ctypes.data, out.shape[1]
     for job in prange(rows * chunks):  # chunk-major: a thread's rows reuse the same input chunk
         o = job % rows
         q0 = (job // rows) * chunk
         n = min(chunk, length - q0)
-        acc = out[o, shift + q0 : shift + q0 + n]
+        acc = _floats(out_at, o * out_ld + shift + q0, n)
         b = bias[o]
-        for p in range(n):
-            acc[p] = b
         for k in range(ptr[o], ptr[o + 1], GROUP):
             w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            s0 = src[planes[k], offs[k] + q0 :]
-            s1 = src[planes[k + 1], offs[k + 1] + q0 :]
-            s2 = src[planes[k + 2], offs[k + 2] + q0 :]
-            s3 = src[planes[k + 3], offs[k + 3] + q0 :]
-            for p in range(n):
-                acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]
-        if residual.shape[0]:
-            r = residual[o, shift + q0 :]
-            for p in range(n):
-                acc[p] += r[p]
+            s0 = _floats(src_at, planes[k] * src_ld + offs[k] + q0, n)
+            s1 = _floats(src_at, planes[k + 1] * src_ld + offs[k + 1] + q0, n)
+            s2 = _floats(src_at, planes[k + 2] * src_ld + offs[k + 2] + q0, n)
+            s3 = _floats(src_at, planes[k + 3] * src_ld + offs[k + 3] + q0, n)
+            if k == ptr[o]:
+                for p in range(n):
+                    acc[p] = b + (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p])
+            else:
+                for p in range(n):
+                    acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]
+        if ptr[o] == ptr[o + 1]:
+            acc[:] = b
+        _epilogue(acc, residual[o, shift + q0 :] if residual.shape[0] else residual[0:0, 0], mask[shift + q0 :], relu)
+
+
+@njit(fastmath=True, inline="always")
+def _epilogue(acc, res, mask, relu):
+    """acc = (acc + res) -> ReLU -> * mask in one pass; an empty res or mask skips its part
+    (the conditions are loop-invariant: LLVM unswitches them out of the loop)."""
+    has_res, has_mask = res.shape[0] > 0, mask.shape[0] > 0
+    for p in range(acc.shape[0]):
+        v = acc[p]
+        if has_res:
+            v += res[p]
         if relu:
-            for p in range(n):
-                acc[p] = max(acc[p], 0.0)
-        if mask.shape[0]:
-            m = mask[shift + q0 :]
-            for p in range(n):
-                acc[p] *= m[p]
+            v = max(v, 0.0)
+        if has_mask:
+            v *= mask[p]
+        acc[p] = v
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)

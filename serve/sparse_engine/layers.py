@@ -15,7 +15,7 @@ import numpy as np
 
 from cigl.packing import unpack_mask
 from cigl.serve.sparse_engine import kernels
-from cigl.serve.sparse_engine.layout import Grid, Planes, mask
+from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 
 
 @dataclass
@@ -89,10 +89,6 @@ class Conv:
         pt, pl, pb, pr = self.pads
         return (h + pt + pb - kh) // self.stride[0] + 1, (w + pl + pr - kw) // self.stride[1] + 1
 
-    @staticmethod
-    def _chunk(src: np.ndarray) -> int:
-        return kernels.chunk_for(src.shape[0])
-
     def _phases(self, h: int, w: int) -> tuple[int, int, int]:
         """(hq, wq, extra) of the stride-phase planes (gather path): each phase is hq x wq per
         image, one row and column more than the output when the kernel reaches at most one phase
@@ -112,15 +108,17 @@ class Conv:
         phase = (kh % sh) * sw + kw % sw
         return self.weight.tables(phase * self.weight.shape[1] + ic, (kh // sh) * wq + kw // sw)
 
-    def __call__(self, x: Planes, residual: Planes | None = None, relu: bool = False) -> Planes:
+    def __call__(
+        self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
+    ) -> Planes:
         g = x.grid
         tables = self._tables(g.h, g.w)
         rows = self.weight.shape[0]
         res = residual.data if residual is not None else kernels.empty_rows()[0]
         if self.direct:
-            out = Planes.empty(rows, g)
+            out = Planes.empty(rows, g, pool)
             kernels.sparse_conv(
-                x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu, self._chunk(x.data)
+                x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu, kernels.CHUNK
             )
             return out
         # strided or widely padded: one plane per (stride phase, channel), then the same kernel
@@ -128,11 +126,12 @@ class Conv:
         _, _, kh, kw = self.weight.shape
         sh, sw = self.stride
         reach = ((kh - 1) // sh) * wq + (kw - 1) // sw + 1
-        src = np.empty((sh * sw * x.data.shape[0], g.n * hq * wq + reach), np.float32)
+        pool = pool or BufferPool()
+        src = pool.take((sh * sw * x.data.shape[0], g.n * hq * wq + reach))
         kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, src)
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if extra == 1:  # phase planes have the output's geometry: write the output planes directly
-            out = Planes.empty(rows, out_grid)
+            out = Planes.empty(rows, out_grid, pool)
             kernels.sparse_conv(
                 src,
                 *tables,
@@ -143,12 +142,13 @@ class Conv:
                 res,
                 mask(out_grid),
                 relu,
-                self._chunk(src),
+                kernels.CHUNK,
             )
+            pool.give(src)
             return out
         flat = np.empty((rows, g.n * hq * wq), np.float32)
         kernels.sparse_conv(
-            src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, self._chunk(src)
+            src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, kernels.CHUNK
         )
         y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
         if residual is not None:

@@ -13,7 +13,8 @@ row 0) are re-zeroed by `mask`. The tail (2 rows + 4) keeps every read of the la
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,17 +44,36 @@ class Grid:
         return data[:, : self.n * self.block].reshape(-1, self.n, self.h + 1, self.row)[:, :, 1:, 1:]
 
 
+class BufferPool:
+    """Float32 buffers handed back after their last use and reused by shape: a fresh multi-megabyte
+    array costs a page fault per 4 KiB on first write, which at batch 64 is a sizeable part of a
+    convolution."""
+
+    def __init__(self):
+        self._free: dict[tuple[int, ...], list[np.ndarray]] = defaultdict(list)
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        free = self._free.get(shape)
+        return free.pop() if free else np.empty(shape, np.float32)
+
+    def give(self, array: np.ndarray) -> None:
+        self._free[array.shape].append(array)
+
+
 @dataclass
 class Planes:
-    """An activation in the padded-plane layout: data is (C, grid.length) float32."""
+    """An activation in the padded-plane layout: data is (C, grid.length) float32. `viewed`
+    records that nchw() handed out a view, so the buffer must not be reused."""
 
     data: np.ndarray
     grid: Grid
+    viewed: bool = field(default=False, compare=False)
 
     @classmethod
-    def empty(cls, channels: int, grid: Grid) -> Planes:
+    def empty(cls, channels: int, grid: Grid, pool: BufferPool | None = None) -> Planes:
         """Uninitialised interior, zero padding at both ends (the parts a convolution never writes)."""
-        data = np.empty((channels, grid.length), np.float32)
+        shape = (channels, grid.length)
+        data = pool.take(shape) if pool is not None else np.empty(shape, np.float32)
         data[:, : grid.row + 1] = 0
         data[:, grid.n * grid.block + grid.row + 1 :] = 0
         return cls(data, grid)
@@ -67,7 +87,9 @@ class Planes:
         return planes
 
     def nchw(self) -> np.ndarray:
-        return np.ascontiguousarray(self.grid.interior(self.data).transpose(1, 0, 2, 3))
+        """An N x C x H x W view (not a copy) of the elements."""
+        self.viewed = True
+        return self.grid.interior(self.data).transpose(1, 0, 2, 3)
 
 
 @functools.lru_cache(maxsize=64)
