@@ -57,13 +57,40 @@ def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual
         n = min(chunk, length - q0)
         acc = _floats(out_at, o * out_ld + shift + q0, n)
         b = bias[o]
-        for k in range(ptr[o], ptr[o + 1], GROUP):
+        k, end = ptr[o], ptr[o + 1]
+        first = True
+        while k + 8 <= end:  # eight weights per pass over the chunk, then a last four
+            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+            w4, w5, w6, w7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
+            s0 = _floats(src_at, planes[k] * src_ld + offs[k] + q0, n)
+            s1 = _floats(src_at, planes[k + 1] * src_ld + offs[k + 1] + q0, n)
+            s2 = _floats(src_at, planes[k + 2] * src_ld + offs[k + 2] + q0, n)
+            s3 = _floats(src_at, planes[k + 3] * src_ld + offs[k + 3] + q0, n)
+            s4 = _floats(src_at, planes[k + 4] * src_ld + offs[k + 4] + q0, n)
+            s5 = _floats(src_at, planes[k + 5] * src_ld + offs[k + 5] + q0, n)
+            s6 = _floats(src_at, planes[k + 6] * src_ld + offs[k + 6] + q0, n)
+            s7 = _floats(src_at, planes[k + 7] * src_ld + offs[k + 7] + q0, n)
+            if first:
+                for p in range(n):
+                    acc[p] = (
+                        b
+                        + (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p])
+                        + (w4 * s4[p] + w5 * s5[p] + w6 * s6[p] + w7 * s7[p])
+                    )
+            else:
+                for p in range(n):
+                    acc[p] += (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]) + (
+                        w4 * s4[p] + w5 * s5[p] + w6 * s6[p] + w7 * s7[p]
+                    )
+            first = False
+            k += 8
+        if k < end:  # rows are padded to a multiple of GROUP = 4
             w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
             s0 = _floats(src_at, planes[k] * src_ld + offs[k] + q0, n)
             s1 = _floats(src_at, planes[k + 1] * src_ld + offs[k + 1] + q0, n)
             s2 = _floats(src_at, planes[k + 2] * src_ld + offs[k + 2] + q0, n)
             s3 = _floats(src_at, planes[k + 3] * src_ld + offs[k + 3] + q0, n)
-            if k == ptr[o]:
+            if first:
                 for p in range(n):
                     acc[p] = b + (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p])
             else:
