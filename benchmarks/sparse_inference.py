@@ -3,12 +3,13 @@
 For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL allocation) at density
 0.1 and 0.05, batch 64 and batch 1, fp32, all cores:
   - dense onnxruntime: the same architecture exported dense (the baseline of every ratio),
-  - onnxruntime on the sparse model (it densifies the weights at load: the same speed),
+  - onnxruntime on the sparse model (it densifies the weights at load),
   - the sparse engine, and what --engine auto picks.
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
-onnxruntime's threads never spin and timed blocks are separated by a pause, so one engine's idle
-threads do not steal a core from the next. Also written: the per-step profile of each sparse
-model, the FLOP-reduction limit (dense / sparse multiply-adds) and the weight bytes held.
+onnxruntime's threads never spin; the engines run in turn, one run each per round, and the
+median of the rounds is reported, so drift in this shared machine's speed reaches all alike.
+Also written: the per-step profile of each sparse model, the FLOP-reduction limit (dense /
+sparse multiply-adds) and the weight bytes held.
 Goals (issue 18): >= 2.5x at density 0.1, >= 3.5x at 0.05 (batch 64); >= 1.3x at batch 1.
 """
 
@@ -19,23 +20,22 @@ import contextlib
 import io
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR_ARCHIVE, median_time, write_results
+from common import CIFAR_ARCHIVE, write_results
 
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset
 from cigl.export import cli
-from cigl.serve.engines import OnnxRuntime, open_engine
+from cigl.serve.engines import OnnxRuntime, open_engine, time_in_turn
 from cigl.serve.sparse_engine import SparseEngine
 from cigl.testing import fake_model_file
 
 ARCHS = ("resnet20", "wrn22_2", "resnet18")
 DENSITIES = (0.1, 0.05)
-PAUSE = 0.5  # seconds between timed blocks
+PAUSE = 0.2  # seconds between rounds
 
 
 def export(root: Path, arch: str, density: float) -> bytes:
@@ -48,11 +48,6 @@ def export(root: Path, arch: str, density: float) -> bytes:
     with contextlib.redirect_stdout(io.StringIO()):
         cli.main([str(src), "--check-data", str(check)])
     return (src.parent / "model.onnx").read_bytes()
-
-
-def timed(fn, batch: int) -> float:
-    time.sleep(PAUSE)
-    return median_time(fn, repeats=20 if batch == 1 else 7, warmup=2)
 
 
 def weight_bytes(engine: SparseEngine) -> dict:
@@ -74,7 +69,7 @@ def bench_model(root: Path, arch: str, dense_ort: OnnxRuntime, dense_macs: float
         engines = {"dense": dense_ort, "ort": sparse_ort, "engine": engine, "auto": auto}
         for batch in (64, 1):
             x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-            t = {name: timed(lambda e=e, x=x: e.run(x), batch) for name, e in engines.items()}
+            t = time_in_turn(engines, x, rounds=40 if batch == 1 else 9, pause=PAUSE)
             t_dense, t_ort, t_engine, t_auto = t["dense"], t["ort"], t["engine"], t["auto"]
             rows.append(
                 {

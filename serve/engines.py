@@ -1,14 +1,18 @@
 """The inference engines behind the Predictor, and `--engine auto|onnxruntime|sparse`.
 
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
-shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, on a
-batch of 1 and a batch of AUTO_BATCH zeros (compute does not depend on the values), and then
-runs each batch on the engine that was faster at the nearer of those sizes; an engine that lost
-at both is dropped, so a model served by the sparse engine alone holds no dense weights.
+shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, in
+turn, on a batch of 1 and a batch of AUTO_BATCH zeros (compute does not depend on the values),
+and then runs each batch on the engine picked for the nearer of those sizes: the sparse engine
+when it took under AUTO_MARGIN of onnxruntime's time, onnxruntime otherwise (ties go to
+onnxruntime, so auto is not slower than it). An engine picked for neither size is dropped, so a
+model served by the sparse engine alone holds no dense weights. Weights denser than
+AUTO_MAX_DENSITY overall keep onnxruntime without timing.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 
@@ -21,6 +25,7 @@ ENGINES = ("auto", "onnxruntime", "sparse")
 AUTO_BATCH = 16  # the large batch auto times; batches of SMALL_BATCH or fewer follow the batch-1 timing
 SMALL_BATCH = 4
 AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxruntime without timing
+AUTO_MARGIN = 0.95  # the sparse engine must take at most this share of onnxruntime's time to be picked
 
 
 class OnnxRuntime:
@@ -49,14 +54,20 @@ def add_engine_option(parser) -> None:
     )
 
 
-def _best_seconds(engine, x: np.ndarray, repeats: int = 2) -> float:
-    engine.run(x)  # warm-up: allocations, onnxruntime's first-run planning
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        engine.run(x)
-        best = min(best, time.perf_counter() - start)
-    return best
+def time_in_turn(engines: dict, x: np.ndarray, rounds: int, pause: float = 0.0) -> dict[str, float]:
+    """Median seconds per engine of running `x`, over `rounds` rounds in which each engine runs
+    once, in turn (after one warm-up run each): a drift in the machine's speed, or one engine's
+    threads going idle while another runs, reaches all alike. `pause` seconds between rounds."""
+    for engine in engines.values():
+        engine.run(x)  # allocations, onnxruntime's first-run planning, kernel compilation
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.run(x)
+            seconds[name].append(time.perf_counter() - start)
+        time.sleep(pause)
+    return {name: statistics.median(t) for name, t in seconds.items()}
 
 
 class Auto:
@@ -68,8 +79,11 @@ class Auto:
         self.seconds: dict[int, dict[str, float]] = {}
         for batch in sorted({1, min(AUTO_BATCH, max_batch)}):
             x = np.zeros((batch, *input_size), np.float32)
-            self.seconds[batch] = {name: _best_seconds(e, x) for name, e in engines.items()}
-        fastest = {batch: min(t, key=t.get) for batch, t in self.seconds.items()}
+            self.seconds[batch] = time_in_turn(engines, x, rounds=5 if batch == 1 else 3)
+        fastest = {
+            batch: "sparse" if t["sparse"] < AUTO_MARGIN * t["onnxruntime"] else "onnxruntime"
+            for batch, t in self.seconds.items()
+        }
         self.small, self.large = fastest[1], fastest[max(fastest)]
         self.engines = {name: e for name, e in engines.items() if name in (self.small, self.large)}
         label = {"onnxruntime": ort.name, "sparse": "sparse"}
