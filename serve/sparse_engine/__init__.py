@@ -78,6 +78,11 @@ class SparseEngine:
         """Nonzeros / elements over the convolution and linear weights."""
         return self.program.density
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the convolution and linear layers: nonzeros, biases, kernel tables."""
+        return sum(s.layer.nbytes for s in self.program.steps if s.layer is not None)
+
     def profile(self, images: np.ndarray) -> list[dict]:
         """Per step: kind (with fused ops), seconds, multiply-adds per image, output shape."""
         with self._lock:

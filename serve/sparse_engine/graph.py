@@ -51,11 +51,15 @@ class Step:
     output: str
     run: Callable[..., Value]
     name: str = ""
-    weight: SparseWeight | None = None
+    layer: Conv | Linear | None = None
+
+    @property
+    def weight(self) -> SparseWeight | None:
+        return None if self.layer is None else self.layer.weight
 
     @property
     def nonzeros(self) -> int:
-        return 0 if self.weight is None else self.weight.index.size
+        return 0 if self.layer is None else self.layer.weight.index.size
 
     fused: list[str] = field(default_factory=list)
 
@@ -202,7 +206,7 @@ class Program:
         conv = Conv(weight, bias, tuple(a.get("strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
         step = Step("Conv", [node.input[0]], node.output[0], None, node.name or node.output[0])
         step.run = lambda x, residual=None, relu=False: conv(as_planes(x), residual, relu, self.pool)
-        step.weight = weight
+        step.layer = conv
         self._push(step)
         return True
 
@@ -287,7 +291,7 @@ class Program:
             return False
         linear = Linear(weight, bias)
         step = Step("Gemm", [node.input[0]], node.output[0], lambda x: linear(as_array(x)), node.name)
-        step.weight = weight
+        step.layer = linear
         self._push(step)
         return True
 

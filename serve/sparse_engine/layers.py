@@ -8,7 +8,6 @@ tables are cached per input height and width.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,19 +17,23 @@ from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 
 
+def _compact(index: np.ndarray) -> np.ndarray:
+    return index.astype(np.int32) if index.size == 0 or index[-1] < 2**31 else index
+
+
 @dataclass
 class SparseWeight:
     """The nonzeros of a weight of `shape` (out, in, kh, kw) or (out, in): flat positions in C order
     (sorted) and their values."""
 
     shape: tuple[int, ...]
-    index: np.ndarray  # int64
+    index: np.ndarray  # int32 (int64 past 2**31 elements)
     values: np.ndarray  # float32
 
     @classmethod
     def from_dense(cls, w: np.ndarray) -> SparseWeight:
         index = np.flatnonzero(w)
-        return cls(tuple(w.shape), index, w.reshape(-1)[index].astype(np.float32))
+        return cls(tuple(w.shape), _compact(index), w.reshape(-1)[index].astype(np.float32))
 
     @classmethod
     def from_packed(cls, values: np.ndarray, bits: np.ndarray, shape: tuple[int, ...]) -> SparseWeight:
@@ -38,7 +41,11 @@ class SparseWeight:
         index = np.flatnonzero(unpack_mask(bits, int(np.prod(shape))))
         if index.size != values.size and not (index.size == 0 and values.size == 1):
             raise ValueError(f"{values.size} values for {index.size} mask bits")
-        return cls(tuple(shape), index, values[: index.size].astype(np.float32))
+        return cls(tuple(shape), _compact(index), values[: index.size].astype(np.float32))
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes + self.values.nbytes
 
     @property
     def density(self) -> float:
@@ -59,7 +66,7 @@ class SparseWeight:
         np.cumsum(padded, out=ptr[1:])
         row_of = np.repeat(np.arange(rows), counts)
         slot = ptr[row_of] + (np.arange(self.index.size) - np.repeat(np.cumsum(counts) - counts, counts))
-        planes, offs = np.zeros(ptr[-1], np.int64), np.zeros(ptr[-1], np.int64)
+        planes, offs = np.zeros(ptr[-1], np.int32), np.zeros(ptr[-1], np.int32)
         vals = np.zeros(ptr[-1], np.float32)
         planes[slot], offs[slot], vals[slot] = plane, offset, self.values
         return ptr, planes, offs, vals
@@ -75,7 +82,17 @@ class Conv:
     pads: tuple[int, int, int, int]  # top, left, bottom, right
 
     def __post_init__(self):
-        self._tables = functools.lru_cache(maxsize=8)(self._build_tables)
+        self.tables: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # per input (h, w)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the nonzeros, the bias and the kernel tables built so far."""
+        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for t in self.tables.values() for a in t)
+
+    def _tables(self, h: int, w: int) -> tuple[np.ndarray, ...]:
+        if (h, w) not in self.tables:
+            self.tables[h, w] = self._build_tables(h, w)
+        return self.tables[h, w]
 
     @property
     def direct(self) -> bool:
@@ -165,12 +182,16 @@ class Linear:
 
     def __post_init__(self):
         _, feature = self.weight.taps()[:2]
-        self._tables = self.weight.tables(feature, np.zeros_like(feature))
+        self.tables = {(1, 1): self.weight.tables(feature, np.zeros_like(feature))}
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for a in self.tables[1, 1])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         src = np.ascontiguousarray(x.T, dtype=np.float32)
         out = np.empty((self.weight.shape[0], n), np.float32)
         res, no_mask = kernels.empty_rows()
-        kernels.sparse_conv(src, *self._tables, self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
+        kernels.sparse_conv(src, *self.tables[1, 1], self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
         return out.T
