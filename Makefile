@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/export_size.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/sparse_inference.py
 	$(BIN)/python benchmarks/distributed.py
 
 lint: install
