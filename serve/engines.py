@@ -133,10 +133,11 @@ def open_engine(
         if sparse is not None:
             return sparse
     ort = OnnxRuntime(model, device=device, threads=threads, source=source)
-    if engine == "onnxruntime" or ort.name != "CPUExecutionProvider" or engine == "sparse":
-        return ort
+    if engine != "auto" or ort.name != "CPUExecutionProvider":
+        return ort  # onnxruntime asked for, the sparse engine unable to run the model, or a GPU
     sparse = _sparse_or_note(model, source, required=False, threads=threads)
     shape = ort.inputs.get("images", [])[1:]
-    if sparse is None or sparse.density > AUTO_MAX_DENSITY or not all(isinstance(d, int) for d in shape):
+    static = len(shape) == 3 and all(isinstance(d, int) for d in shape)  # else nothing to time on
+    if sparse is None or sparse.density > AUTO_MAX_DENSITY or not static:
         return ort
     return Auto(ort, sparse, tuple(shape), max_batch)

@@ -163,7 +163,7 @@ def _with_sigmoid(src: str, dst) -> None:
     onnx.save(model, str(dst))
 
 
-def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digits_models, capfd):
+def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digits_models):
     from cigl.data import load_dataset
 
     model = tmp_path / "model.onnx"

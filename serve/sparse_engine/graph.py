@@ -44,7 +44,8 @@ def as_planes(v: Value) -> Planes:
 
 @dataclass
 class Step:
-    """One call: output = run(*inputs). `kind`, `fused` and `nonzeros` (of its weight) feed the profile."""
+    """One call: output = run(*inputs). `kind`, `fused` and `nonzeros` (of its layer's weight)
+    feed the profile."""
 
     kind: str
     inputs: list[str]
@@ -52,6 +53,7 @@ class Step:
     run: Callable[..., Value]
     name: str = ""
     layer: Conv | Linear | None = None
+    fused: list[str] = field(default_factory=list)
 
     @property
     def weight(self) -> SparseWeight | None:
@@ -60,8 +62,6 @@ class Step:
     @property
     def nonzeros(self) -> int:
         return 0 if self.layer is None else self.layer.weight.index.size
-
-    fused: list[str] = field(default_factory=list)
 
 
 def _add_values(a: Value, b: Value) -> Value:
@@ -157,6 +157,11 @@ class Program:
             return SparseWeight.from_dense(np.asarray(self.consts[name], np.float32))
         raise Unsupported(f"{what} whose weight {name} is computed at run time")
 
+    def _bias(self, node, rows: int) -> np.ndarray:
+        """The node's third input as a float32 vector, zeros when it has none."""
+        bias = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return np.zeros(rows, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+
     # ---------------------------------------------------------------- steps
 
     def _compile(self, node, uses: Counter) -> None:
@@ -200,14 +205,14 @@ class Program:
         weight = self._weight(node.input[1], "convolution")
         if len(weight.shape) != 4:
             raise Unsupported(f"{len(weight.shape) - 2}-D convolution {node.name or node.output[0]}")
-        bias = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        bias = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
         pads = tuple(a.get("pads", [0, 0, 0, 0]))
-        conv = Conv(weight, bias, tuple(a.get("strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
-        step = Step("Conv", [node.input[0]], node.output[0], None, node.name or node.output[0])
-        step.run = lambda x, residual=None, relu=False: conv(as_planes(x), residual, relu, self.pool)
-        step.layer = conv
-        self._push(step)
+        strides = tuple(a.get("strides", [1, 1]))
+        conv = Conv(weight, self._bias(node, weight.shape[0]), strides, (pads[0], pads[1], pads[2], pads[3]))
+
+        def run(x, residual=None, relu=False):
+            return conv(as_planes(x), residual, relu, self.pool)
+
+        self._push(Step("Conv", [node.input[0]], node.output[0], run, node.name or node.output[0], conv))
         return True
 
     def _fusable(self, name: str, uses: Counter, kinds: tuple[str, ...]) -> Step | None:
@@ -285,14 +290,11 @@ class Program:
             r, c = np.unravel_index(weight.index, weight.shape)
             order = np.lexsort((r, c))
             weight = SparseWeight((w_out, w_in), (c * w_in + r)[order], weight.values[order])
-        bias = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        bias = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+        bias = self._bias(node, weight.shape[0])
         if bias.size != weight.shape[0]:
             return False
         linear = Linear(weight, bias)
-        step = Step("Gemm", [node.input[0]], node.output[0], lambda x: linear(as_array(x)), node.name)
-        step.layer = linear
-        self._push(step)
+        self._push(Step("Gemm", [node.input[0]], node.output[0], lambda x: linear(as_array(x)), node.name, linear))
         return True
 
     def _global_average_pool(self, node, _a, _uses) -> bool:

@@ -8,9 +8,9 @@ phase); output position q of row o is
 
 so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
 fused multiply-add per output element: time falls with the number of nonzeros. Each row's
-nonzeros are padded with zero weights to a multiple of GROUP so that one pass over an output
-chunk (kept in L1) applies GROUP weights; a chunk is CHUNK floats. Jobs never share an output
-element, so results do not depend on the thread count.
+nonzeros are padded with zero weights to a multiple of GROUP (4); one pass over an output chunk
+(CHUNK floats, kept in L1) applies eight of them, and a last pass the remaining four. Jobs
+never share an output element, so results do not depend on the thread count.
 """
 
 from __future__ import annotations

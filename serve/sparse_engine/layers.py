@@ -161,16 +161,18 @@ class Conv:
                 relu,
                 kernels.CHUNK,
             )
-            pool.give(src)
-            return out
-        flat = np.empty((rows, g.n * hq * wq), np.float32)
-        kernels.sparse_conv(
-            src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, kernels.CHUNK
-        )
-        y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
-        if residual is not None:
-            y = y + residual.nchw()
-        return Planes.from_nchw(np.maximum(y, 0) if relu else y)
+        else:  # the kernel reaches further: compute on the phase geometry, then place the outputs
+            flat = pool.take((rows, g.n * hq * wq))
+            kernels.sparse_conv(
+                src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, kernels.CHUNK
+            )
+            y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
+            if residual is not None:
+                y = y + residual.nchw()
+            out = Planes.from_nchw(np.maximum(y, 0) if relu else y)
+            pool.give(flat)
+        pool.give(src)
+        return out
 
 
 @dataclass

@@ -16,8 +16,6 @@ from onnx import helper, numpy_helper
 Op = Callable[[list, dict], list]
 OPS: dict[str, Op] = {}
 
-_ONNX_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
-
 
 def op(*names: str):
     def add(fn: Op) -> Op:
@@ -64,9 +62,11 @@ def _div(x, _attrs):
 
 @op("Cast")
 def _cast(x, a):
-    if a["to"] not in _ONNX_DTYPES:
-        raise NotImplementedError(f"Cast to ONNX type {a['to']}")
-    return [np.asarray(x[0]).astype(_ONNX_DTYPES[a["to"]])]
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(a["to"])
+    except KeyError:
+        raise NotImplementedError(f"Cast to ONNX type {a['to']}") from None
+    return [np.asarray(x[0]).astype(dtype)]
 
 
 @op("Reshape")
@@ -116,12 +116,8 @@ def _gather(x, a):
 @op("ConstantOfShape")
 def _constant_of_shape(x, a):
     value = a.get("value")
-    fill = np.zeros(1, np.float32) if value is None else _tensor(value)
+    fill = np.zeros(1, np.float32) if value is None else numpy_helper.to_array(value)
     return [np.full([int(s) for s in x[0]], fill.reshape(-1)[0], fill.dtype)]
-
-
-def _tensor(proto) -> np.ndarray:
-    return numpy_helper.to_array(proto)
 
 
 @op("Slice")
