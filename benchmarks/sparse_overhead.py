@@ -6,7 +6,8 @@
    reference-style loop per parameter (full-size uniform random mask, clone, multiply, restore,
    re-apply the mask). Goal: >= 10x faster.
 2. CigL step time / dense step time, ResNet-20, batch 128, on CPU. Goal: <= 1.03.
-3. On CUDA (when present): the same ratio for CIFAR ResNet-50 at batch 128. Goal: <= 1.02.
+3. On CUDA (when present): the same ratio for CIFAR ResNet-50 at batch 128, eager and with the
+   step replayed as a CUDA graph (what the trainer does). Goal: <= 1.02.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from common import median_time, write_results
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking
 from cigl.train import train_step
+from cigl.train.graphed import GraphedStep
 
 DPNUM = 100
 
@@ -71,9 +74,31 @@ def bookkeeping(device: torch.device, mode: str = "auto") -> dict:
     }
 
 
-def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
+def make_run(model_name: str, method: str, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> tuple:
+    """(model, optimiser, masking, GraphedStep or None) of a dense or CigL step on batch (x, y)."""
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=10, image_size=32).to(x.device)
+    if x.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    masking = None
+    if method == "cigl":  # mask-update steps (every 100 steps) are timed separately
+        masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_until=10**9)
+    if not graphed:
+        return model, opt, masking, None
+    nocache = partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
+    return (
+        model,
+        opt,
+        masking,
+        GraphedStep(lambda _idx, o, s: train_step(model, o, masking, x, y, s, nocache), opt, 128),
+    )
+
+
+def step_ratio(device: torch.device, model_name: str, pairs: int = 25, graphed: bool = False) -> dict:
     """Dense and CigL steps on the same batch, interleaved one by one (order alternating) so
-    that machine noise hits both alike; the ratio is the median of the per-pair ratios."""
+    that machine noise hits both alike; the ratio is the median of the per-pair ratios.
+    `graphed`: each step is replayed as a CUDA graph (cigl.train.graphed), as the trainer does."""
     cuda = device.type == "cuda"
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -82,28 +107,21 @@ def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
     y = torch.randint(0, 10, (128,), device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    runs = {}
-    for method in ("dense", "cigl"):
-        torch.manual_seed(0)
-        model = create_model(model_name, num_classes=10, image_size=32).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        masking = None
-        if method == "cigl":  # mask-update steps (every 100 steps) are timed separately below
-            masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_until=10**9)
-        runs[method] = (model, opt, masking)
+    runs = {method: make_run(model_name, method, x, y, graphed) for method in ("dense", "cigl")}
+    idx = torch.arange(128, device=device)
 
     def timed(method: str) -> float:
-        model, opt, masking = runs[method]
+        model, opt, masking, graph = runs[method]
         sync()
         t0 = time.perf_counter()
-        train_step(model, opt, masking, x, y, 1, amp)
+        if graph is None or graph.step(idx, 0.01, 1) is None:
+            train_step(model, opt, masking, x, y, 1, amp)
         sync()
         return time.perf_counter() - t0
 
     for method in runs:
-        timed(method)  # warm-up
+        for _ in range(5):  # warm-up (and the capture)
+            timed(method)
     times = {"dense": [], "cigl": []}
     for i in range(pairs):
         for method in ("dense", "cigl") if i % 2 == 0 else ("cigl", "dense"):
@@ -111,15 +129,18 @@ def step_ratio(device: torch.device, model_name: str, pairs: int = 25) -> dict:
     ratios = sorted(c / d for c, d in zip(times["cigl"], times["dense"], strict=True))
     med = {m: statistics.median(t) for m, t in times.items()}
     masking = runs["cigl"][2]
+    if graphed and any(r[3].graph is None for r in runs.values()):
+        raise RuntimeError("the step could not be captured as a CUDA graph")
     book = median_time(lambda: (masking.begin_step(), masking.mask_gradients(), masking.end_step(), sync()), 20)
     # the mask-update step (drop/grow in every layer, optimiser step skipped), amortised over dT=100
-    model, opt, _ = runs["cigl"]
+    model, opt, *_ = runs["cigl"]
     upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_until=10**9)
     update_s = median_time(lambda: (train_step(model, opt, upd, x, y, 1, amp), sync()), 3)
     ratio = ratios[len(ratios) // 2]
     return {
         "device": str(device),
         "model": model_name,
+        "cuda_graph": graphed,
         "batch": 128,
         "pairs": pairs,
         "dense_step_ms": 1000 * med["dense"],
@@ -143,7 +164,7 @@ def main() -> None:
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         results["bookkeeping"] += [bookkeeping(gpu, "device"), bookkeeping(gpu, "compact")]
-        results["step_ratio"].append(step_ratio(gpu, "resnet50"))
+        results["step_ratio"] += [step_ratio(gpu, "resnet50"), step_ratio(gpu, "resnet50", graphed=True)]
     print(write_results("sparse_overhead", results))
     for b in results["bookkeeping"]:
         print(
@@ -152,7 +173,8 @@ def main() -> None:
         )
     for r in results["step_ratio"]:
         print(
-            f"{r['model']} {r['device']}: dense {r['dense_step_ms']:.1f} ms, cigl {r['cigl_step_ms']:.1f} ms, "
+            f"{r['model']} {r['device']}{' graphed' if r.get('cuda_graph') else ''}: "
+            f"dense {r['dense_step_ms']:.1f} ms, cigl {r['cigl_step_ms']:.1f} ms, "
             f"ratio {r['ratio']:.3f} (quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f}; "
             f"with updates {r['ratio_with_updates_every_100']:.3f}); bookkeeping {r['bookkeeping_ms']:.2f} ms "
             f"= {100 * r['bookkeeping_share_of_dense_step']:.2f}% of a dense step"

@@ -327,3 +327,33 @@ def test_device_and_compact_bookkeeping_agree():
             masking.end_step()
             assert all(torch.equal(before[n], p) for n, p in masking.params.items()), mode
         assert sum(shares) / len(shares) == pytest.approx(0.1, abs=0.01), mode
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators dispatched: on CUDA, each is at least one kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dpnum", [100, None])
+def test_device_bookkeeping_launches_a_few_kernels_for_all_layers(dpnum):
+    """On CUDA a step's bookkeeping is launch-bound: one kernel per layer and operation cost
+    ResNet-50 (54 masked layers) 5.3 ms a step on an H100, 22% of a dense step. The device path
+    works on flat buffers and foreach ops over all layers: the same few operators for any depth."""
+    counts = {}
+    for name in ("resnet20", "resnet50"):
+        model = create_model(name, num_classes=10, image_size=32)
+        masking = Masking(model, "rigl", density=0.1, dpnum=dpnum, update_until=1, bookkeeping="device")
+        for p in masking.params.values():
+            p.grad = torch.ones_like(p)
+        with _CountOps() as ops:
+            _bookkeeping(masking)
+        counts[name] = (len(masking.params), ops.count)
+    assert counts["resnet50"][0] > 2 * counts["resnet20"][0]  # 54 layers against 22
+    assert counts["resnet50"][1] == counts["resnet20"][1] <= 8, counts

@@ -249,3 +249,54 @@ def test_compile_trains_and_a_failing_compile_falls_back(tmp_path, monkeypatch, 
     assert fallback["final_weights"]["test"]["accuracy"] == pytest.approx(
         eager["final_weights"]["test"]["accuracy"], abs=1e-9
     )
+
+
+def test_graph_sgd_steps_exactly_as_torch_sgd():
+    """The CUDA graph's SGD (learning rate read from a tensor) against torch.optim.SGD, on the
+    same gradients: momentum, weight decay, a changing learning rate, a parameter without a
+    gradient, and momentum buffers torch created before the switch."""
+    from cigl.train.graphed import GraphSGD
+
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.ones(2))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_ours = torch.optim.SGD(ours, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    lr = torch.zeros(())
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in ref[:2]]  # the third parameter never gets one
+        for params in (ref, ours):
+            for p, g in zip(params, grads, strict=False):
+                p.grad = g.clone()
+        opt_ref.param_groups[0]["lr"] = 0.1 / (step + 1)
+        if step < 2:  # torch's own steps create the momentum buffers first
+            opt_ours.param_groups[0]["lr"] = 0.1 / (step + 1)
+            opt_ours.step()
+        else:
+            lr.fill_(0.1 / (step + 1))
+            GraphSGD(opt_ours, lr).step()
+        opt_ref.step()
+    for a, b in zip(ref, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt_ref.state[ref[0]]["momentum_buffer"], opt_ours.state[ours[0]]["momentum_buffer"])
+    assert torch.equal(ours[2], torch.ones(2))  # no gradient: untouched, as torch leaves it
+
+
+def test_graph_capture_failure_falls_back_to_eager_with_one_note(capsys):
+    """A step that cannot be captured (here: no CUDA at all) trains on eagerly after a one-line
+    note, and capture is not retried."""
+    from cigl.train.graphed import WARMUP, GraphedStep
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: capture would not fail")
+    model = torch.nn.Linear(3, 2)
+    graph = GraphedStep(lambda idx, opt, step: None, torch.optim.SGD(model.parameters(), lr=0.1), batch=4)
+    idx = torch.arange(4)
+    assert [graph.step(idx, 0.1, s) for s in range(WARMUP + 3)] == [None] * (WARMUP + 3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith("note: CUDA graph capture failed (")
+        and err[0].endswith("training without it")
+    )
+    assert graph.failed and graph.graph is None

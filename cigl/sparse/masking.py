@@ -13,10 +13,13 @@ Per step the work is O(nnz/DPNUM) plus one in-place pass over the gradients:
 
 Two ways to keep this per-step bookkeeping, with the same random mask distribution:
 "compact" draws the dropped positions as geometric gaps over the active entries and works on
-index lists and flat views (O(nnz/DPNUM) work: the CPU default); "device" draws one uniform
-number per weight and works on boolean tensors shaped like the weights (more arithmetic, but no
-host-device synchronisation and no data-dependent shapes: the CUDA default, and what
-torch.compile traces as one graph). "auto" picks by the parameters' device.
+index lists and flat views (O(nnz/DPNUM) work: the CPU default); "device" draws a keep/drop
+number for every weight of all layers at once into one flat buffer and applies it with
+torch._foreach ops over all layers (more arithmetic, but a handful of kernel launches per step
+instead of several per layer, no host-device synchronisation and no data-dependent shapes: the
+CUDA default, what CUDA graphs can capture and torch.compile traces as one graph). A weight
+outside M is 0 and gets no gradient, so "device" may drop it too: no mask is read per step.
+"auto" picks by the parameters' device.
 
 `weights()` gives w (for evaluation and export), `snapshot()` the effective weights u * R of
 the last step (for weight-and-mask averaging).
@@ -39,6 +42,13 @@ BOOKKEEPING = ("auto", "compact", "device")
 def flat(t: torch.Tensor) -> torch.Tensor:
     """1-D view of a dense tensor in memory order (contiguous or channels_last alike)."""
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def shaped_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive pieces of a flat buffer as views with the shape and strides of each tensor
+    in `like` (contiguous or channels_last), so foreach ops pair them element by element."""
+    pieces = torch.split(buffer, [t.numel() for t in like])
+    return [torch.as_strided(piece, t.shape, t.stride()) for piece, t in zip(pieces, like, strict=True)]
 
 
 class Masking:
@@ -116,8 +126,6 @@ class Masking:
         if bookkeeping not in BOOKKEEPING:
             raise InputError(f"bookkeeping must be one of {', '.join(BOOKKEEPING)}, got {bookkeeping!r}")
         self.on_device = bookkeeping == "device" or (bookkeeping == "auto" and device.type == "cuda")
-        self._drops: dict[str, torch.Tensor] = {}  # device: this step's dropped entries per layer
-        self._kept: dict[str, torch.Tensor] = {}  # device: the layer's values before they were zeroed
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
@@ -126,6 +134,15 @@ class Masking:
         self._offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
         self._grad_scale = torch.empty(int(self._offsets[-1]), device=device)  # M * scale^2, 0 where dropped
         self._segments = dict(zip(self.params, torch.split(self._grad_scale, sizes), strict=True))
+        if self.on_device:  # flat buffers over all layers, seen through views laid out like each weight
+            self._keep = torch.ones_like(self._grad_scale)  # 1 kept, 0 dropped by the last step's R
+            self._drop = torch.empty_like(self._grad_scale)  # 1 - keep
+            self._grad_mul = torch.empty_like(self._grad_scale)  # M * scale^2 * keep
+            self._views = {
+                buf: shaped_views(getattr(self, buf), list(self.params.values()))
+                for buf in ("_keep", "_drop", "_grad_mul", "_grad_scale")
+            }
+        self._kept: list[torch.Tensor] = []  # device: this step's dropped values, 0 elsewhere
         self._dropped = torch.zeros(0, dtype=torch.long, device=device)  # global positions, last step
         self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._refresh()
@@ -186,8 +203,9 @@ class Masking:
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
         for name, local in self._split_dropped():
             flat(snap[name])[local] = 0.0
-        for name, drop in self._drops.items():
-            snap[name].masked_fill_(drop, 0.0)
+        if self.on_device and self.dpnum:
+            for name, keep in zip(self.params, self._views["_keep"], strict=True):
+                snap[name].mul_(keep)
         return snap
 
     # ------------------------------------------------------------------ a training step
@@ -214,10 +232,12 @@ class Masking:
         if not self.dpnum:
             return
         if self.on_device:
-            for name, p in self.params.items():
-                self._drops[name] = (torch.rand_like(p) < 1.0 / self.dpnum) & self.masks[name]
-                self._kept[name] = p.detach().clone()
-                p.masked_fill_(self._drops[name], 0.0)
+            params, views = list(self.params.values()), self._views
+            self._keep.bernoulli_(1.0 - 1.0 / self.dpnum)
+            torch.sub(1.0, self._keep, out=self._drop)
+            torch.mul(self._grad_scale, self._keep, out=self._grad_mul)
+            self._kept = torch._foreach_mul(params, views["_drop"])
+            torch._foreach_mul_(params, views["_keep"])
             return
         pos = random_mask.sample_dropped(self._active.numel(), self.dpnum, self._active.device)
         self._dropped = self._active[pos]
@@ -231,22 +251,24 @@ class Masking:
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
+        if self.on_device:
+            views = self._views["_grad_mul" if self._kept else "_grad_scale"]
+            pairs = [(p.grad, v) for p, v in zip(self.params.values(), views, strict=True) if p.grad is not None]
+            if pairs:
+                torch._foreach_mul_(*map(list, zip(*pairs, strict=True)))
+            return
         for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            if self.on_device:
-                blocked = ~self.masks[name] | self._drops[name] if self._drops else ~self.masks[name]
-                p.grad.masked_fill_(blocked, 0.0).mul_(self.scale**2)
-            else:
+            if p.grad is not None:
                 flat(p.grad).mul_(self._segments[name])
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Put the dropped weights back as they were before the step."""
-        for name, kept in self._kept.items():
-            p = self.params[name]
-            p.copy_(torch.where(self._drops[name], kept, p))
-        self._kept = {}
+        if self._kept:
+            params = list(self.params.values())
+            torch._foreach_mul_(params, self._views["_keep"])
+            torch._foreach_add_(params, self._kept)
+            self._kept = []
         for w, local, values in self._held:
             w[local] = values
         self._held = []
@@ -311,4 +333,5 @@ class Masking:
         self.updates += 1
         self._refresh()
         self._dropped = self._dropped[:0]
-        self._drops = {}
+        if self.on_device:
+            self._keep.fill_(1.0)

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the model (first steps slower; falls back to eager with a note if compiling fails)",
     )
+    g.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="on CUDA, run every step eagerly instead of replaying it as a CUDA graph (the default "
+        "with one process and without --compile)",
+    )
     g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<method>-s<seed>)")
     g.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (only --epochs may change)"

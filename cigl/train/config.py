@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # 0 = torch's default
     compile: bool = False  # torch.compile the model (falls back to eager with a note if it fails)
+    cuda_graph: bool = True  # CUDA, one process, no --compile: replay the step as a CUDA graph
     out: str | None = None  # default runs/<dataset>-<model>-<method>-s<seed>
     save_every_steps: int = 0
     eval_every: int = 1

@@ -17,6 +17,7 @@ cigl.distributed); rank 0 alone evaluates and writes the run directory.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -47,6 +48,7 @@ from cigl.train.evaluate import (
     split_logits,
     split_metrics,
 )
+from cigl.train.graphed import GraphedStep
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Run:
     average: WeightAverage | None
     step: int = 0
     net: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
+    graph: GraphedStep | None = None  # CUDA: the non-update step as a replayed CUDA graph
     eval_x: dict[str, torch.Tensor] = field(default_factory=dict)  # no val split with --val-size 0
     eval_y: dict[str, np.ndarray] = field(default_factory=dict)
     mask_checks: int = 0  # mask updates verified identical on every process
@@ -182,6 +185,8 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
     )
     if cfg.compile:
         run.net = CompiledOrEager(run.net)
+    elif cfg.cuda_graph and device.type == "cuda" and launch.world == 1:
+        run.graph = GraphedStep(functools.partial(graphed_body, run), optimizer, batch)
     for split, part in (("val", data.val), ("test", data.test)):
         if len(part):
             run.eval_x[split], labels = to_device(part, device)
@@ -320,6 +325,26 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
+def batch_inputs(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of the global batch at indices `idx`: images gathered, augmented and
+    normalised (channels_last on CUDA), and labels. The whole global batch is augmented on every
+    rank before each keeps its share, so a step draws the same random numbers for any number of
+    processes."""
+    data = run.data
+    x = normalize(distributed.shard(augment(run.train_x[idx], data.pad, data.flip), run.launch), data.mean, data.std)
+    if run.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, distributed.shard(run.train_y[idx], run.launch)
+
+
+def graphed_body(run: Run, idx: torch.Tensor, optimizer, step: int) -> torch.Tensor:
+    """The step GraphedStep captures: the batch at `idx` and train_step, under an autocast that
+    keeps no cache of cast weights (a cache would outlive the capture)."""
+    x, y = batch_inputs(run, idx)
+    amp = functools.partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
+    return train_step(run.model, optimizer, run.masking, x, y, step, amp)
+
+
 def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
     """One SGD step. With masking: the random mask is drawn before the forward pass, and on a
     mask-update step the masks change from the dense gradient and, as in the reference, the
@@ -367,7 +392,7 @@ def train_epoch(run: Run, epoch: int, show_bar: bool) -> dict[str, np.ndarray] |
 
 def train_steps(run: Run, epoch: int, show_bar: bool) -> list[torch.Tensor]:
     """The remaining steps of `epoch` (all of them unless resuming mid-epoch); their losses."""
-    cfg, launch, data = run.cfg, run.launch, run.data
+    cfg, launch = run.cfg, run.launch
     order = epoch_order(run.train_x.shape[0], cfg.seed, epoch, run.device)
     run.model.train()
     first = run.step - epoch * run.steps_per_epoch
@@ -380,16 +405,15 @@ def train_steps(run: Run, epoch: int, show_bar: bool) -> list[torch.Tensor]:
     for b in range(first, run.steps_per_epoch):
         torch.manual_seed(step_seed(cfg.seed, run.step))
         idx = order[b * run.batch : (b + 1) * run.batch]
-        # the whole global batch is augmented on every rank before each keeps its share, so
-        # a step draws the same random numbers for any number of processes
-        x = normalize(distributed.shard(augment(run.train_x[idx], data.pad, data.flip), launch), data.mean, data.std)
-        if run.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, run.step, run.steps_per_epoch)
+        lr = lr_at(cfg, run.step, run.steps_per_epoch)
         updates_masks = run.masking is not None and run.masking.is_update_step(run.step)
-        y = distributed.shard(run.train_y[idx], launch)
-        losses.append(train_step(run.net, run.optimizer, run.masking, x, y, run.step, run.amp))
+        loss = run.graph.step(idx, lr, run.step) if run.graph is not None and not updates_masks else None
+        if loss is None:  # eagerly: on CPU, under torchrun, on mask-update steps, while the graph warms up
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = batch_inputs(run, idx)
+            loss = train_step(run.net, run.optimizer, run.masking, x, y, run.step, run.amp)
+        losses.append(loss)
         if updates_masks and launch.world > 1:
             distributed.check_same_masks(run.masking.masks, run.step)
             run.mask_checks += 1

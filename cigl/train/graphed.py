@@ -1,0 +1,111 @@
+"""The training step as one CUDA graph, replayed.
+
+An eager step of a CIFAR-sized model is bound by the host: each of its few hundred kernels
+(gather and augment the batch, forward, backward, sparse bookkeeping, SGD) is a launch from
+Python, and the GPU idles between them. Captured once as a CUDA graph, the whole step is one
+launch; per step the host copies in the batch's indices and the learning rate, which the graph
+reads from device tensors.
+
+The first WARMUP steps run eagerly (cuDNN/cuBLAS set-up, the momentum buffers). Mask-update steps
+always run eagerly: they need the dense gradient and skip SGD. They change the masks and the
+gradient multiplier in place, so the replays after them use the new masks. Randomness is
+graph-safe: a replay draws from the CUDA generator's state at replay time, which the loop re-seeds
+from (seed, step) before every step, so a graphed run is deterministic too.
+
+If capturing fails, training goes on eagerly with a one-line note; `--no-cuda-graph` turns it off.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+WARMUP = 3  # eager steps before the capture
+
+
+class GraphSGD:
+    """torch.optim.SGD's update (momentum, weight decay; no dampening, no Nesterov: the trainer's
+    optimiser) on that optimiser's own parameters and momentum buffers, with the learning rate
+    read from a device tensor. In a graph, SGD's float lr would be frozen at capture, and SGD with
+    a tensor lr reads it back to the host."""
+
+    def __init__(self, optimizer: torch.optim.SGD, lr: torch.Tensor) -> None:
+        (group,) = optimizer.param_groups
+        if group["dampening"] or group["nesterov"] or group["maximize"]:
+            raise ValueError("GraphSGD implements SGD without dampening, Nesterov or maximize")
+        self.params = [p for p in group["params"] if p.requires_grad]
+        self.momentum, self.wd, self.lr = group["momentum"], group["weight_decay"], lr
+        if self.momentum:  # torch's first step sets buf = grad, as buf = 0 * momentum + grad does
+            for p in self.params:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        self.state = optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (always to None, as the trainer asks)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        step = [p.grad for p in params]
+        if self.wd:
+            step = torch._foreach_add(step, params, alpha=self.wd)
+        if self.momentum:
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, step)
+            step = bufs
+        torch._foreach_sub_(params, torch._foreach_mul(step, self.lr))
+
+
+class GraphedStep:
+    """Replays `body(idx, optimizer, step)`, the training step on the batch at indices `idx`
+    (a device tensor the graph reads) stepping `optimizer`, captured at the call after WARMUP
+    eager ones. The body gets a GraphSGD over `optimizer` that reads the learning rate from a
+    device tensor too.
+
+    `step(idx, lr, step)` returns the step's loss, or None when the caller must run this step
+    eagerly (during warm-up, or after a failed capture)."""
+
+    def __init__(
+        self, body: Callable[[torch.Tensor, GraphSGD, int], torch.Tensor], optimizer: torch.optim.SGD, batch: int
+    ) -> None:
+        self.body, self.optimizer = body, optimizer
+        device = optimizer.param_groups[0]["params"][0].device
+        self.idx = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lr = torch.zeros((), device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.eager = 0  # steps the caller ran eagerly before the capture
+        self.failed = False
+
+    def step(self, idx: torch.Tensor, lr: float, step: int) -> torch.Tensor | None:
+        if self.failed:
+            return None
+        if self.graph is None:
+            if self.eager < WARMUP:
+                self.eager += 1
+                return None
+            self.capture(step)
+            if self.failed:
+                return None
+        self.idx.copy_(idx)
+        self.lr.fill_(lr)
+        self.graph.replay()
+        return self.loss.clone()
+
+    def capture(self, step: int) -> None:
+        """Record the step (nothing runs while recording); on failure, note it and stay eager."""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            sgd = GraphSGD(self.optimizer, self.lr)  # before capturing: it may create momentum buffers
+            with torch.cuda.graph(graph):
+                self.loss = self.body(self.idx, sgd, step)
+        except Exception as exc:  # capture raises RuntimeError or backend errors; training goes on eagerly
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            print(f"note: CUDA graph capture failed ({reason}); training without it", file=sys.stderr, flush=True)
+            self.failed = True
+            return
+        self.graph = graph
