@@ -137,6 +137,21 @@ def test_sparse_conv_matches_torch(case, threads):
     assert not kept.any()
 
 
+@pytest.mark.parametrize("taps", [[(1, 1)], [(0, 2), (2, 0)], []], ids=["centre", "corners", "none"])
+def test_strided_conv_gathers_only_the_phases_its_nonzeros_read(taps):
+    """A stride-2 3x3 weight whose nonzeros sit at some kernel positions only: the stride phases
+    no nonzero reads are not gathered, and the result still matches torch (all-zero: the bias)."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.zeros(6, 4, 3, 3)
+    for kh, kw in taps:
+        weight[:, :, kh, kw] = torch.randn(6, 4, generator=gen)
+    bias, x = torch.randn(6, generator=gen), torch.randn(2, 4, 9, 10, generator=gen)
+    conv = Conv(SparseWeight.from_dense(weight.numpy()), bias.numpy(), (2, 2), (1, 1, 1, 1))
+    assert list(conv.used_phases) == sorted({(kh % 2) * 2 + kw % 2 for kh, kw in taps})
+    expected = torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1).numpy()
+    np.testing.assert_allclose(conv(Planes.from_nchw(x.numpy())).nchw(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_and_pooling_match_torch():
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(10, 64, generator=gen) * (torch.rand(10, 64, generator=gen) < 0.2)

@@ -137,14 +137,16 @@ def empty_rows() -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, out):  # noqa: PLR0913
-    """Stride phases of the zero-padded input: out[(a * stride_w + b) * C + c, i * hq * wq + r * wq + t]
-    = element (i, c, r * stride_h + a - pad_top, t * stride_w + b - pad_left) of the planes `x`
-    (grid n x h x w), zero outside the image; the tail of `out` is zeroed."""
+def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, phases, out):  # noqa: PLR0913
+    """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
+    reads one of four): with phase = phases[j] = a * stride_w + b,
+    out[j * C + c, i * hq * wq + r * wq + t] = element (i, c, r * stride_h + a - pad_top,
+    t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image; the
+    tail of `out` is zeroed."""
     channels = x.shape[0]
     row, block = w + 1, (h + 1) * (w + 1)
-    for job in prange(stride_h * stride_w * channels):
-        phase, c = job // channels, job % channels
+    for job in prange(phases.shape[0] * channels):
+        phase, c = phases[job // channels], job % channels
         a, b = phase // stride_w, phase % stride_w
         dst, src = out[job], x[c]
         # columns t whose source column t * stride_w + b - pad_left lies inside the image

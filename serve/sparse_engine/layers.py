@@ -8,6 +8,7 @@ tables are cached per input height and width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +116,12 @@ class Conv:
         eh, ew = max(1, (kh - 1) // self.stride[0]), max(1, (kw - 1) // self.stride[1])
         return ho + eh, wo + ew, eh * ew
 
+    @functools.cached_property
+    def used_phases(self) -> np.ndarray:
+        """The stride phases (a * stride_w + b) that some nonzero reads, sorted: only these are gathered."""
+        _, _, kh, kw = self.weight.taps()
+        return np.unique((kh % self.stride[0]) * self.stride[1] + kw % self.stride[1]).astype(np.int64)
+
     def _build_tables(self, h: int, w: int):
         _, ic, kh, kw = self.weight.taps()
         if self.direct:
@@ -122,7 +129,7 @@ class Conv:
             return self.weight.tables(ic, (kh - pt + 1) * (w + 1) + (kw - pl + 1))
         sh, sw = self.stride
         _, wq, _ = self._phases(h, w)
-        phase = (kh % sh) * sw + kw % sw
+        phase = np.searchsorted(self.used_phases, (kh % sh) * sw + kw % sw)  # its place among the gathered
         return self.weight.tables(phase * self.weight.shape[1] + ic, (kh // sh) * wq + kw // sw)
 
     def __call__(
@@ -144,8 +151,9 @@ class Conv:
         sh, sw = self.stride
         reach = ((kh - 1) // sh) * wq + (kw - 1) // sw + 1
         pool = pool or BufferPool()
-        src = pool.take((sh * sw * x.data.shape[0], g.n * hq * wq + reach))
-        kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, src)
+        phases = self.used_phases
+        src = pool.take((max(1, phases.size) * x.data.shape[0], g.n * hq * wq + reach))
+        kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, phases, src)
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if extra == 1:  # phase planes have the output's geometry: write the output planes directly
             out = Planes.empty(rows, out_grid, pool)
