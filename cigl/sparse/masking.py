@@ -67,8 +67,9 @@ class Masking:
             automatic random mask. Without it (cigl's own trainer), `update_until` and
             `begin_step`/`mask_gradients`/`end_step`/`update` are driven by the caller.
         dpnum: random mask drop probability 1/dpnum (None: no random mask; "cigl": 100).
-        bookkeeping: "compact" (O(nnz/DPNUM) index lists), "device" (boolean tensors, no host
-            sync, traceable by torch.compile) or "auto" (device on CUDA, else compact).
+        bookkeeping: "compact" (O(nnz/DPNUM) index lists), "device" (flat buffers and foreach
+            ops over all layers: no host sync, capturable in a CUDA graph, traceable by
+            torch.compile) or "auto" (device on CUDA, else compact).
 
     Example:
         >>> import torch, cigl
