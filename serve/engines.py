@@ -57,14 +57,21 @@ def add_engine_option(parser) -> None:
 def time_in_turn(engines: dict, x: np.ndarray, rounds: int, pause: float = 0.0) -> dict[str, float]:
     """Median seconds per engine of running `x`, over `rounds` rounds in which each engine runs
     once, in turn (after one warm-up run each): a drift in the machine's speed, or one engine's
-    threads going idle while another runs, reaches all alike. `pause` seconds between rounds."""
+    threads going idle while another runs, reaches all alike. `pause` seconds between rounds.
+
+    The first run after a pause is slow for any engine (idle cores, parked worker threads, cold
+    caches: 5x at batch 1 here), so each round opens with one untimed run, and the order rotates
+    from round to round."""
+    names = list(engines)
     for engine in engines.values():
         engine.run(x)  # allocations, onnxruntime's first-run planning, kernel compilation
     seconds: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, engine in engines.items():
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        engines[order[0]].run(x)  # wakes the machine after the pause; not timed
+        for name in order:
             start = time.perf_counter()
-            engine.run(x)
+            engines[name].run(x)
             seconds[name].append(time.perf_counter() - start)
         time.sleep(pause)
     return {name: statistics.median(t) for name, t in seconds.items()}
