@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from common import median_time, write_results
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking
 from cigl.train import train_step
-from cigl.train.graphed import GraphedStep
+from cigl.train.graphed import GraphedStep, graph_autocast
 
 DPNUM = 100
 
@@ -86,12 +85,11 @@ def make_run(model_name: str, method: str, x: torch.Tensor, y: torch.Tensor, gra
         masking = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=10**9, update_until=10**9)
     if not graphed:
         return model, opt, masking, None
-    nocache = partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
     return (
         model,
         opt,
         masking,
-        GraphedStep(lambda _idx, o, s: train_step(model, o, masking, x, y, s, nocache), opt, 128),
+        GraphedStep(lambda _idx, o, s: train_step(model, o, masking, x, y, s, graph_autocast), opt, 128),
     )
 
 

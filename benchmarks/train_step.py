@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from cigl.data import extract_archive_subset, load_image_folder
 from cigl.models import create_model
 from cigl.pipeline import augment, epoch_order, normalize, to_device
 from cigl.train import train_step
-from cigl.train.graphed import GraphedStep
+from cigl.train.graphed import GraphedStep, graph_autocast
 
 BATCH, WARMUP, STEPS = 128, 3, 20
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -76,7 +75,6 @@ def measure_graphed(split) -> dict:
     step on a fixed batch, interleaved; data's share = 1 - fixed / with data (medians)."""
     x_all, y_all = to_device(split, torch.device("cuda"))
     order = epoch_order(x_all.shape[0], 0, 0, x_all.device)
-    nocache = partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
 
     def batch(idx):
         return normalize(augment(x_all[idx], 4, True), MEAN, STD).contiguous(memory_format=torch.channels_last)
@@ -89,7 +87,7 @@ def measure_graphed(split) -> dict:
         fixed = batch(order[:BATCH])
 
         def body(idx, o, i, model=model, fixed=fixed, with_data=with_data):
-            return train_step(model, o, None, batch(idx) if with_data else fixed, y_all[idx], i, nocache)
+            return train_step(model, o, None, batch(idx) if with_data else fixed, y_all[idx], i, graph_autocast)
 
         steps[with_data] = (GraphedStep(body, opt, BATCH), body, opt)
 

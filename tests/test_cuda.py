@@ -51,7 +51,7 @@ def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
     from cigl.pipeline import augment, normalize
     from cigl.sparse import Masking
     from cigl.train import train_step
-    from cigl.train.graphed import WARMUP, GraphedStep
+    from cigl.train.graphed import WARMUP, GraphedStep, graph_autocast
 
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last)
@@ -73,8 +73,7 @@ def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
         )
         return train_step(model, optimizer, masking, x, labels[idx], i, amp)
 
-    nocache = partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
-    graph = GraphedStep(partial(body, amp=nocache), opt, 64) if graphed else None
+    graph = GraphedStep(partial(body, amp=graph_autocast), opt, 64) if graphed else None
 
     def step(i):
         idx = order[(i % 8) * 64 : (i % 8 + 1) * 64]

@@ -254,9 +254,13 @@ class Masking:
         """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
         if self.on_device:
             views = self._views["_grad_mul" if self._kept else "_grad_scale"]
-            pairs = [(p.grad, v) for p, v in zip(self.params.values(), views, strict=True) if p.grad is not None]
-            if pairs:
-                torch._foreach_mul_(*map(list, zip(*pairs, strict=True)))
+            grads, factors = [], []
+            for p, view in zip(self.params.values(), views, strict=True):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    factors.append(view)
+            if grads:
+                torch._foreach_mul_(grads, factors)
             return
         for name, p in self.params.items():
             if p.grad is not None:

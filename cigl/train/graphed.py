@@ -17,12 +17,17 @@ If capturing fails, training goes on eagerly with a one-line note; `--no-cuda-gr
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
 import torch
 
 WARMUP = 3  # eager steps before the capture
+
+# bf16 autocast for a captured step: with its cache of cast weights, the casts would be made once
+# at capture, in memory the replays do not refresh
+graph_autocast = functools.partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
 
 
 class GraphSGD:

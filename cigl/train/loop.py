@@ -48,7 +48,7 @@ from cigl.train.evaluate import (
     split_logits,
     split_metrics,
 )
-from cigl.train.graphed import GraphedStep
+from cigl.train.graphed import GraphedStep, graph_autocast
 
 
 @dataclass
@@ -338,11 +338,9 @@ def batch_inputs(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def graphed_body(run: Run, idx: torch.Tensor, optimizer, step: int) -> torch.Tensor:
-    """The step GraphedStep captures: the batch at `idx` and train_step, under an autocast that
-    keeps no cache of cast weights (a cache would outlive the capture)."""
+    """The step GraphedStep captures: the batch at `idx` and train_step under graph_autocast."""
     x, y = batch_inputs(run, idx)
-    amp = functools.partial(torch.autocast, "cuda", torch.bfloat16, cache_enabled=False)
-    return train_step(run.model, optimizer, run.masking, x, y, step, amp)
+    return train_step(run.model, optimizer, run.masking, x, y, step, graph_autocast)
 
 
 def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:

@@ -61,7 +61,7 @@ class Step:
 
     @property
     def nonzeros(self) -> int:
-        return 0 if self.layer is None else self.layer.weight.index.size
+        return 0 if self.weight is None else self.weight.index.size
 
 
 def _add_values(a: Value, b: Value) -> Value:

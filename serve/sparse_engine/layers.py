@@ -192,16 +192,16 @@ class Linear:
 
     def __post_init__(self):
         _, feature = self.weight.taps()[:2]
-        self.tables = {(1, 1): self.weight.tables(feature, np.zeros_like(feature))}
+        self.tables = self.weight.tables(feature, np.zeros_like(feature))
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for a in self.tables[1, 1])
+        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for a in self.tables)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         src = np.ascontiguousarray(x.T, dtype=np.float32)
         out = np.empty((self.weight.shape[0], n), np.float32)
         res, no_mask = kernels.empty_rows()
-        kernels.sparse_conv(src, *self.tables[1, 1], self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
+        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
         return out.T
