@@ -137,6 +137,42 @@ def test_sparse_conv_matches_torch(case, threads):
     assert not kept.any()
 
 
+@pytest.mark.parametrize("length", [1, 7, 8, 13, 63, 64, 65, 200])
+@pytest.mark.parametrize("epilogue", [True, False], ids=["residual-relu-mask", "plain"])
+def test_sparse_conv_kernel_covers_every_output_length(length, epilogue):
+    """The kernel against a float64 loop of its formula, for outputs shorter than a vector (scalar
+    path), than a tile (one-vector tiles) and longer (64-wide tiles, the last one overlapping),
+    with empty rows (the bias) and rows longer than a tile's worth of nonzeros; nothing outside
+    out[:, shift : shift + length] is written."""
+    from cigl.serve.sparse_engine import kernels
+
+    rng = np.random.default_rng(length)
+    n_planes, reach, shift = 5, 11, 3
+    counts = [0, 1, 3, 9, 0, 70, 2]
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    planes = rng.integers(0, n_planes, ptr[-1]).astype(np.int32)
+    offs = rng.integers(0, reach + 1, ptr[-1]).astype(np.int32)
+    vals, bias = rng.standard_normal(ptr[-1]).astype(np.float32), rng.standard_normal(len(counts)).astype(np.float32)
+    src = rng.standard_normal((n_planes, length + reach)).astype(np.float32)
+    width = shift + length + 2
+    if epilogue:
+        residual = rng.standard_normal((len(counts), width)).astype(np.float32)
+        keep = (rng.random(width) < 0.7).astype(np.float32)
+    else:
+        residual, keep = kernels.empty_rows()
+    out = np.full((len(counts), width), np.nan, np.float32)
+    kernels.sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, keep, epilogue)
+    expected = np.zeros((len(counts), length))
+    for o in range(len(counts)):
+        expected[o] = bias[o]
+        for k in range(ptr[o], ptr[o + 1]):
+            expected[o] += np.float64(vals[k]) * src[planes[k], offs[k] : offs[k] + length]
+    if epilogue:
+        expected = np.maximum(expected + residual[:, shift : shift + length], 0) * keep[shift : shift + length]
+    np.testing.assert_allclose(out[:, shift : shift + length], expected, rtol=1e-5, atol=1e-5)
+    assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
+
+
 @pytest.mark.parametrize("taps", [[(1, 1)], [(0, 2), (2, 0)], []], ids=["centre", "corners", "none"])
 def test_strided_conv_gathers_only_the_phases_its_nonzeros_read(taps):
     """A stride-2 3x3 weight whose nonzeros sit at some kernel positions only: the stride phases

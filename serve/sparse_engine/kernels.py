@@ -1,4 +1,4 @@
-"""The sparse engine's compiled kernels (numba; fp32; parallel over output rows and chunks).
+"""The sparse engine's compiled kernels (numba, with one hand-written LLVM loop; fp32).
 
 `sparse_conv` is one sparse-weight x dense-activation kernel for every convolution and linear
 layer. An activation is a set of flat *planes* (one per input channel, or per channel and stride
@@ -7,114 +7,180 @@ phase); output position q of row o is
     out[o, shift + q] = bias[o] + sum_k vals[k] * src[planes[k], offs[k] + q]      (k in row o)
 
 so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
-fused multiply-add per output element: time falls with the number of nonzeros. Each row's
-nonzeros are padded with zero weights to a multiple of GROUP (4); one pass over an output chunk
-(CHUNK floats, kept in L1) applies eight of them, and a last pass the remaining four. Jobs
-never share an output element, so results do not depend on the thread count.
+fused multiply-add per output element: time falls with the number of nonzeros. The output is cut
+into tiles of TILE positions (8 AVX vectors); a tile of one row is summed in registers over all
+of the row's nonzeros (`_tile_row`: per nonzero one broadcast and eight vector multiply-adds, the
+accumulators never touch memory), then residual, ReLU and padding mask are applied and the tile is
+stored once. A job is one tile for a block of rows, so the tile's input window is read from cache
+by every row of the block. The last tile of a row starts at length - TILE (it overlaps the one
+before and recomputes the same values); outputs shorter than TILE use tiles of one vector, and
+those shorter than one vector a scalar loop. Jobs never share a result, so results do not depend
+on the thread count.
 """
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
-GROUP = 4
-CHUNK = 2048  # output floats per job: long passes amortise each group's setup; 8 KiB stay in L1
+VEC = 8  # floats per AVX register
+TILE = 8 * VEC  # output positions summed in registers per row: 8 of the 16 AVX registers
+MIN_JOBS = 32  # rows are split into blocks until there are this many jobs (several per thread)
+
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_VECTOR = ir.VectorType(_F32, VEC)
+_ZERO = ir.Constant(_VECTOR, [0.0] * VEC)
 
 
-@intrinsic
-def _pointer(_typingctx, address):
-    """An integer address as a void pointer (for numba.carray)."""
-
-    def codegen(_context, builder, _signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(address), codegen
+def _vector_at(builder, base, j: int):
+    """Pointer to the j-th vector of floats from `base` (a float pointer); loads use align 4."""
+    return builder.bitcast(builder.gep(base, [ir.Constant(_I64, j * VEC)]), _VECTOR.as_pointer())
 
 
-@njit(inline="always")
-def _floats(base, index, n):
-    """n float32 at element `index` of the buffer at address `base`, as an array without a
-    reference count: numba's views of one shared array would update its count atomically
-    from every thread at every nonzero group."""
-    return carray(_pointer(base + 4 * index), n, np.float32)
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), x, ir.Constant(_I32, 0))
+    lanes = ir.Constant(ir.VectorType(_I32, VEC), [0] * VEC)
+    return builder.shuffle_vector(v, ir.Constant(_VECTOR, ir.Undefined), lanes)
+
+
+def _add_from(builder, values, address, op: str):
+    """values (op)= the vectors at `address` when it is nonzero, else values unchanged."""
+    start = builder.block
+    with builder.if_then(builder.icmp_signed("!=", address, ir.Constant(_I64, 0))):
+        base = builder.inttoptr(address, _F32.as_pointer())
+        combine = builder.fadd if op == "add" else builder.fmul
+        changed = [combine(v, builder.load(_vector_at(builder, base, j), align=4)) for j, v in enumerate(values)]
+        then = builder.block
+    merged = []
+    for old, new in zip(values, changed, strict=True):
+        phi = builder.phi(_VECTOR)
+        phi.add_incoming(new, then)
+        phi.add_incoming(old, start)
+        merged.append(phi)
+    return merged
+
+
+def _tile_loop(vectors: int):
+    """An intrinsic computing `vectors` x VEC outputs of one row in registers:
+
+        tile(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+        v = bias + sum_{k0 <= k < k1} vals[k] * src[planes[k] * ld + offs[k] + 0 .. tile)
+        v += res[0 .. tile) if res;  v = max(v, 0) if relu;  v *= mask[0 .. tile) if mask
+        dst[0 .. tile) = v
+
+    dst, src, planes, offs, vals, res and mask are addresses (res and mask 0 when absent). The
+    k loop keeps one phi per accumulator vector, so LLVM holds them in registers and emits one
+    broadcast and `vectors` fused multiply-adds with memory operands per nonzero."""
+
+    @intrinsic
+    def tile(_typingctx, dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu):  # noqa: ARG001, PLR0913
+        i64 = types.int64
+        sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, types.boolean)
+
+        def codegen(_context, builder, _signature, args):
+            dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu = args
+            f32p = _F32.as_pointer()
+            src, vals = builder.inttoptr(src, f32p), builder.inttoptr(vals, f32p)
+            planes, offs = builder.inttoptr(planes, _I32.as_pointer()), builder.inttoptr(offs, _I32.as_pointer())
+            start = _splat(builder, bias)
+            entry = builder.block
+            head = builder.append_basic_block("tile.head")
+            body = builder.append_basic_block("tile.body")
+            done = builder.append_basic_block("tile.done")
+            builder.branch(head)
+
+            builder.position_at_end(head)  # k and the accumulators
+            k = builder.phi(_I64)
+            acc = [builder.phi(_VECTOR) for _ in range(vectors)]
+            k.add_incoming(k0, entry)
+            for a in acc:
+                a.add_incoming(start, entry)
+            builder.cbranch(builder.icmp_signed("<", k, k1), body, done)
+
+            builder.position_at_end(body)  # acc += vals[k] * src[planes[k] * ld + offs[k] ...]
+            w = _splat(builder, builder.load(builder.gep(vals, [k]), align=4))
+            plane = builder.sext(builder.load(builder.gep(planes, [k]), align=4), _I64)
+            offset = builder.sext(builder.load(builder.gep(offs, [k]), align=4), _I64)
+            base = builder.gep(src, [builder.add(builder.mul(plane, ld), offset)])
+            fast = ("fast",)
+            summed = [
+                builder.fadd(
+                    a, builder.fmul(w, builder.load(_vector_at(builder, base, j), align=4), flags=fast), flags=fast
+                )
+                for j, a in enumerate(acc)
+            ]
+            k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), body)
+            for a, s in zip(acc, summed, strict=True):
+                a.add_incoming(s, body)
+            builder.branch(head)
+
+            builder.position_at_end(done)  # epilogue: residual, ReLU, mask, one store
+            values = _add_from(builder, acc, res, "add")
+            values = [
+                builder.select(relu, builder.select(builder.fcmp_ordered(">", v, _ZERO), v, _ZERO), v) for v in values
+            ]
+            values = _add_from(builder, values, mask, "mul")
+            out = builder.inttoptr(dst, f32p)
+            for j, v in enumerate(values):
+                builder.store(v, _vector_at(builder, out, j), align=4)
+            return _context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_wide = _tile_loop(TILE // VEC)
+_tile_narrow = _tile_loop(1)
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
-def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, mask, relu, chunk):  # noqa: PLR0913
+def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """See the module docstring; then, per element: + residual[o, shift + q] (if residual has
-    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding).
-    The bias is added in the first pass over a chunk and the epilogue is one more pass."""
+    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding)."""
     rows = out.shape[0]
-    chunks = (length + chunk - 1) // chunk
-    src_at, src_ld = src.ctypes.data, src.shape[1]
+    has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
+    if length < VEC:  # a linear layer on a few images: one scalar sum per output
+        for o in prange(rows):
+            for q in range(length):
+                v = bias[o]
+                for k in range(ptr[o], ptr[o + 1]):
+                    v += vals[k] * src[planes[k], offs[k] + q]
+                if has_res:
+                    v += residual[o, shift + q]
+                if relu:
+                    v = max(v, 0.0)
+                if has_mask:
+                    v *= mask[shift + q]
+                out[o, shift + q] = v
+        return
+    width = TILE if length >= TILE else VEC
+    tiles = (length + width - 1) // width
+    blocks = min(rows, max(1, -(-MIN_JOBS // tiles)))
+    per_block = -(-rows // blocks)
+    src_at, ld = src.ctypes.data, src.shape[1]
+    planes_at, offs_at, vals_at = planes.ctypes.data, offs.ctypes.data, vals.ctypes.data
     out_at, out_ld = out.ctypes.data, out.shape[1]
-    for job in prange(rows * chunks):  # chunk-major: a thread's rows reuse the same input chunk
-        o = job % rows
-        q0 = (job // rows) * chunk
-        n = min(chunk, length - q0)
-        acc = _floats(out_at, o * out_ld + shift + q0, n)
-        b = bias[o]
-        k, end = ptr[o], ptr[o + 1]
-        first = True
-        while k + 8 <= end:  # eight weights per pass over the chunk, then a last four
-            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            w4, w5, w6, w7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
-            s0 = _floats(src_at, planes[k] * src_ld + offs[k] + q0, n)
-            s1 = _floats(src_at, planes[k + 1] * src_ld + offs[k + 1] + q0, n)
-            s2 = _floats(src_at, planes[k + 2] * src_ld + offs[k + 2] + q0, n)
-            s3 = _floats(src_at, planes[k + 3] * src_ld + offs[k + 3] + q0, n)
-            s4 = _floats(src_at, planes[k + 4] * src_ld + offs[k + 4] + q0, n)
-            s5 = _floats(src_at, planes[k + 5] * src_ld + offs[k + 5] + q0, n)
-            s6 = _floats(src_at, planes[k + 6] * src_ld + offs[k + 6] + q0, n)
-            s7 = _floats(src_at, planes[k + 7] * src_ld + offs[k + 7] + q0, n)
-            if first:
-                for p in range(n):
-                    acc[p] = (
-                        b
-                        + (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p])
-                        + (w4 * s4[p] + w5 * s5[p] + w6 * s6[p] + w7 * s7[p])
-                    )
+    res_at, res_ld = (residual.ctypes.data, residual.shape[1]) if has_res else (0, 0)
+    mask_at = mask.ctypes.data if has_mask else 0
+    for job in prange(tiles * blocks):  # tile-major: a thread's row blocks reuse the tile's input window
+        q = min((job // blocks) * width, length - width)  # the last tile overlaps the one before
+        first = (job % blocks) * per_block
+        for o in range(first, min(rows, first + per_block)):
+            at = shift + q
+            dst = out_at + 4 * (o * out_ld + at)
+            res = res_at + 4 * (o * res_ld + at) if has_res else 0
+            keep = mask_at + 4 * at if has_mask else 0
+            if width == TILE:
+                _tile_wide(
+                    dst, src_at + 4 * q, planes_at, offs_at, vals_at, ptr[o], ptr[o + 1], ld, bias[o], res, keep, relu
+                )
             else:
-                for p in range(n):
-                    acc[p] += (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]) + (
-                        w4 * s4[p] + w5 * s5[p] + w6 * s6[p] + w7 * s7[p]
-                    )
-            first = False
-            k += 8
-        if k < end:  # rows are padded to a multiple of GROUP = 4
-            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            s0 = _floats(src_at, planes[k] * src_ld + offs[k] + q0, n)
-            s1 = _floats(src_at, planes[k + 1] * src_ld + offs[k + 1] + q0, n)
-            s2 = _floats(src_at, planes[k + 2] * src_ld + offs[k + 2] + q0, n)
-            s3 = _floats(src_at, planes[k + 3] * src_ld + offs[k + 3] + q0, n)
-            if first:
-                for p in range(n):
-                    acc[p] = b + (w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p])
-            else:
-                for p in range(n):
-                    acc[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]
-        if ptr[o] == ptr[o + 1]:
-            acc[:] = b
-        _epilogue(acc, residual[o, shift + q0 :] if residual.shape[0] else residual[0:0, 0], mask[shift + q0 :], relu)
-
-
-@njit(fastmath=True, inline="always")
-def _epilogue(acc, res, mask, relu):
-    """acc = (acc + res) -> ReLU -> * mask in one pass; an empty res or mask skips its part
-    (the conditions are loop-invariant: LLVM unswitches them out of the loop)."""
-    has_res, has_mask = res.shape[0] > 0, mask.shape[0] > 0
-    for p in range(acc.shape[0]):
-        v = acc[p]
-        if has_res:
-            v += res[p]
-        if relu:
-            v = max(v, 0.0)
-        if has_mask:
-            v *= mask[p]
-        acc[p] = v
+                _tile_narrow(
+                    dst, src_at + 4 * q, planes_at, offs_at, vals_at, ptr[o], ptr[o + 1], ld, bias[o], res, keep, relu
+                )
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)

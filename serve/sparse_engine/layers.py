@@ -2,8 +2,8 @@
 
 `SparseWeight` keeps the flat C-order positions and values of a weight's nonzeros, read straight
 from a packed tensor (values + bit mask) or from a plain one. For a given input geometry a layer
-turns them into the kernel's per-row tables (plane, offset, value), padded to kernels.GROUP;
-tables are cached per input height and width.
+turns them into the kernel's per-row tables (plane, offset, value); tables are cached per input
+height and width.
 """
 
 from __future__ import annotations
@@ -58,19 +58,11 @@ class SparseWeight:
         return np.unravel_index(self.index, shape)
 
     def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The kernel's (ptr, planes, offs, vals) for the per-nonzero `plane` and `offset`, each
-        row padded with zero weights (plane 0, offset 0) to a multiple of kernels.GROUP."""
-        rows = self.shape[0]
-        counts = np.bincount(self.taps()[0], minlength=rows)
-        padded = -(-counts // kernels.GROUP) * kernels.GROUP
-        ptr = np.zeros(rows + 1, np.int64)
-        np.cumsum(padded, out=ptr[1:])
-        row_of = np.repeat(np.arange(rows), counts)
-        slot = ptr[row_of] + (np.arange(self.index.size) - np.repeat(np.cumsum(counts) - counts, counts))
-        planes, offs = np.zeros(ptr[-1], np.int32), np.zeros(ptr[-1], np.int32)
-        vals = np.zeros(ptr[-1], np.float32)
-        planes[slot], offs[slot], vals[slot] = plane, offset, self.values
-        return ptr, planes, offs, vals
+        """The kernel's CSR-like (ptr int64, planes int32, offs int32, vals float32) for the
+        per-nonzero `plane` and `offset`: row o's nonzeros are ptr[o] .. ptr[o + 1]."""
+        ptr = np.zeros(self.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(self.taps()[0], minlength=self.shape[0]), out=ptr[1:])
+        return ptr, plane.astype(np.int32), offset.astype(np.int32), self.values
 
 
 @dataclass
@@ -141,9 +133,7 @@ class Conv:
         res = residual.data if residual is not None else kernels.empty_rows()[0]
         if self.direct:
             out = Planes.empty(rows, g, pool)
-            kernels.sparse_conv(
-                x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu, kernels.CHUNK
-            )
+            kernels.sparse_conv(x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu)
             return out
         # strided or widely padded: one plane per (stride phase, channel), then the same kernel
         hq, wq, extra = self._phases(g.h, g.w)
@@ -167,13 +157,10 @@ class Conv:
                 res,
                 mask(out_grid),
                 relu,
-                kernels.CHUNK,
             )
         else:  # the kernel reaches further: compute on the phase geometry, then place the outputs
             flat = pool.take((rows, g.n * hq * wq))
-            kernels.sparse_conv(
-                src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False, kernels.CHUNK
-            )
+            kernels.sparse_conv(src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False)
             y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
             if residual is not None:
                 y = y + residual.nchw()
@@ -203,5 +190,5 @@ class Linear:
         src = np.ascontiguousarray(x.T, dtype=np.float32)
         out = np.empty((self.weight.shape[0], n), np.float32)
         res, no_mask = kernels.empty_rows()
-        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, res, no_mask, False, kernels.CHUNK)
+        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, res, no_mask, False)
         return out.T
