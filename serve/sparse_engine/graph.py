@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
-from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
+from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine
 
 
@@ -173,25 +173,59 @@ class Program:
             "BatchNormalization": self._batch_norm,
             "Gemm": self._gemm,
             "GlobalAveragePool": self._global_average_pool,
+            "Pad": self._pad,
         }.get(node.op_type)
         if handler is not None and handler(node, a, uses):
             return
+        self._push(Step(node.op_type, self._runtime_inputs(node), node.output[0], self._numpy_op(node, a), node.name))
+
+    def _runtime_inputs(self, node) -> list[str]:
+        return [n for n in node.input if n and n not in self.consts]
+
+    def _numpy_op(self, node, a) -> Callable[..., np.ndarray]:
+        """The node as a call of its numpy op on its run-time inputs (as arrays) and constants."""
         if node.op_type not in OPS:
             raise Unsupported(f"operator {node.op_type}")
         try:
             CHECKS.get(node.op_type, lambda _a: None)(a)
         except NotImplementedError as exc:
             raise Unsupported(f"{node.op_type} node {node.name or node.output[0]}: {exc}") from None
-        fn = OPS[node.op_type]
-        consts = self.consts
-        names = list(node.input)
+        fn, consts, names = OPS[node.op_type], self.consts, list(node.input)
 
-        def run(*values, fn=fn, names=names, a=a):
+        def run(*values):
             it = iter(values)
-            args = [consts[n] if n in consts else (as_array(next(it)) if n else None) for n in names]
-            return fn(args, a)[0]
+            return fn([consts[n] if n in consts else (as_array(next(it)) if n else None) for n in names], a)[0]
 
-        self._push(Step(node.op_type, [n for n in names if n and n not in consts], node.output[0], run, node.name))
+        return run
+
+    def _pad(self, node, a, _uses) -> bool:
+        """Zero channels added to a 4-D activation (an option-A shortcut's x[:, :, ::2, ::2] padded
+        with zero channels) are written straight into planes: one copy from the strided view, and
+        the residual Add that reads it needs no layout change. Any other Pad runs in numpy."""
+        pads = self.consts.get(node.input[1]) if len(node.input) > 1 else None
+        fill = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        mode = a.get("mode", b"constant")
+        if (
+            pads is None
+            or len(pads) != 8
+            or (fill is not None and np.any(fill))
+            or mode not in (b"constant", "constant")
+        ):
+            return False
+        before, after = int(pads[1]), int(pads[5])
+        if any(int(p) for i, p in enumerate(pads) if i % 4 != 1) or min(before, after) < 0:
+            return False
+
+        def run(x):
+            x = as_array(x)
+            grid = Grid(x.shape[0], x.shape[2], x.shape[3])
+            data = self.pool.take((before + x.shape[1] + after, grid.length))
+            data.fill(0.0)
+            grid.interior(data[before : before + x.shape[1]])[...] = x.transpose(1, 0, 2, 3)
+            return Planes(data, grid)
+
+        self._push(Step("Pad", self._runtime_inputs(node), node.output[0], run, node.name))
+        return True
 
     def _push(self, step: Step) -> None:
         self.steps.append(step)

@@ -200,30 +200,3 @@ def channel_affine(x, scale, offset, mask, relu, out):
 def empty_rows() -> tuple[np.ndarray, np.ndarray]:
     """The (residual, mask) arguments that switch those steps off."""
     return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, phases, out):  # noqa: PLR0913
-    """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
-    reads one of four): with phase = phases[j] = a * stride_w + b,
-    out[j * C + c, i * hq * wq + r * wq + t] = element (i, c, r * stride_h + a - pad_top,
-    t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image; the
-    tail of `out` is zeroed."""
-    channels = x.shape[0]
-    row, block = w + 1, (h + 1) * (w + 1)
-    for job in prange(phases.shape[0] * channels):
-        phase, c = phases[job // channels], job % channels
-        a, b = phase // stride_w, phase % stride_w
-        dst, src = out[job], x[c]
-        # columns t whose source column t * stride_w + b - pad_left lies inside the image
-        first = max(0, -((b - pad_left) // stride_w))
-        last = min(wq, (w - 1 - b + pad_left) // stride_w + 1)
-        for i in range(n):
-            for r in range(hq):
-                y = r * stride_h + a - pad_top
-                line = dst[(i * hq + r) * wq : (i * hq + r + 1) * wq]
-                line[:] = 0.0
-                if 0 <= y < h and first < last:
-                    start = i * block + (y + 1) * row + 1 + first * stride_w + b - pad_left
-                    line[first:last] = src[start : start + (last - first - 1) * stride_w + 1 : stride_w]
-        dst[n * hq * wq :] = 0.0
