@@ -8,14 +8,14 @@ phase); output position q of row o is
 
 so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
 fused multiply-add per output element: time falls with the number of nonzeros. The output is cut
-into tiles of TILE positions (8 AVX vectors); a tile of one row is summed in registers over all
-of the row's nonzeros (`_tile_row`: per nonzero one broadcast and eight vector multiply-adds, the
-accumulators never touch memory), then residual, ReLU and padding mask are applied and the tile is
-stored once. A job is one tile for a block of rows, so the tile's input window is read from cache
-by every row of the block. The last tile of a row starts at length - TILE (it overlaps the one
-before and recomputes the same values); outputs shorter than TILE use tiles of one vector, and
-those shorter than one vector a scalar loop. Jobs never share a result, so results do not depend
-on the thread count.
+into tiles of 1, 2, 4 or 8 AVX vectors (`_tile_vectors` picks the width per call); a tile of one
+row is summed in registers over all of the row's nonzeros (`_tile_loop`: per nonzero one
+broadcast and one vector multiply-add per accumulator, which never touches memory), then
+residual, ReLU and padding mask are applied and the tile is stored once. A job is one tile for a
+block of rows, so the tile's input window is read from cache by every row of the block. The last
+tile of a row starts at length - width (it overlaps the one before and recomputes the same
+values); outputs shorter than a vector take a scalar loop. Jobs never share a result, so results
+do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 VEC = 8  # floats per AVX register
-TILE = 8 * VEC  # output positions summed in registers per row: 8 of the 16 AVX registers
 MIN_JOBS = 32  # rows are split into blocks until there are this many jobs (several per thread)
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
@@ -132,8 +131,33 @@ def _tile_loop(vectors: int):
     return tile
 
 
-_tile_wide = _tile_loop(TILE // VEC)
-_tile_narrow = _tile_loop(1)
+_tile8, _tile4, _tile2, _tile1 = _tile_loop(8), _tile_loop(4), _tile_loop(2), _tile_loop(1)
+
+
+@njit(inline="always")
+def _tile_vectors(length):
+    """Tile width in vectors (8, 4, 2 or 1; at most `length` outputs) that needs the fewest cycles:
+    a nonzero costs a tile about max(4, vectors + 1) cycles (the 4-cycle FMA latency bounds narrow
+    tiles, the loads wide ones), and the overlapping last tile recomputes outputs."""
+    best, best_cost = 1, -(-length // VEC) * 4
+    for vectors in (2, 4, 8):
+        width = vectors * VEC
+        cost = -(-length // width) * max(4, vectors + 1)
+        if width <= length and cost <= best_cost:
+            best, best_cost = vectors, cost
+    return best
+
+
+@njit(inline="always")
+def _tile(vectors, dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu):  # noqa: PLR0913
+    if vectors == 8:
+        _tile8(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+    elif vectors == 4:
+        _tile4(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+    elif vectors == 2:
+        _tile2(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+    else:
+        _tile1(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
@@ -156,7 +180,8 @@ def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual
                     v *= mask[shift + q]
                 out[o, shift + q] = v
         return
-    width = TILE if length >= TILE else VEC
+    vectors = _tile_vectors(length)
+    width = vectors * VEC
     tiles = (length + width - 1) // width
     blocks = min(rows, max(1, -(-MIN_JOBS // tiles)))
     per_block = -(-rows // blocks)
@@ -173,14 +198,21 @@ def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual
             dst = out_at + 4 * (o * out_ld + at)
             res = res_at + 4 * (o * res_ld + at) if has_res else 0
             keep = mask_at + 4 * at if has_mask else 0
-            if width == TILE:
-                _tile_wide(
-                    dst, src_at + 4 * q, planes_at, offs_at, vals_at, ptr[o], ptr[o + 1], ld, bias[o], res, keep, relu
-                )
-            else:
-                _tile_narrow(
-                    dst, src_at + 4 * q, planes_at, offs_at, vals_at, ptr[o], ptr[o + 1], ld, bias[o], res, keep, relu
-                )
+            _tile(
+                vectors,
+                dst,
+                src_at + 4 * q,
+                planes_at,
+                offs_at,
+                vals_at,
+                ptr[o],
+                ptr[o + 1],
+                ld,
+                bias[o],
+                res,
+                keep,
+                relu,
+            )
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
