@@ -137,19 +137,21 @@ def test_sparse_conv_matches_torch(case, threads):
     assert not kept.any()
 
 
-@pytest.mark.parametrize("length", [1, 7, 8, 13, 63, 64, 65, 200])
-@pytest.mark.parametrize("epilogue", [True, False], ids=["residual-relu-mask", "plain"])
-def test_sparse_conv_kernel_covers_every_output_length(length, epilogue):
+@pytest.mark.parametrize("length", [1, 7, 8, 13, 25, 63, 64, 65, 81, 200])
+@pytest.mark.parametrize(("epilogue", "parts"), [(True, 1), (False, 1), (True, 3)], ids=["epilogue", "plain", "parts"])
+def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     """The kernel against a float64 loop of its formula, for outputs shorter than a vector (scalar
-    path), than a tile (one-vector tiles) and longer (64-wide tiles, the last one overlapping),
-    with empty rows (the bias) and rows longer than a tile's worth of nonzeros; nothing outside
-    out[:, shift : shift + length] is written."""
+    path), tiles of every width (the last one overlapping), rows cut into parts (partial sums
+    carried between them), empty rows (the bias) and rows longer than a tile's worth of
+    nonzeros; nothing outside out[:, shift : shift + length] is written."""
     from cigl.serve.sparse_engine import kernels
 
     rng = np.random.default_rng(length)
     n_planes, reach, shift = 5, 11, 3
     counts = [0, 1, 3, 9, 0, 70, 2]
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cuts = np.sort(rng.integers(0, np.array(counts) + 1, (parts - 1, len(counts))), axis=0).T + ptr[:-1, None]
+    bounds = np.concatenate([ptr[:-1, None], cuts, ptr[1:, None]], axis=1)
     planes = rng.integers(0, n_planes, ptr[-1]).astype(np.int32)
     offs = rng.integers(0, reach + 1, ptr[-1]).astype(np.int32)
     vals, bias = rng.standard_normal(ptr[-1]).astype(np.float32), rng.standard_normal(len(counts)).astype(np.float32)
@@ -161,7 +163,7 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue):
     else:
         residual, keep = kernels.empty_rows()
     out = np.full((len(counts), width), np.nan, np.float32)
-    kernels.sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, keep, epilogue)
+    kernels.sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, keep, epilogue)
     expected = np.zeros((len(counts), length))
     for o in range(len(counts)):
         expected[o] = bias[o]
@@ -171,6 +173,19 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue):
         expected = np.maximum(expected + residual[:, shift : shift + length], 0) * keep[shift : shift + length]
     np.testing.assert_allclose(out[:, shift : shift + length], expected, rtol=1e-5, atol=1e-5)
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
+
+
+def test_part_bounds_cut_rows_by_plane_groups():
+    """Each row's nonzeros sorted by plane and cut where a new group of planes starts; a group
+    holds as many planes as fit the window (an empty row gets empty parts)."""
+    from cigl.serve.sparse_engine import kernels
+
+    span = 1024 - 8 * kernels.VEC  # a plane's window is 4 KiB: four planes per part of 16 KiB
+    rows = np.array([0, 0, 0, 2, 2, 2, 2])
+    planes = np.array([9, 0, 4, 3, 8, 1, 2])
+    order, bounds = kernels.part_bounds(rows, planes, span, 3)
+    np.testing.assert_array_equal(planes[order], [0, 4, 9, 1, 2, 3, 8])
+    np.testing.assert_array_equal(bounds, [[0, 1, 2, 3], [3, 3, 3, 3], [3, 6, 6, 7]])
 
 
 @pytest.mark.parametrize("taps", [[(1, 1)], [(0, 2), (2, 0)], []], ids=["centre", "corners", "none"])

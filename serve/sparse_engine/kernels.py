@@ -27,6 +27,8 @@ from numba.extending import intrinsic
 
 VEC = 8  # floats per AVX register
 MIN_JOBS = 32  # rows are split into blocks until there are this many jobs (several per thread)
+WINDOW_BYTES = 16 * 1024  # a part's planes: a widest tile's input window across them fills half of L1
+ROWS_PER_PART = 32  # rows per job when a row has several parts (their partial sums, 8 KiB, stay in L1)
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 _VECTOR = ir.VectorType(_F32, VEC)
@@ -64,26 +66,27 @@ def _add_from(builder, values, address, op: str):
 def _tile_loop(vectors: int):
     """An intrinsic computing `vectors` x VEC outputs of one row in registers:
 
-        tile(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
-        v = bias + sum_{k0 <= k < k1} vals[k] * src[planes[k] * ld + offs[k] + 0 .. tile)
+        tile(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        v = bias [+ partial[0 .. tile)] + sum_{k0 <= k < k1} vals[k] * src[planes[k] * ld + offs[k] + 0 .. tile)
         v += res[0 .. tile) if res;  v = max(v, 0) if relu;  v *= mask[0 .. tile) if mask
         dst[0 .. tile) = v
 
-    dst, src, planes, offs, vals, res and mask are addresses (res and mask 0 when absent). The
+    dst, src, planes, offs, vals, partial, res and mask are addresses (partial, res and mask 0
+    when absent; partial sums carry a row from one part of its planes to the next). The
     k loop keeps one phi per accumulator vector, so LLVM holds them in registers and emits one
     broadcast and `vectors` fused multiply-adds with memory operands per nonzero."""
 
     @intrinsic
-    def tile(_typingctx, dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu):  # noqa: ARG001, PLR0913
+    def tile(_typingctx, dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: ARG001, PLR0913
         i64 = types.int64
-        sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, types.boolean)
+        sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, i64, types.boolean)
 
         def codegen(_context, builder, _signature, args):
-            dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu = args
+            dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu = args
             f32p = _F32.as_pointer()
             src, vals = builder.inttoptr(src, f32p), builder.inttoptr(vals, f32p)
             planes, offs = builder.inttoptr(planes, _I32.as_pointer()), builder.inttoptr(offs, _I32.as_pointer())
-            start = _splat(builder, bias)
+            start = _add_from(builder, [_splat(builder, bias)] * vectors, partial, "add")
             entry = builder.block
             head = builder.append_basic_block("tile.head")
             body = builder.append_basic_block("tile.body")
@@ -94,8 +97,8 @@ def _tile_loop(vectors: int):
             k = builder.phi(_I64)
             acc = [builder.phi(_VECTOR) for _ in range(vectors)]
             k.add_incoming(k0, entry)
-            for a in acc:
-                a.add_incoming(start, entry)
+            for a, s in zip(acc, start, strict=True):
+                a.add_incoming(s, entry)
             builder.cbranch(builder.icmp_signed("<", k, k1), body, done)
 
             builder.position_at_end(body)  # acc += vals[k] * src[planes[k] * ld + offs[k] ...]
@@ -149,28 +152,30 @@ def _tile_vectors(length):
 
 
 @njit(inline="always")
-def _tile(vectors, dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu):  # noqa: PLR0913
+def _tile(vectors, dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: PLR0913
     if vectors == 8:
-        _tile8(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+        _tile8(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
     elif vectors == 4:
-        _tile4(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+        _tile4(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
     elif vectors == 2:
-        _tile2(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+        _tile2(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
     else:
-        _tile1(dst, src, planes, offs, vals, k0, k1, ld, bias, res, mask, relu)
+        _tile1(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
-def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
-    """See the module docstring; then, per element: + residual[o, shift + q] (if residual has
-    rows), max(., 0) (if relu), * mask[shift + q] (if mask is non-empty, to re-zero padding)."""
-    rows = out.shape[0]
+def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
+    """See the module docstring: row o's nonzeros are bounds[o, 0] .. bounds[o, -1], in parts
+    bounds[o, p] .. bounds[o, p + 1] that each read a few planes (`part_bounds`); then, per
+    element: + residual[o, shift + q] (if residual has rows), max(., 0) (if relu), * mask[shift + q]
+    (if mask is non-empty, to re-zero padding)."""
+    rows, parts = bounds.shape[0], bounds.shape[1] - 1
     has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
     if length < VEC:  # a linear layer on a few images: one scalar sum per output
         for o in prange(rows):
             for q in range(length):
                 v = bias[o]
-                for k in range(ptr[o], ptr[o + 1]):
+                for k in range(bounds[o, 0], bounds[o, parts]):
                     v += vals[k] * src[planes[k], offs[k] + q]
                 if has_res:
                     v += residual[o, shift + q]
@@ -183,8 +188,10 @@ def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual
     vectors = _tile_vectors(length)
     width = vectors * VEC
     tiles = (length + width - 1) // width
-    blocks = min(rows, max(1, -(-MIN_JOBS // tiles)))
-    per_block = -(-rows // blocks)
+    per_block = -(-rows // min(rows, max(1, -(-MIN_JOBS // tiles))))
+    if parts > 1:  # the partial sums of a block's rows stay in L1 beside the part's window
+        per_block = min(per_block, ROWS_PER_PART)
+    blocks = -(-rows // per_block)
     src_at, ld = src.ctypes.data, src.shape[1]
     planes_at, offs_at, vals_at = planes.ctypes.data, offs.ctypes.data, vals.ctypes.data
     out_at, out_ld = out.ctypes.data, out.shape[1]
@@ -193,26 +200,31 @@ def sparse_conv(src, ptr, planes, offs, vals, bias, out, shift, length, residual
     for job in prange(tiles * blocks):  # tile-major: a thread's row blocks reuse the tile's input window
         q = min((job // blocks) * width, length - width)  # the last tile overlaps the one before
         first = (job % blocks) * per_block
-        for o in range(first, min(rows, first + per_block)):
-            at = shift + q
-            dst = out_at + 4 * (o * out_ld + at)
-            res = res_at + 4 * (o * res_ld + at) if has_res else 0
-            keep = mask_at + 4 * at if has_mask else 0
-            _tile(
-                vectors,
-                dst,
-                src_at + 4 * q,
-                planes_at,
-                offs_at,
-                vals_at,
-                ptr[o],
-                ptr[o + 1],
-                ld,
-                bias[o],
-                res,
-                keep,
-                relu,
-            )
+        at = shift + q
+        keep = mask_at + 4 * at if has_mask else 0
+        # partial sums of all parts but the last: per job, so overlapping tiles never share them
+        partial = np.empty(per_block * width if parts > 1 else 0, np.float32)
+        for part in range(parts):
+            final = part == parts - 1
+            for o in range(first, min(rows, first + per_block)):
+                sums = partial.ctypes.data + 4 * (o - first) * width
+                dst = out_at + 4 * (o * out_ld + at) if final else sums
+                _tile(
+                    vectors,
+                    dst,
+                    src_at + 4 * q,
+                    planes_at,
+                    offs_at,
+                    vals_at,
+                    bounds[o, part],
+                    bounds[o, part + 1],
+                    ld,
+                    bias[o] if part == 0 else np.float32(0.0),
+                    sums if part > 0 else 0,
+                    res_at + 4 * (o * res_ld + at) if final and has_res else 0,
+                    keep if final else 0,
+                    relu and final,
+                )
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
@@ -227,6 +239,20 @@ def channel_affine(x, scale, offset, mask, relu, out):
             if relu:
                 v = max(v, 0.0)
             oc[p] = v * mask[p]
+
+
+def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds) for nonzeros in `rows` (sorted) reading `planes`, with offsets below
+    `span`: `order` sorts each row's nonzeros by plane, and bounds[o, p] .. bounds[o, p + 1] are
+    row o's nonzeros on the p-th group of planes whose windows (a widest tile plus span floats
+    each) fit WINDOW_BYTES. Wide layers read hundreds of planes per tile; from L1 in parts of a
+    few dozen, the kernel runs up to 1.6x faster than from L2 in one pass."""
+    per_part = max(1, WINDOW_BYTES // (4 * (8 * VEC + span)))
+    parts = max(1, -(-(int(planes.max()) + 1 if planes.size else 1) // per_part))
+    order = np.lexsort((planes, rows))
+    key = rows.astype(np.int64) * parts + planes // per_part
+    targets = np.arange(out_rows)[:, None] * parts + np.arange(parts + 1)[None, :]
+    return order, np.searchsorted(key[order], targets).astype(np.int64)
 
 
 def empty_rows() -> tuple[np.ndarray, np.ndarray]:

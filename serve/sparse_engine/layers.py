@@ -58,11 +58,11 @@ class SparseWeight:
         return np.unravel_index(self.index, shape)
 
     def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The kernel's CSR-like (ptr int64, planes int32, offs int32, vals float32) for the
-        per-nonzero `plane` and `offset`: row o's nonzeros are ptr[o] .. ptr[o + 1]."""
-        ptr = np.zeros(self.shape[0] + 1, np.int64)
-        np.cumsum(np.bincount(self.taps()[0], minlength=self.shape[0]), out=ptr[1:])
-        return ptr, plane.astype(np.int32), offset.astype(np.int32), self.values
+        """The kernel's (bounds int64, planes int32, offs int32, vals float32) for the per-nonzero
+        `plane` and `offset`: row o's nonzeros, sorted by plane, are bounds[o, 0] .. bounds[o, -1],
+        cut into parts of a few planes each (kernels.part_bounds)."""
+        order, bounds = kernels.part_bounds(self.taps()[0], plane, int(offset.max(initial=0)) + 1, self.shape[0])
+        return bounds, plane[order].astype(np.int32), offset[order].astype(np.int32), self.values[order]
 
 
 def _inside(phase: int, pad: int, stride: int, size: int, count: int) -> tuple[int, int]:
