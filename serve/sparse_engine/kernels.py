@@ -258,3 +258,35 @@ def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) 
 def empty_rows() -> tuple[np.ndarray, np.ndarray]:
     """The (residual, mask) arguments that switch those steps off."""
     return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, phases, out):  # noqa: PLR0913
+    """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
+    reads one of four): with phase = phases[j] = a * stride_w + b,
+    out[j * C + c, i * hq * wq + r * wq + t] = element (i, c, r * stride_h + a - pad_top,
+    t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image. A
+    job is one channel of one image (all its phases), so every source line is read from memory
+    once; the tail of `out` past n * hq * wq is left to the caller."""
+    channels = x.shape[0]
+    row, block = w + 1, (h + 1) * (w + 1)
+    for job in prange(channels * n):
+        c, i = job // n, job % n
+        src = x[c]
+        for j in range(phases.shape[0]):
+            a, b = phases[j] // stride_w, phases[j] % stride_w
+            dst = out[j * channels + c]
+            # columns t whose source column t * stride_w + b - pad_left lies inside the image
+            first = max(0, -((b - pad_left) // stride_w))
+            last = max(first, min(wq, (w - 1 - b + pad_left) // stride_w + 1))
+            for r in range(hq):
+                y = r * stride_h + a - pad_top
+                line = (i * hq + r) * wq
+                inside = last if 0 <= y < h else first
+                start = i * block + (y + 1) * row + 1 + b - pad_left  # source of column t = 0
+                for t in range(first):
+                    dst[line + t] = 0.0
+                for t in range(first, inside):
+                    dst[line + t] = src[start + t * stride_w]
+                for t in range(inside, wq):
+                    dst[line + t] = 0.0

@@ -65,33 +65,6 @@ class SparseWeight:
         return bounds, plane[order].astype(np.int32), offset[order].astype(np.int32), self.values[order]
 
 
-def _inside(phase: int, pad: int, stride: int, size: int, count: int) -> tuple[int, int]:
-    """The range [lo, hi) of phase positions r whose source r * stride + phase - pad lies in 0 .. size - 1."""
-    lo = max(0, -((phase - pad) // stride))
-    return lo, max(lo, min(count, (size - 1 - phase + pad) // stride + 1))
-
-
-def gather_phases(x: Planes, pads: tuple[int, int], stride: tuple[int, int], size: tuple[int, int], phases, out):
-    """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
-    reads one of four): with phase = phases[j] = a * stride_w + b, rows j * C .. (j + 1) * C of `out`
-    hold, per image, hq x wq planes of element (r * stride_h + a - pad_top, t * stride_w + b - pad_left)
-    of x, zero outside the image; the tail of `out` is zeroed. numpy's strided copies do this at
-    memory speed, which per-element compiled loops did not."""
-    g, (pt, pl), (sh, sw), (hq, wq) = x.grid, pads, stride, size
-    image = g.interior(x.data)  # (C, N, H, W)
-    c = image.shape[0]
-    out[:, g.n * hq * wq :] = 0.0
-    for j, phase in enumerate(phases):
-        a, b = divmod(int(phase), sw)
-        v = out[j * c : (j + 1) * c, : g.n * hq * wq].reshape(c, g.n, hq, wq)
-        (r0, r1), (t0, t1) = _inside(a, pt, sh, g.h, hq), _inside(b, pl, sw, g.w, wq)
-        v[:, :, :r0], v[:, :, r1:], v[:, :, r0:r1, :t0], v[:, :, r0:r1, t1:] = 0.0, 0.0, 0.0, 0.0
-        if r0 < r1 and t0 < t1:
-            rows = slice(r0 * sh + a - pt, (r1 - 1) * sh + a - pt + 1, sh)
-            cols = slice(t0 * sw + b - pl, (t1 - 1) * sw + b - pl + 1, sw)
-            v[:, :, r0:r1, t0:t1] = image[:, :, rows, cols]
-
-
 @dataclass
 class Conv:
     """A 2-D convolution (group 1, dilation 1) with a sparse weight and a bias."""
@@ -170,7 +143,8 @@ class Conv:
         pool = pool or BufferPool()
         phases = self.used_phases
         src = pool.take((max(1, phases.size) * x.data.shape[0], g.n * hq * wq + reach))
-        gather_phases(x, self.pads[:2], self.stride, (hq, wq), phases, src)
+        kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, phases, src)
+        src[:, g.n * hq * wq :] = 0.0
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if extra == 1:  # phase planes have the output's geometry: write the output planes directly
             out = Planes.empty(rows, out_grid, pool)
