@@ -26,6 +26,7 @@ AUTO_BATCH = 16  # the large batch auto times; batches of SMALL_BATCH or fewer f
 SMALL_BATCH = 4
 AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxruntime without timing
 AUTO_MARGIN = 0.95  # the sparse engine must take at most this share of onnxruntime's time to be picked
+AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
 
 
 class OnnxRuntime:
@@ -86,7 +87,7 @@ class Auto:
         self.seconds: dict[int, dict[str, float]] = {}
         for batch in sorted({1, min(AUTO_BATCH, max_batch)}):
             x = np.zeros((batch, *input_size), np.float32)
-            self.seconds[batch] = time_in_turn(engines, x, rounds=5 if batch == 1 else 3)
+            self.seconds[batch] = time_in_turn(engines, x, rounds=AUTO_ROUNDS[batch == 1])
         fastest = {
             batch: "sparse" if t["sparse"] < AUTO_MARGIN * t["onnxruntime"] else "onnxruntime"
             for batch, t in self.seconds.items()

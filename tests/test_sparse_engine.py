@@ -69,6 +69,20 @@ def test_engine_matches_onnxruntime_on_trained_digits_models(digits_models, arch
     assert all(w.index.size < np.prod(w.shape) for w in program.packed.values())
 
 
+def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
+    """numba's thread count is global: an engine limited to one thread must not leave another
+    engine (or a later run) on one thread."""
+    import numba
+
+    model = open(digits_models["resnet20"], "rb").read()
+    one, every = SparseEngine(model, threads=1), SparseEngine(model)
+    x = np.zeros((2, *next(iter(every.inputs.values()))[1:]), np.float32)
+    one.run(x)
+    assert numba.get_num_threads() == 1
+    every.run(x)
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
 CIFAR_CASES = [("resnet20", 32), ("wrn22_2", 32), ("resnet18", 32), ("resnet18", 72), ("resnet10t", 32)]
 
 

