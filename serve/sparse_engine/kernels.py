@@ -287,28 +287,44 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
     """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
     reads one of four): with phase = phases[j] = a * stride_w + b,
     out[j * C + c, i * hq * wq + r * wq + t] = element (i, c, r * stride_h + a - pad_top,
-    t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image. A
-    job is one channel of one image (all its phases), so every source line is read from memory
-    once; the tail of `out` past n * hq * wq is left to the caller."""
-    channels = x.shape[0]
+    t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image.
+
+    Row -1 and h and column -1 and w of an image are zeros of the layout itself, so most lines
+    are plain strided copies; with stride 2 the two column phases of a row are copied in one loop
+    (LLVM turns it into vector loads and shuffles). A job is one channel of one image, so each
+    source line is read from memory once. The tail of `out` past n * hq * wq is left to the caller."""
+    channels, count = x.shape[0], phases.shape[0]
     row, block = w + 1, (h + 1) * (w + 1)
+    lo, hi = np.empty(count, np.int64), np.empty(count, np.int64)
+    for j in range(count):  # columns t whose source column t * stride_w + b - pad_left is in -1 .. w
+        b = phases[j] % stride_w
+        lo[j] = max(0, -((b - pad_left + 1) // stride_w))
+        hi[j] = max(lo[j], min(wq, (w - b + pad_left) // stride_w + 1))
     for job in prange(channels * n):
         c, i = job // n, job % n
         src = x[c]
-        for j in range(phases.shape[0]):
+        j = 0
+        while j < count:
             a, b = phases[j] // stride_w, phases[j] % stride_w
-            dst = out[j * channels + c]
-            # columns t whose source column t * stride_w + b - pad_left lies inside the image
-            first = max(0, -((b - pad_left) // stride_w))
-            last = max(first, min(wq, (w - 1 - b + pad_left) // stride_w + 1))
+            pair = stride_w == 2 and b == 0 and j + 1 < count and phases[j + 1] == phases[j] + 1
+            pair = pair and lo[j] == 0 and hi[j] == wq and lo[j + 1] == 0 and hi[j + 1] == wq
+            even, odd = out[j * channels + c], out[(j + pair) * channels + c]
             for r in range(hq):
                 y = r * stride_h + a - pad_top
                 line = (i * hq + r) * wq
-                inside = last if 0 <= y < h else first
-                start = i * block + (y + 1) * row + 1 + b - pad_left  # source of column t = 0
+                start = i * block + (y + 1) * row + b - pad_left + 1  # layout index of column t = 0
+                first, last = (lo[j], hi[j]) if -1 <= y <= h else (0, 0)
+                if pair and last > first:
+                    for t in range(wq):
+                        even[line + t] = src[start + 2 * t]
+                        odd[line + t] = src[start + 2 * t + 1]
+                    continue
                 for t in range(first):
-                    dst[line + t] = 0.0
-                for t in range(first, inside):
-                    dst[line + t] = src[start + t * stride_w]
-                for t in range(inside, wq):
-                    dst[line + t] = 0.0
+                    even[line + t] = 0.0
+                for t in range(first, last):
+                    even[line + t] = src[start + t * stride_w]
+                for t in range(last, wq):
+                    even[line + t] = 0.0
+                if pair:
+                    odd[line : line + wq] = 0.0
+            j += 1 + pair
