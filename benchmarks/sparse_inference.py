@@ -6,8 +6,8 @@ For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL alloca
   - onnxruntime on the sparse model (it densifies the weights at load),
   - the sparse engine, and what --engine auto picks.
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
-onnxruntime's threads never spin; the engines run in turn, one run each per round (in rotating
-order, each round opened by an untimed run: serve.engines.time_in_turn), and the
+onnxruntime's threads never spin; the engines run in turn, one run each per round (in a fresh
+seeded order, each round opened by an untimed run: serve.engines.time_in_turn), and the
 median of the rounds is reported, so drift in this shared machine's speed reaches all alike.
 Also written: the per-step profile of each sparse model, the FLOP-reduction limit (dense /
 sparse multiply-adds) and the weight bytes held.

@@ -61,14 +61,16 @@ def time_in_turn(engines: dict, x: np.ndarray, rounds: int, pause: float = 0.0) 
     threads going idle while another runs, reaches all alike. `pause` seconds between rounds.
 
     The first run after a pause is slow for any engine (idle cores, parked worker threads, cold
-    caches: 5x at batch 1 here), so each round opens with one untimed run, and the order rotates
-    from round to round."""
+    caches: 5x at batch 1 here), so each round opens with one untimed run. A run is also slower
+    right after another engine's (its threads and data left the caches), so each round runs the
+    engines in a fresh order (seeded): every engine follows each of the others alike."""
     names = list(engines)
     for engine in engines.values():
         engine.run(x)  # allocations, onnxruntime's first-run planning, kernel compilation
     seconds: dict[str, list[float]] = {name: [] for name in engines}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    shuffle = np.random.default_rng(0)
+    for _ in range(rounds):
+        order = [names[i] for i in shuffle.permutation(len(names))]
         engines[order[0]].run(x)  # wakes the machine after the pause; not timed
         for name in order:
             start = time.perf_counter()
