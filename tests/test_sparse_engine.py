@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,7 +75,7 @@ def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
     engine (or a later run) on one thread."""
     import numba
 
-    model = open(digits_models["resnet20"], "rb").read()
+    model = Path(digits_models["resnet20"]).read_bytes()
     one, every = SparseEngine(model, threads=1), SparseEngine(model)
     x = np.zeros((2, *next(iter(every.inputs.values()))[1:]), np.float32)
     one.run(x)
