@@ -188,6 +188,10 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
         expected = np.maximum(expected + residual[:, shift : shift + length], 0) * keep[shift : shift + length]
     np.testing.assert_allclose(out[:, shift : shift + length], expected, rtol=1e-5, atol=1e-5)
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
+    # a layer without output rows is a no-op, not a division by zero in the job split
+    kernels.sparse_conv(
+        src, bounds[:0], planes, offs, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
+    )
 
 
 def test_part_bounds_cut_rows_by_plane_groups():

@@ -184,6 +184,24 @@ def _tile(vectors, dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res,
         _tile1(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _short_rows(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
+    """`sparse_conv` for outputs shorter than a vector (a linear layer on a few images): one
+    scalar sum per output, on one thread (there is too little work to share)."""
+    for o in range(bounds.shape[0]):
+        for q in range(length):
+            v = bias[o]
+            for k in range(bounds[o, 0], bounds[o, bounds.shape[1] - 1]):
+                v += vals[k] * src[planes[k], offs[k] + q]
+            if residual.shape[0] > 0:
+                v += residual[o, shift + q]
+            if relu:
+                v = max(v, 0.0)
+            if mask.shape[0] > 0:
+                v *= mask[shift + q]
+            out[o, shift + q] = v
+
+
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
 def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """See the module docstring: row o's nonzeros are bounds[o, 0] .. bounds[o, -1], in parts
@@ -192,19 +210,8 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
     (if mask is non-empty, to re-zero padding)."""
     rows, parts = bounds.shape[0], bounds.shape[1] - 1
     has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
-    if length < VEC:  # a linear layer on a few images: one scalar sum per output
-        for o in prange(rows):
-            for q in range(length):
-                v = bias[o]
-                for k in range(bounds[o, 0], bounds[o, parts]):
-                    v += vals[k] * src[planes[k], offs[k] + q]
-                if has_res:
-                    v += residual[o, shift + q]
-                if relu:
-                    v = max(v, 0.0)
-                if has_mask:
-                    v *= mask[shift + q]
-                out[o, shift + q] = v
+    if length < VEC or rows == 0:
+        _short_rows(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu)
         return
     vectors = _tile_vectors(length)
     width = vectors * VEC
