@@ -298,7 +298,7 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
     Row -1 and h and column -1 and w of an image are zeros of the layout itself, so most lines
     are plain strided copies; with stride 2 the two column phases of a row are copied in one loop
     (LLVM turns it into vector loads and shuffles). A job is one channel of one image, so each
-    source line is read from memory once. The tail of `out` past n * hq * wq is left to the caller."""
+    source line is read from memory once. The tail of `out` past n * hq * wq is zeroed."""
     channels, count = x.shape[0], phases.shape[0]
     row, block = w + 1, (h + 1) * (w + 1)
     lo, hi = np.empty(count, np.int64), np.empty(count, np.int64)
@@ -334,3 +334,4 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
                 if pair:
                     odd[line : line + wq] = 0.0
             j += 1 + pair
+    out[:, n * hq * wq :] = 0.0

@@ -144,7 +144,6 @@ class Conv:
         phases = self.used_phases
         src = pool.take((max(1, phases.size) * x.data.shape[0], g.n * hq * wq + reach))
         kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, phases, src)
-        src[:, g.n * hq * wq :] = 0.0
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if extra == 1:  # phase planes have the output's geometry: write the output planes directly
             out = Planes.empty(rows, out_grid, pool)
