@@ -18,7 +18,7 @@ from conftest import assert_one_line_error, make_model_pt, run_cli
 from cigl.serve.engines import AUTO_MARGIN, open_engine
 from cigl.serve.predictor import Predictor
 from cigl.serve.sparse_engine import SparseEngine
-from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
+from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
 from cigl.serve.sparse_engine.layout import Planes
 from cigl.serve.sparse_engine.ops import pool
 from cigl.train import TrainConfig, train
@@ -220,6 +220,32 @@ def test_strided_conv_gathers_only_the_phases_its_nonzeros_read(taps):
     assert list(conv.used_phases) == sorted({(kh % 2) * 2 + kw % 2 for kh, kw in taps})
     expected = torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1).numpy()
     np.testing.assert_allclose(conv(Planes.from_nchw(x.numpy())).nchw(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("steps", "starts"), [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (1, 2)), ((1, 2), (0, 1)), ((3, 1), (2, 0))]
+)
+def test_subsample_writes_planes_of_the_strided_slice_with_zero_channels(steps, starts):
+    """An option-A shortcut (x[:, :, a::s, b::t], then zero channels) straight into planes: the
+    elements of numpy's slice and pad, and zeros everywhere else in the layout."""
+    x = np.random.default_rng(2).standard_normal((3, 4, 9, 7)).astype(np.float32)
+    sub = Subsample(list(steps), list(starts), before=2, after=3)
+    out = sub(Planes.from_nchw(x))
+    (sh, sw), (a, b) = steps, starts
+    expected = np.pad(x[:, :, a::sh, b::sw], [(0, 0), (2, 3), (0, 0), (0, 0)])
+    np.testing.assert_array_equal(out.nchw(), expected)
+    np.testing.assert_array_equal(sub.nchw(x), expected)
+    kept = out.data.copy()
+    out.grid.interior(kept)[...] = 0
+    assert not kept.any()
+
+
+def test_option_a_shortcut_is_one_step_on_planes(digits_models):
+    """ResNet-20's Slice, Slice and Pad of each downsampling shortcut run as one planes step."""
+    program = SparseEngine(Path(digits_models["resnet20"]).read_bytes()).program
+    kinds = [("+".join([s.kind, *s.fused])) for s in program.steps]
+    assert kinds.count("Slice+Slice+Pad") == 2
+    assert "Pad" not in kinds and "Slice" not in kinds
 
 
 def test_linear_and_pooling_match_torch():

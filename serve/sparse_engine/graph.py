@@ -22,8 +22,8 @@ from onnx import numpy_helper
 
 from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
-from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight
-from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
+from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
+from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine
 
 
@@ -119,6 +119,7 @@ class Program:
         uses = Counter(i for n in runtime for i in n.input if i) + Counter(self.outputs)
         self.steps: list[Step] = []
         self.producer: dict[str, Step] = {}
+        self.subsamples: dict[str, Subsample] = {}  # by output name, while later steps may join them
         for node in runtime:
             self._compile(node, uses)
         weights = [s.weight for s in self.steps if s.weight is not None]
@@ -174,6 +175,7 @@ class Program:
             "Gemm": self._gemm,
             "GlobalAveragePool": self._global_average_pool,
             "Pad": self._pad,
+            "Slice": self._slice,
         }.get(node.op_type)
         if handler is not None and handler(node, a, uses):
             return
@@ -198,10 +200,10 @@ class Program:
 
         return run
 
-    def _pad(self, node, a, _uses) -> bool:
-        """Zero channels added to a 4-D activation (an option-A shortcut's x[:, :, ::2, ::2] padded
-        with zero channels) are written straight into planes: one copy from the strided view, and
-        the residual Add that reads it needs no layout change. Any other Pad runs in numpy."""
+    def _pad(self, node, a, uses) -> bool:
+        """Zero channels added to a 4-D activation (an option-A shortcut's x[:, :, ::2, ::2]
+        padded with zero channels) join the subsampling step before it, or take planes of their
+        own: the residual Add that reads them needs no layout change. Any other Pad runs in numpy."""
         pads = self.consts.get(node.input[1]) if len(node.input) > 1 else None
         fill = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         mode = a.get("mode", b"constant")
@@ -215,17 +217,49 @@ class Program:
         before, after = int(pads[1]), int(pads[5])
         if any(int(p) for i, p in enumerate(pads) if i % 4 != 1) or min(before, after) < 0:
             return False
+        step = self._fusable(node.input[0], uses, ("Slice",))
+        sub = self.subsamples.get(node.input[0]) if step is not None else None
+        if sub is None or sub.before or sub.after:
+            step, sub = None, Subsample()
+            self._push(self._subsample_step(sub, node.input[0], node.output[0], node.name, "Pad"))
+        sub.before, sub.after = before, after
+        if step is not None:
+            step.fused.append("Pad")
+            self._rename(step, node.output[0])
+        return True
+
+    def _slice(self, node, _a, uses) -> bool:
+        """x[:, :, a::s, b::t] (constant starts below the steps, to the end, on the spatial axes)
+        runs on planes as a `Subsample`; the Slice of the other axis right after it joins the
+        same step. Any other Slice runs in numpy."""
+        args = [self.consts.get(i) if i else None for i in node.input[1:5]]
+        if len(args) < 4 or any(v is None for v in args) or node.input[0] in self.consts:
+            return False
+        starts, ends, axes, steps = (np.asarray(v).reshape(-1) for v in args)
+        spec = {}
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            if int(axis) not in (2, 3) or not 0 <= start < step or end < 2**62:
+                return False
+            spec[int(axis) - 2] = (int(step), int(start))  # 0: height, 1: width
+        step = self._fusable(node.input[0], uses, ("Slice",))
+        sub = self.subsamples.get(node.input[0]) if step is not None else None
+        if sub is None or sub.before or sub.after or any(sub.steps[i] > 1 for i in spec):
+            step, sub = None, Subsample()
+            self._push(self._subsample_step(sub, node.input[0], node.output[0], node.name, "Slice"))
+        for i, (stride, start) in spec.items():
+            sub.steps[i], sub.starts[i] = stride, start
+        if step is not None:
+            step.fused.append("Slice")
+            self._rename(step, node.output[0])
+        return True
+
+    def _subsample_step(self, sub: Subsample, source: str, output: str, name: str, kind: str) -> Step:
+        self.subsamples[output] = sub
 
         def run(x):
-            x = as_array(x)
-            grid = Grid(x.shape[0], x.shape[2], x.shape[3])
-            data = self.pool.take((before + x.shape[1] + after, grid.length))
-            data.fill(0.0)
-            grid.interior(data[before : before + x.shape[1]])[...] = x.transpose(1, 0, 2, 3)
-            return Planes(data, grid)
+            return sub(x, self.pool) if isinstance(x, Planes) else sub.nchw(as_array(x))
 
-        self._push(Step("Pad", self._runtime_inputs(node), node.output[0], run, node.name))
-        return True
+        return Step(kind, [source], output, run, name)
 
     def _push(self, step: Step) -> None:
         self.steps.append(step)
@@ -281,6 +315,8 @@ class Program:
 
     def _rename(self, step: Step, output: str) -> None:
         del self.producer[step.output]
+        if step.output in self.subsamples:
+            self.subsamples[output] = self.subsamples.pop(step.output)
         step.output = output
         self.producer[output] = step
 
@@ -335,8 +371,9 @@ class Program:
         def run(x):
             if isinstance(x, Planes):
                 g = x.grid
-                sums = x.data[:, : g.n * g.block].reshape(-1, g.n, g.block).sum(axis=2, dtype=np.float64)
-                return (sums.T / (g.h * g.w)).astype(np.float32)[:, :, None, None]
+                out = np.empty((g.n, x.data.shape[0]), np.float32)
+                kernels.plane_means(x.data, g.n, g.block, g.h * g.w, out)
+                return out[:, :, None, None]
             return x.mean(axis=(2, 3), keepdims=True)
 
         self._push(Step("GlobalAveragePool", [node.input[0]], node.output[0], run, node.name))

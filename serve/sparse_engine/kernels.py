@@ -269,6 +269,18 @@ def channel_affine(x, scale, offset, mask, relu, out):
             oc[p] = v * mask[p]
 
 
+@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+def plane_means(x, n, block, count, out):
+    """out[i, c] = sum(x[c, i * block : (i + 1) * block]) / count, summed in float64: global
+    average pooling of planes (an image's block holds its elements and zero padding)."""
+    for c in prange(x.shape[0]):
+        for i in range(n):
+            s = 0.0
+            for p in range(i * block, (i + 1) * block):
+                s += x[c, p]
+            out[i, c] = s / count
+
+
 def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(order, bounds) for nonzeros in `rows` (sorted) reading `planes`, with offsets below
     `span`: `order` sorts each row's nonzeros by plane, and bounds[o, p] .. bounds[o, p + 1] are

@@ -9,7 +9,7 @@ height and width.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -192,3 +192,39 @@ class Linear:
         res, no_mask = kernels.empty_rows()
         kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, res, no_mask, False)
         return out.T
+
+
+@dataclass
+class Subsample:
+    """x[:, :, starts[0]::steps[0], starts[1]::steps[1]] with `before` and `after` zero channels
+    around it (an option-A shortcut: subsample, then pad channels), planes in and planes out.
+
+    One strided copy: `kernels.gather_phases` with the single phase `starts` and a padding of
+    one step, so output row and column 0 fall on zeros (the layout's own padding)."""
+
+    steps: list[int] = field(default_factory=lambda: [1, 1])  # height, width
+    starts: list[int] = field(default_factory=lambda: [0, 0])
+    before: int = 0
+    after: int = 0
+
+    def __call__(self, x: Planes, pool: BufferPool | None = None) -> Planes:
+        g, channels = x.grid, x.data.shape[0]
+        (sh, sw), (a, b) = self.steps, self.starts
+        ho, wo = -(-(g.h - a) // sh), -(-(g.w - b) // sw)
+        out = Planes.empty(self.before + channels + self.after, Grid(g.n, ho, wo), pool)
+        out.data[: self.before] = 0.0
+        out.data[self.before + channels :] = 0.0
+        body = out.data[self.before : self.before + channels]
+        phase = np.array([a * sw + b], np.int64)
+        kernels.gather_phases(x.data, g.n, g.h, g.w, sh, sw, sh, sw, ho + 1, wo + 1, phase, body)
+        return out
+
+    def nchw(self, x: np.ndarray) -> np.ndarray:
+        """The same on an array (axes 2 and 3 sliced where they exist, channels on axis 1)."""
+        index = [slice(None)] * x.ndim
+        for axis, (step, start) in enumerate(zip(self.steps, self.starts, strict=True), start=2):
+            if step > 1 or start:
+                index[axis] = slice(start, None, step)
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (self.before, self.after)
+        return np.pad(x[tuple(index)], widths)
