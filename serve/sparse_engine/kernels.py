@@ -157,6 +157,46 @@ def _tile_loop(vectors: int):
 _tile8, _tile4, _tile2, _tile1 = _tile_loop(8), _tile_loop(4), _tile_loop(2), _tile_loop(1)
 
 
+@intrinsic
+def _deinterleave(_typingctx, even, odd, src, count):  # noqa: ARG001
+    """even[t] = src[2 t] and (if odd is nonzero) odd[t] = src[2 t + 1] for t < count, a
+    multiple of VEC; all addresses (int64). Two vector loads and two shuffles per VEC pairs:
+    numba leaves the scalar loop of a stride-2 copy unvectorised."""
+
+    def codegen(_context, builder, _signature, args):
+        even, odd, src, count = args
+        f32p = _F32.as_pointer()
+        even, src = builder.inttoptr(even, f32p), builder.inttoptr(src, f32p)
+        entry = builder.block
+        head = builder.append_basic_block("split.head")
+        body = builder.append_basic_block("split.body")
+        done = builder.append_basic_block("split.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        t = builder.phi(_I64)
+        t.add_incoming(ir.Constant(_I64, 0), entry)
+        builder.cbranch(builder.icmp_signed("<", t, count), body, done)
+        builder.position_at_end(body)
+        pairs = builder.gep(src, [builder.add(t, t)])
+        low, high = (builder.load(_vector_at(builder, pairs, j), align=4) for j in (0, 1))
+        for target, first in ((even, 0), (odd, 1)):
+            lanes = ir.Constant(ir.VectorType(_I32, VEC), list(range(first, 2 * VEC, 2)))
+            picked = builder.shuffle_vector(low, high, lanes)
+            if first == 0:
+                builder.store(picked, _vector_at(builder, builder.gep(target, [t]), 0), align=4)
+            else:
+                with builder.if_then(builder.icmp_signed("!=", target, ir.Constant(_I64, 0))):
+                    at = builder.gep(builder.inttoptr(target, f32p), [t])
+                    builder.store(picked, _vector_at(builder, at, 0), align=4)
+        t.add_incoming(builder.add(t, ir.Constant(_I64, VEC)), builder.block)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return _context.get_dummy_value()
+
+    i64 = types.int64
+    return types.void(i64, i64, i64, i64), codegen
+
+
 @njit(inline="always")
 def _tile_vectors(length):
     """Tile width in vectors (8, 4, 2 or 1; at most `length` outputs) that needs the fewest cycles:
@@ -327,22 +367,30 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
             pair = stride_w == 2 and b == 0 and j + 1 < count and phases[j + 1] == phases[j] + 1
             pair = pair and lo[j] == 0 and hi[j] == wq and lo[j + 1] == 0 and hi[j + 1] == wq
             even, odd = out[j * channels + c], out[(j + pair) * channels + c]
+            even_at, odd_at, src_at = even.ctypes.data, odd.ctypes.data, src.ctypes.data
             for r in range(hq):
                 y = r * stride_h + a - pad_top
                 line = (i * hq + r) * wq
                 start = i * block + (y + 1) * row + b - pad_left + 1  # layout index of column t = 0
                 first, last = (lo[j], hi[j]) if -1 <= y <= h else (0, 0)
                 if pair and last > first:
-                    for t in range(wq):
+                    fast = wq // VEC * VEC
+                    _deinterleave(even_at + 4 * line, odd_at + 4 * line, src_at + 4 * start, fast)
+                    for t in range(fast, wq):
                         even[line + t] = src[start + 2 * t]
                         odd[line + t] = src[start + 2 * t + 1]
                     continue
-                for t in range(first):
-                    even[line + t] = 0.0
-                for t in range(first, last):
-                    even[line + t] = src[start + t * stride_w]
-                for t in range(last, wq):
-                    even[line + t] = 0.0
+                even[line : line + first] = 0.0
+                if stride_w == 1:
+                    even[line + first : line + last] = src[start + first : start + last]
+                else:
+                    fast = first
+                    if stride_w == 2:  # the even columns of the source span
+                        fast += (last - first) // VEC * VEC
+                        _deinterleave(even_at + 4 * (line + first), 0, src_at + 4 * (start + 2 * first), fast - first)
+                    for t in range(fast, last):
+                        even[line + t] = src[start + t * stride_w]
+                even[line + last : line + wq] = 0.0
                 if pair:
                     odd[line : line + wq] = 0.0
             j += 1 + pair
