@@ -198,6 +198,13 @@ def _deinterleave(_typingctx, even, odd, src, count):  # noqa: ARG001
 
 
 @njit(inline="always")
+def _address(a):
+    """The address of a's data as an int64: numba types ctypes.data as uint64, and uint64 mixed
+    with int64 is float64 in numba, so address arithmetic would go through doubles."""
+    return np.int64(a.ctypes.data)
+
+
+@njit(inline="always")
 def _tile_vectors(length):
     """Tile width in vectors (8, 4, 2 or 1; at most `length` outputs) that needs the fewest cycles:
     a nonzero costs a tile about max(4, vectors + 1) cycles (the 4-cycle FMA latency bounds narrow
@@ -260,11 +267,11 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
     if parts > 1:  # the partial sums of a block's rows stay in L1 beside the part's window
         per_block = min(per_block, ROWS_PER_PART)
     blocks = -(-rows // per_block)
-    src_at, ld = src.ctypes.data, src.shape[1]
-    planes_at, offs_at, vals_at = planes.ctypes.data, offs.ctypes.data, vals.ctypes.data
-    out_at, out_ld = out.ctypes.data, out.shape[1]
-    res_at, res_ld = (residual.ctypes.data, residual.shape[1]) if has_res else (0, 0)
-    mask_at = mask.ctypes.data if has_mask else 0
+    src_at, ld = _address(src), src.shape[1]
+    planes_at, offs_at, vals_at = _address(planes), _address(offs), _address(vals)
+    out_at, out_ld = _address(out), out.shape[1]
+    res_at, res_ld = (_address(residual), residual.shape[1]) if has_res else (0, 0)
+    mask_at = _address(mask) if has_mask else 0
     for job in prange(tiles * blocks):  # tile-major: a thread's row blocks reuse the tile's input window
         q = min((job // blocks) * width, length - width)  # the last tile overlaps the one before
         first = (job % blocks) * per_block
@@ -275,7 +282,7 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
         for part in range(parts):
             final = part == parts - 1
             for o in range(first, min(rows, first + per_block)):
-                sums = partial.ctypes.data + 4 * (o - first) * width
+                sums = _address(partial) + 4 * (o - first) * width
                 dst = out_at + 4 * (o * out_ld + at) if final else sums
                 _tile(
                     vectors,
@@ -367,7 +374,7 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
             pair = stride_w == 2 and b == 0 and j + 1 < count and phases[j + 1] == phases[j] + 1
             pair = pair and lo[j] == 0 and hi[j] == wq and lo[j + 1] == 0 and hi[j + 1] == wq
             even, odd = out[j * channels + c], out[(j + pair) * channels + c]
-            even_at, odd_at, src_at = even.ctypes.data, odd.ctypes.data, src.ctypes.data
+            even_at, odd_at, src_at = _address(even), _address(odd), _address(src)
             for r in range(hq):
                 y = r * stride_h + a - pad_top
                 line = (i * hq + r) * wq
