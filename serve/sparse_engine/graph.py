@@ -217,15 +217,8 @@ class Program:
         before, after = int(pads[1]), int(pads[5])
         if any(int(p) for i, p in enumerate(pads) if i % 4 != 1) or min(before, after) < 0:
             return False
-        step = self._fusable(node.input[0], uses, ("Slice",))
-        sub = self.subsamples.get(node.input[0]) if step is not None else None
-        if sub is None or sub.before or sub.after:
-            step, sub = None, Subsample()
-            self._push(self._subsample_step(sub, node.input[0], node.output[0], node.name, "Pad"))
+        sub = self._subsample(node, uses, "Pad", lambda _sub: True)
         sub.before, sub.after = before, after
-        if step is not None:
-            step.fused.append("Pad")
-            self._rename(step, node.output[0])
         return True
 
     def _slice(self, node, _a, uses) -> bool:
@@ -241,25 +234,29 @@ class Program:
             if int(axis) not in (2, 3) or not 0 <= start < step or end < 2**62:
                 return False
             spec[int(axis) - 2] = (int(step), int(start))  # 0: height, 1: width
-        step = self._fusable(node.input[0], uses, ("Slice",))
-        sub = self.subsamples.get(node.input[0]) if step is not None else None
-        if sub is None or sub.before or sub.after or any(sub.steps[i] > 1 for i in spec):
-            step, sub = None, Subsample()
-            self._push(self._subsample_step(sub, node.input[0], node.output[0], node.name, "Slice"))
+        sub = self._subsample(node, uses, "Slice", lambda sub: all(sub.steps[i] == 1 for i in spec))
         for i, (stride, start) in spec.items():
             sub.steps[i], sub.starts[i] = stride, start
-        if step is not None:
-            step.fused.append("Slice")
-            self._rename(step, node.output[0])
         return True
 
-    def _subsample_step(self, sub: Subsample, source: str, output: str, name: str, kind: str) -> Step:
-        self.subsamples[output] = sub
+    def _subsample(self, node, uses: Counter, kind: str, joins: Callable[[Subsample], bool]) -> Subsample:
+        """The Subsample that `node` (a Slice or Pad) configures: that of the step making its
+        input when the step has no zero channels yet and `joins` accepts it (the step then
+        produces the node's output), else that of a new step."""
+        step = self._fusable(node.input[0], uses, ("Slice",))
+        sub = self.subsamples.get(node.input[0]) if step is not None else None
+        if sub is not None and not sub.before and not sub.after and joins(sub):
+            step.fused.append(kind)
+            self._rename(step, node.output[0])
+            return sub
+        sub = Subsample()
+        self.subsamples[node.output[0]] = sub
 
         def run(x):
             return sub(x, self.pool) if isinstance(x, Planes) else sub.nchw(as_array(x))
 
-        return Step(kind, [source], output, run, name)
+        self._push(Step(kind, [node.input[0]], node.output[0], run, node.name))
+        return sub
 
     def _push(self, step: Step) -> None:
         self.steps.append(step)

@@ -355,8 +355,8 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
     t * stride_w + b - pad_left) of the planes `x` (grid n x h x w), zero outside the image.
 
     Row -1 and h and column -1 and w of an image are zeros of the layout itself, so most lines
-    are plain strided copies; with stride 2 the two column phases of a row are copied in one loop
-    (LLVM turns it into vector loads and shuffles). A job is one channel of one image, so each
+    are plain strided copies; with stride 2 the two column phases of a row are split in one pass
+    of vector loads and shuffles (`_deinterleave`). A job is one channel of one image, so each
     source line is read from memory once. The tail of `out` past n * hq * wq is zeroed."""
     channels, count = x.shape[0], phases.shape[0]
     row, block = w + 1, (h + 1) * (w + 1)
@@ -368,13 +368,14 @@ def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, pha
     for job in prange(channels * n):
         c, i = job // n, job % n
         src = x[c]
+        src_at = _address(src)
         j = 0
         while j < count:
             a, b = phases[j] // stride_w, phases[j] % stride_w
             pair = stride_w == 2 and b == 0 and j + 1 < count and phases[j + 1] == phases[j] + 1
             pair = pair and lo[j] == 0 and hi[j] == wq and lo[j + 1] == 0 and hi[j + 1] == wq
             even, odd = out[j * channels + c], out[(j + pair) * channels + c]
-            even_at, odd_at, src_at = _address(even), _address(odd), _address(src)
+            even_at, odd_at = _address(even), _address(odd)
             for r in range(hq):
                 y = r * stride_h + a - pad_top
                 line = (i * hq + r) * wq

@@ -16,6 +16,7 @@ import numpy as np
 from cigl.packing import unpack_mask
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
+from cigl.serve.sparse_engine.ops import padded
 
 
 def _compact(index: np.ndarray) -> np.ndarray:
@@ -227,4 +228,4 @@ class Subsample:
                 index[axis] = slice(start, None, step)
         widths = [(0, 0)] * x.ndim
         widths[1] = (self.before, self.after)
-        return np.pad(x[tuple(index)], widths)
+        return padded(x[tuple(index)], widths)
