@@ -176,7 +176,7 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
         residual = rng.standard_normal((len(counts), width)).astype(np.float32)
         keep = (rng.random(width) < 0.7).astype(np.float32)
     else:
-        residual, keep = kernels.empty_rows()
+        residual, keep = kernels.NO_RESIDUAL, kernels.NO_MASK
     out = np.full((len(counts), width), np.nan, np.float32)
     kernels.sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, keep, epilogue)
     expected = np.zeros((len(counts), length))
@@ -238,6 +238,29 @@ def test_subsample_writes_planes_of_the_strided_slice_with_zero_channels(steps, 
     kept = out.data.copy()
     out.grid.interior(kept)[...] = 0
     assert not kept.any()
+
+
+def test_reused_buffers_keep_the_layouts_zero_padding(digits_models):
+    """Activation buffers are reused from run to run without clearing their padding, so only
+    buffers of planes (zero padding) may come back as planes: never a scratch buffer of the same
+    shape. Repeated runs on real images give the first run's logits exactly."""
+    from cigl.data import load_dataset
+    from cigl.serve.sparse_engine.layout import BufferPool, Grid
+
+    grid, buffers = Grid(2, 5, 4), BufferPool()
+    scratch = np.full((3, grid.length), np.nan, np.float32)  # a scratch buffer of a planes shape
+    buffers.give(scratch)
+    fresh = Planes.empty(3, grid, buffers)
+    assert fresh.data is not scratch and buffers.take(scratch.shape) is scratch
+    assert not fresh.data[:, : grid.row + 1].any() and not fresh.data[:, grid.n * grid.block + grid.row + 1 :].any()
+    buffers.give(fresh.data, planes=True)
+    assert Planes.empty(3, grid, buffers).data is fresh.data
+
+    engine = SparseEngine(Path(digits_models["resnet20"]).read_bytes())
+    x = Predictor(digits_models["resnet20"], device="cpu").normalize(load_dataset("digits").test.x[:24])
+    first = engine.run(x[:12])[0].copy()
+    engine.run(x[12:])
+    np.testing.assert_array_equal(engine.run(x[:12])[0], first)
 
 
 def test_option_a_shortcut_is_one_step_on_planes(digits_models):

@@ -124,10 +124,11 @@ class Program:
             self._compile(node, uses)
         weights = [s.weight for s in self.steps if s.weight is not None]
         self.density = sum(w.index.size for w in weights) / max(1, sum(int(np.prod(w.shape)) for w in weights))
-        self.last_use = {}
-        for i, s in enumerate(self.steps):
-            for name in s.inputs:
-                self.last_use[name] = i
+        last_use = {name: i for i, s in enumerate(self.steps) for name in s.inputs}
+        # per step, the values it reads for the last time (their buffers go back to the pool)
+        self.release = [
+            [n for n in s.inputs if last_use[n] == i and n not in self.outputs] for i, s in enumerate(self.steps)
+        ]
 
     # ---------------------------------------------------------------- constants
 
@@ -382,17 +383,16 @@ class Program:
         """The graph's outputs for `images`; each value is dropped after its last use. With
         `trace`, (seconds, output pixels per image) of each step are appended to it."""
         values: dict[str, Value] = {self.input: images}
-        for i, step in enumerate(self.steps):
+        for step, release in zip(self.steps, self.release, strict=True):
             start = time.perf_counter()
-            values[step.output] = out = step.run(*(values[n] for n in step.inputs))
+            values[step.output] = out = step.run(*[values[n] for n in step.inputs])
             if trace is not None:
                 pixels = out.grid.h * out.grid.w if isinstance(out, Planes) else 1
                 trace.append((time.perf_counter() - start, pixels))
-            for name in step.inputs:
-                if self.last_use.get(name) == i and name not in self.outputs:
-                    done = values.pop(name, None)
-                    if isinstance(done, Planes) and not done.viewed and done is not out:
-                        self.pool.give(done.data)
+            for name in release:
+                done = values.pop(name, None)
+                if isinstance(done, Planes) and not done.viewed and done is not out:
+                    self.pool.give(done.data, planes=True)
         return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
 
     def profile(self, images: np.ndarray, repeats: int = 3) -> list[dict]:

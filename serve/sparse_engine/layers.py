@@ -66,6 +66,21 @@ class SparseWeight:
         return bounds, plane[order].astype(np.int32), offset[order].astype(np.int32), self.values[order]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a convolution's call needs for one input geometry, worked out once: the
+    kernel tables, the output grid and where the kernel reads and writes."""
+
+    tables: tuple[np.ndarray, ...]
+    out_grid: Grid
+    shift: int  # the kernel writes output position q at shift + q
+    length: int  # output positions per plane the kernel computes
+    mask: np.ndarray  # re-zeroes the padding the kernel wrote (empty on the flat path)
+    src_shape: tuple[int, int] | None = None  # phase planes (gather path), None when direct
+    phase_geometry: tuple[int, int] = (0, 0)  # hq, wq of the phase planes
+    flat: bool = False  # the kernel reaches past the phase planes: compute flat, then place
+
+
 @dataclass
 class Conv:
     """A 2-D convolution (group 1, dilation 1) with a sparse weight and a bias."""
@@ -76,17 +91,13 @@ class Conv:
     pads: tuple[int, int, int, int]  # top, left, bottom, right
 
     def __post_init__(self):
+        self.plans: dict[tuple[int, int, int], _Plan] = {}  # per input (n, h, w)
         self.tables: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # per input (h, w)
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the nonzeros, the bias and the kernel tables built so far."""
         return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for t in self.tables.values() for a in t)
-
-    def _tables(self, h: int, w: int) -> tuple[np.ndarray, ...]:
-        if (h, w) not in self.tables:
-            self.tables[h, w] = self._build_tables(h, w)
-        return self.tables[h, w]
 
     @property
     def direct(self) -> bool:
@@ -125,50 +136,58 @@ class Conv:
         phase = np.searchsorted(self.used_phases, (kh % sh) * sw + kw % sw)  # its place among the gathered
         return self.weight.tables(phase * self.weight.shape[1] + ic, (kh // sh) * wq + kw // sw)
 
+    def plan(self, g: Grid) -> _Plan:
+        """The call plan for inputs of grid g (built on first use, then cached)."""
+        plan = self.plans.get((g.n, g.h, g.w))
+        if plan is not None:
+            return plan
+        if (g.h, g.w) not in self.tables:
+            self.tables[g.h, g.w] = self._build_tables(g.h, g.w)
+        tables = self.tables[g.h, g.w]
+        out_grid = Grid(g.n, *self.output_size(g.h, g.w))
+        if self.direct:
+            plan = _Plan(tables, out_grid, g.row + 1, g.n * g.block, mask(g))
+        else:
+            hq, wq, extra = self._phases(g.h, g.w)
+            _, _, kh, kw = self.weight.shape
+            reach = ((kh - 1) // self.stride[0]) * wq + (kw - 1) // self.stride[1] + 1
+            src_shape = (max(1, self.used_phases.size) * self.weight.shape[1], g.n * hq * wq + reach)
+            if extra == 1:  # phase planes have the output's geometry: write the output planes directly
+                plan = _Plan(tables, out_grid, out_grid.row + 1, g.n * hq * wq, mask(out_grid), src_shape, (hq, wq))
+            else:
+                plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, src_shape, (hq, wq), flat=True)
+        self.plans[g.n, g.h, g.w] = plan
+        return plan
+
     def __call__(
         self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
     ) -> Planes:
-        g = x.grid
-        tables = self._tables(g.h, g.w)
-        rows = self.weight.shape[0]
-        res = residual.data if residual is not None else kernels.empty_rows()[0]
-        if self.direct:
-            out = Planes.empty(rows, g, pool)
-            kernels.sparse_conv(x.data, *tables, self.bias, out.data, g.row + 1, g.n * g.block, res, mask(g), relu)
-            return out
-        # strided or widely padded: one plane per (stride phase, channel), then the same kernel
-        hq, wq, extra = self._phases(g.h, g.w)
-        _, _, kh, kw = self.weight.shape
-        sh, sw = self.stride
-        reach = ((kh - 1) // sh) * wq + (kw - 1) // sw + 1
-        pool = pool or BufferPool()
-        phases = self.used_phases
-        src = pool.take((max(1, phases.size) * x.data.shape[0], g.n * hq * wq + reach))
-        kernels.gather_phases(x.data, g.n, g.h, g.w, self.pads[0], self.pads[1], sh, sw, hq, wq, phases, src)
-        out_grid = Grid(g.n, *self.output_size(g.h, g.w))
-        if extra == 1:  # phase planes have the output's geometry: write the output planes directly
-            out = Planes.empty(rows, out_grid, pool)
-            kernels.sparse_conv(
-                src,
-                *tables,
-                self.bias,
-                out.data,
-                out_grid.row + 1,
-                g.n * hq * wq,
-                res,
-                mask(out_grid),
-                relu,
-            )
-        else:  # the kernel reaches further: compute on the phase geometry, then place the outputs
-            flat = pool.take((rows, g.n * hq * wq))
-            kernels.sparse_conv(src, *tables, self.bias, flat, 0, g.n * hq * wq, *kernels.empty_rows(), False)
-            y = flat.reshape(rows, g.n, hq, wq)[:, :, : out_grid.h, : out_grid.w].transpose(1, 0, 2, 3)
+        g, plan = x.grid, self.plan(x.grid)
+        rows, pool = self.weight.shape[0], pool or BufferPool()
+        src = x.data
+        if plan.src_shape is not None:  # strided or widely padded: one plane per (stride phase, channel)
+            (hq, wq), (sh, sw) = plan.phase_geometry, self.stride
+            src = pool.take(plan.src_shape)
+            kernels.gather_phases(x.data, g.n, g.h, g.w, *self.pads[:2], sh, sw, hq, wq, self.used_phases, src)
+        if plan.flat:  # the kernel reaches past the phase planes: compute on them, then place the outputs
+            flat = pool.take((rows, plan.length))
+            self._kernel(src, flat, plan, None, False)
+            og = plan.out_grid
+            y = flat.reshape(rows, g.n, hq, wq)[:, :, : og.h, : og.w].transpose(1, 0, 2, 3)
             if residual is not None:
                 y = y + residual.nchw()
             out = Planes.from_nchw(np.maximum(y, 0) if relu else y)
             pool.give(flat)
-        pool.give(src)
+        else:
+            out = Planes.empty(rows, plan.out_grid, pool)
+            self._kernel(src, out.data, plan, residual, relu)
+        if src is not x.data:
+            pool.give(src)
         return out
+
+    def _kernel(self, src: np.ndarray, out: np.ndarray, plan: _Plan, residual: Planes | None, relu: bool) -> None:
+        res = residual.data if residual is not None else kernels.NO_RESIDUAL
+        kernels.sparse_conv(src, *plan.tables, self.bias, out, plan.shift, plan.length, res, plan.mask, relu)
 
 
 @dataclass
@@ -190,8 +209,7 @@ class Linear:
         n = x.shape[0]
         src = np.ascontiguousarray(x.T, dtype=np.float32)
         out = np.empty((self.weight.shape[0], n), np.float32)
-        res, no_mask = kernels.empty_rows()
-        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, res, no_mask, False)
+        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, kernels.NO_RESIDUAL, kernels.NO_MASK, False)
         return out.T
 
 

@@ -47,17 +47,23 @@ class Grid:
 class BufferPool:
     """Float32 buffers handed back after their last use and reused by shape: a fresh multi-megabyte
     array costs a page fault per 4 KiB on first write, which at batch 64 is a sizeable part of a
-    convolution."""
+    convolution. Buffers of Planes are kept apart: their padding is zero when they come back
+    (the layout's invariant), so one taken again needs no clearing."""
 
     def __init__(self):
-        self._free: dict[tuple[int, ...], list[np.ndarray]] = defaultdict(list)
+        self._free: dict[tuple[bool, tuple[int, ...]], list[np.ndarray]] = defaultdict(list)
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        free = self._free.get(shape)
+        free = self._free.get((False, shape))
         return free.pop() if free else np.empty(shape, np.float32)
 
-    def give(self, array: np.ndarray) -> None:
-        self._free[array.shape].append(array)
+    def give(self, array: np.ndarray, planes: bool = False) -> None:
+        self._free[planes, array.shape].append(array)
+
+    def take_planes(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A handed-back Planes buffer of `shape` (zero padding), or None."""
+        free = self._free.get((True, shape))
+        return free.pop() if free else None
 
 
 @dataclass
@@ -73,9 +79,11 @@ class Planes:
     def empty(cls, channels: int, grid: Grid, pool: BufferPool | None = None) -> Planes:
         """Uninitialised interior, zero padding at both ends (the parts a convolution never writes)."""
         shape = (channels, grid.length)
-        data = pool.take(shape) if pool is not None else np.empty(shape, np.float32)
-        data[:, : grid.row + 1] = 0
-        data[:, grid.n * grid.block + grid.row + 1 :] = 0
+        data = pool.take_planes(shape) if pool is not None else None
+        if data is None:
+            data = np.empty(shape, np.float32)
+            data[:, : grid.row + 1] = 0
+            data[:, grid.n * grid.block + grid.row + 1 :] = 0
         return cls(data, grid)
 
     @classmethod

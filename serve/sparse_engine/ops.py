@@ -8,6 +8,7 @@ opsets torch exports (13-21); anything else is reported as unsupported by the gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -80,7 +81,7 @@ def _reshape(x, a):
 @op("Flatten")
 def _flatten(x, a):
     axis = a.get("axis", 1) % max(x[0].ndim, 1)
-    return [np.reshape(x[0], (int(np.prod(x[0].shape[:axis])), -1))]
+    return [np.reshape(x[0], (math.prod(x[0].shape[:axis]), -1))]
 
 
 @op("Transpose")
@@ -174,9 +175,11 @@ def _matmul(x, _attrs):
 
 @op("Softmax")
 def _softmax(x, a):
-    z = x[0] - x[0].max(axis=a.get("axis", -1), keepdims=True)
-    e = np.exp(z)
-    return [e / e.sum(axis=a.get("axis", -1), keepdims=True)]
+    axis = a.get("axis", -1)
+    e = x[0] - x[0].max(axis=axis, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return [e]
 
 
 @op("GlobalAveragePool")
