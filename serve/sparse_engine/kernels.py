@@ -12,7 +12,8 @@ into tiles of 1, 2, 4 or 8 AVX vectors (`_tile_vectors` picks the width per call
 row is summed in registers over all of the row's nonzeros (`_tile_loop`: per nonzero one
 broadcast and one vector multiply-add per accumulator, which never touches memory), then
 residual, ReLU and padding mask are applied and the tile is stored once. A job is one tile for a
-block of rows, so the tile's input window is read from cache by every row of the block. The last
+block of rows, so the tile's input window is read from cache by every row of the block (jobs go
+tile by tile, or block by block where the nonzeros' tables outweigh the input). The last
 tile of a row starts at length - width (it overlaps the one before and recomputes the same
 values); outputs shorter than a vector take a scalar loop. Jobs never share a result, so results
 do not depend on the thread count.
@@ -272,9 +273,14 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
     out_at, out_ld = _address(out), out.shape[1]
     res_at, res_ld = (_address(residual), residual.shape[1]) if has_res else (0, 0)
     mask_at = _address(mask) if has_mask else 0
-    for job in prange(tiles * blocks):  # tile-major: a thread's row blocks reuse the tile's input window
-        q = min((job // blocks) * width, length - width)  # the last tile overlaps the one before
-        first = (job % blocks) * per_block
+    # tile-major: a thread's row blocks reuse the tile's input window; block-major when the
+    # nonzeros' tables outweigh the input (deep layers of small images), so a block's table
+    # rows come from memory once for all its tiles
+    by_block = 12 * (bounds[rows - 1, parts] - bounds[0, 0]) > 4 * src.size
+    for job in prange(tiles * blocks):
+        tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
+        q = min(tile * width, length - width)  # the last tile overlaps the one before
+        first = block * per_block
         at = shift + q
         keep = mask_at + 4 * at if has_mask else 0
         # partial sums of all parts but the last: per job, so overlapping tiles never share them
