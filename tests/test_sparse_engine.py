@@ -179,7 +179,8 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     else:
         residual, keep = kernels.NO_RESIDUAL, kernels.NO_MASK
     out = np.full((len(counts), width), np.nan, np.float32)
-    kernels.sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, keep, epilogue)
+    taps, bits = kernels.pack_taps(planes, offs)
+    kernels.sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residual, keep, epilogue)
     expected = np.zeros((len(counts), length))
     for o in range(len(counts)):
         expected[o] = bias[o]
@@ -191,7 +192,7 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
     # a layer without output rows is a no-op, not a division by zero in the job split
     kernels.sparse_conv(
-        src, bounds[:0], planes, offs, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
+        src, bounds[:0], taps, bits, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
     )
 
 
@@ -206,6 +207,20 @@ def test_part_bounds_cut_rows_by_plane_groups():
     order, bounds = kernels.part_bounds(rows, planes, span, 3)
     np.testing.assert_array_equal(planes[order], [0, 4, 9, 1, 2, 3, 8])
     np.testing.assert_array_equal(bounds, [[0, 1, 2, 3], [3, 3, 3, 3], [3, 6, 6, 7]])
+
+
+def test_taps_hold_plane_and_offset_in_one_int32():
+    """A nonzero's plane and offset share one int32 (offset in the low bits); tables that would
+    need more than 31 bits are refused, not wrapped."""
+    from cigl.serve.sparse_engine import kernels
+
+    planes, offsets = np.array([0, 5, 300, 2**15]), np.array([7, 0, 70, 1])
+    taps, bits = kernels.pack_taps(planes, offsets)
+    assert taps.dtype == np.int32 and bits == 7
+    np.testing.assert_array_equal(taps >> bits, planes)
+    np.testing.assert_array_equal(taps & (2**bits - 1), offsets)
+    with pytest.raises(ValueError, match="do not fit the kernel's 31-bit taps"):
+        kernels.pack_taps(np.array([2**20]), np.array([2**11]))
 
 
 @pytest.mark.parametrize("taps", [[(1, 1)], [(0, 2), (2, 0)], []], ids=["centre", "corners", "none"])

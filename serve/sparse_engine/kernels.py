@@ -4,7 +4,7 @@
 layer. An activation is a set of flat *planes* (one per input channel, or per channel and stride
 phase); output position q of row o is
 
-    out[o, shift + q] = bias[o] + sum_k vals[k] * src[planes[k], offs[k] + q]      (k in row o)
+    out[o, shift + q] = bias[o] + sum_k vals[k] * src[plane_k, offset_k + q]      (k in row o)
 
 so a 3x3 convolution is nine shifted reads of the same plane, and a nonzero weight costs one
 fused multiply-add per output element: time falls with the number of nonzeros. The output is cut
@@ -85,26 +85,31 @@ def _prefetch_ahead(builder, address, write: int) -> None:
 def _tile_loop(vectors: int):
     """An intrinsic computing `vectors` x VEC outputs of one row in registers:
 
-        tile(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
-        v = bias [+ partial[0 .. tile)] + sum_{k0 <= k < k1} vals[k] * src[planes[k] * ld + offs[k] + 0 .. tile)
+        tile(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        v = bias [+ partial[0 .. tile)] + sum_{k0 <= k < k1} vals[k] * src[plane * ld + offset + 0 .. tile)
+            with plane = taps[k] >> bits, offset = taps[k] & (2**bits - 1)  (`pack_taps`)
         v += res[0 .. tile) if res;  v = max(v, 0) if relu;  v *= mask[0 .. tile) if mask
         dst[0 .. tile) = v
 
-    dst, src, planes, offs, vals, partial, res and mask are addresses (partial, res and mask 0
+    dst, src, taps, vals, partial, res and mask are addresses (partial, res and mask 0
     when absent; partial sums carry a row from one part of its planes to the next). The
     k loop keeps one phi per accumulator vector, so LLVM holds them in registers and emits one
     broadcast and `vectors` fused multiply-adds with memory operands per nonzero."""
 
     @intrinsic
-    def tile(_typingctx, dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: ARG001, PLR0913
+    def tile(_typingctx, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: ARG001, PLR0913
         i64 = types.int64
         sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, i64, types.boolean)
 
         def codegen(_context, builder, _signature, args):
-            dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu = args
+            dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu = args
             f32p = _F32.as_pointer()
-            src, vals = builder.inttoptr(src, f32p), builder.inttoptr(vals, f32p)
-            planes, offs = builder.inttoptr(planes, _I32.as_pointer()), builder.inttoptr(offs, _I32.as_pointer())
+            src, vals, taps = (
+                builder.inttoptr(src, f32p),
+                builder.inttoptr(vals, f32p),
+                builder.inttoptr(taps, _I32.as_pointer()),
+            )
+            low = builder.sub(builder.shl(ir.Constant(_I64, 1), bits), ir.Constant(_I64, 1))  # the offset's bits
             start = _add_from(builder, [_splat(builder, bias)] * vectors, partial, "add")
             entry = builder.block
             head = builder.append_basic_block("tile.head")
@@ -120,10 +125,10 @@ def _tile_loop(vectors: int):
                 a.add_incoming(s, entry)
             builder.cbranch(builder.icmp_signed("<", k, k1), body, done)
 
-            builder.position_at_end(body)  # acc += vals[k] * src[planes[k] * ld + offs[k] ...]
+            builder.position_at_end(body)  # acc += vals[k] * src[plane * ld + offset ...]
             w = _splat(builder, builder.load(builder.gep(vals, [k]), align=4))
-            plane = builder.sext(builder.load(builder.gep(planes, [k]), align=4), _I64)
-            offset = builder.sext(builder.load(builder.gep(offs, [k]), align=4), _I64)
+            tap = builder.zext(builder.load(builder.gep(taps, [k]), align=4), _I64)
+            plane, offset = builder.lshr(tap, bits), builder.and_(tap, low)
             base = builder.gep(src, [builder.add(builder.mul(plane, ld), offset)])
             fast = ("fast",)
             summed = [
@@ -220,27 +225,28 @@ def _tile_vectors(length):
 
 
 @njit(inline="always")
-def _tile(vectors, dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: PLR0913
+def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: PLR0913
     """The tile loop of `vectors` vectors (an intrinsic's width is fixed when it is compiled)."""
     if vectors == 8:
-        _tile8(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile8(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
     elif vectors == 4:
-        _tile4(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile4(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
     elif vectors == 2:
-        _tile2(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile2(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
     else:
-        _tile1(dst, src, planes, offs, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile1(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _short_rows(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
+def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """`sparse_conv` for outputs shorter than a vector (a linear layer on a few images): one
     scalar sum per output, on one thread (there is too little work to share)."""
+    low = (1 << bits) - 1
     for o in range(bounds.shape[0]):
         for q in range(length):
             v = bias[o]
             for k in range(bounds[o, 0], bounds[o, bounds.shape[1] - 1]):
-                v += vals[k] * src[planes[k], offs[k] + q]
+                v += vals[k] * src[taps[k] >> bits, (taps[k] & low) + q]
             if residual.shape[0] > 0:
                 v += residual[o, shift + q]
             if relu:
@@ -251,7 +257,7 @@ def _short_rows(src, bounds, planes, offs, vals, bias, out, shift, length, resid
 
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
-def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
+def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """See the module docstring: row o's nonzeros are bounds[o, 0] .. bounds[o, -1], in parts
     bounds[o, p] .. bounds[o, p + 1] that each read a few planes (`part_bounds`); then, per
     element: + residual[o, shift + q] (if residual has rows), max(., 0) (if relu), * mask[shift + q]
@@ -259,7 +265,7 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
     rows, parts = bounds.shape[0], bounds.shape[1] - 1
     has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
     if length < VEC or rows == 0:
-        _short_rows(src, bounds, planes, offs, vals, bias, out, shift, length, residual, mask, relu)
+        _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu)
         return
     vectors = _tile_vectors(length)
     width = vectors * VEC
@@ -269,14 +275,14 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
         per_block = min(per_block, ROWS_PER_PART)
     blocks = -(-rows // per_block)
     src_at, ld = _address(src), src.shape[1]
-    planes_at, offs_at, vals_at = _address(planes), _address(offs), _address(vals)
+    taps_at, vals_at = _address(taps), _address(vals)
     out_at, out_ld = _address(out), out.shape[1]
     res_at, res_ld = (_address(residual), residual.shape[1]) if has_res else (0, 0)
     mask_at = _address(mask) if has_mask else 0
     # tile-major: a thread's row blocks reuse the tile's input window; block-major when the
     # nonzeros' tables outweigh the input (deep layers of small images), so a block's table
     # rows come from memory once for all its tiles
-    by_block = 12 * (bounds[rows - 1, parts] - bounds[0, 0]) > 4 * src.size
+    by_block = 8 * (bounds[rows - 1, parts] - bounds[0, 0]) > 4 * src.size
     for job in prange(tiles * blocks):
         tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
         q = min(tile * width, length - width)  # the last tile overlaps the one before
@@ -294,8 +300,8 @@ def sparse_conv(src, bounds, planes, offs, vals, bias, out, shift, length, resid
                     vectors,
                     dst,
                     src_at + 4 * q,
-                    planes_at,
-                    offs_at,
+                    taps_at,
+                    bits,
                     vals_at,
                     bounds[o, part],
                     bounds[o, part + 1],
@@ -332,6 +338,17 @@ def plane_means(x, n, block, count, out):
             for p in range(i * block, (i + 1) * block):
                 s += x[c, p]
             out[i, c] = s / count
+
+
+def pack_taps(planes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.int64]:
+    """(taps, bits): taps = plane << bits | offset as int32, bits the bit length of the largest
+    offset. One 4-byte load per nonzero for both: with its value, 8 bytes a nonzero, which deep
+    layers of small images read from memory on every run."""
+    bits = int(offsets.max(initial=0)).bit_length()
+    top = int(planes.max(initial=0))
+    if top >> (31 - bits):
+        raise ValueError(f"{top + 1} planes with {bits}-bit offsets do not fit the kernel's 31-bit taps")
+    return ((planes.astype(np.int64) << bits) | offsets).astype(np.int32), np.int64(bits)
 
 
 def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,11 +59,11 @@ class SparseWeight:
         return np.unravel_index(self.index, shape)
 
     def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The kernel's (bounds int64, planes int32, offs int32, vals float32) for the per-nonzero
-        `plane` and `offset`: row o's nonzeros, sorted by plane, are bounds[o, 0] .. bounds[o, -1],
-        cut into parts of a few planes each (kernels.part_bounds)."""
+        """The kernel's (bounds int64, taps int32, bits, vals float32) for the per-nonzero `plane`
+        and `offset` (kernels.pack_taps): row o's nonzeros, sorted by plane, are bounds[o, 0] ..
+        bounds[o, -1], cut into parts of a few planes each (kernels.part_bounds)."""
         order, bounds = kernels.part_bounds(self.taps()[0], plane, int(offset.max(initial=0)) + 1, self.shape[0])
-        return bounds, plane[order].astype(np.int32), offset[order].astype(np.int32), self.values[order]
+        return bounds, *kernels.pack_taps(plane[order], offset[order]), self.values[order]
 
 
 @dataclass(frozen=True)
