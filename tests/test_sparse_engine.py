@@ -165,12 +165,14 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     rng = np.random.default_rng(length)
     n_planes, reach, shift = 5, 11, 3
     counts = [0, 1, 3, 9, 0, 70, 2]
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    cuts = np.sort(rng.integers(0, np.array(counts) + 1, (parts - 1, len(counts))), axis=0).T + ptr[:-1, None]
-    bounds = np.concatenate([ptr[:-1, None], cuts, ptr[1:, None]], axis=1)
-    planes = rng.integers(0, n_planes, ptr[-1]).astype(np.int32)
-    offs = rng.integers(0, reach + 1, ptr[-1]).astype(np.int32)
-    vals, bias = rng.standard_normal(ptr[-1]).astype(np.float32), rng.standard_normal(len(counts)).astype(np.float32)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    planes = rng.integers(0, n_planes, rows.size)
+    span = kernels.WINDOW_BYTES // 4 // (-(-n_planes // parts)) - 8 * kernels.VEC  # n_planes in `parts` parts
+    order, bounds = kernels.part_bounds(rows, planes, span, len(counts))
+    assert bounds.shape == (parts, len(counts) + 1)
+    rows, planes = rows[order], planes[order].astype(np.int32)
+    offs = rng.integers(0, reach + 1, rows.size).astype(np.int32)
+    vals, bias = rng.standard_normal(rows.size).astype(np.float32), rng.standard_normal(len(counts)).astype(np.float32)
     src = rng.standard_normal((n_planes, length + reach)).astype(np.float32)
     width = shift + length + 2
     if epilogue:
@@ -184,7 +186,7 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     expected = np.zeros((len(counts), length))
     for o in range(len(counts)):
         expected[o] = bias[o]
-        for k in range(ptr[o], ptr[o + 1]):
+        for k in np.flatnonzero(rows == o):
             expected[o] += np.float64(vals[k]) * src[planes[k], offs[k] : offs[k] + length]
     if epilogue:
         expected = np.maximum(expected + residual[:, shift : shift + length], 0) * keep[shift : shift + length]
@@ -192,21 +194,23 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
     # a layer without output rows is a no-op, not a division by zero in the job split
     kernels.sparse_conv(
-        src, bounds[:0], taps, bits, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
+        src, bounds[:, :1], taps, bits, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
     )
 
 
 def test_part_bounds_cut_rows_by_plane_groups():
-    """Each row's nonzeros sorted by plane and cut where a new group of planes starts; a group
-    holds as many planes as fit the window (an empty row gets empty parts)."""
+    """Nonzeros sorted by group of planes (a part: as many planes as fit the window), then row,
+    then plane; a row's nonzeros in a part are one run (an empty row: an empty run), and a part
+    is one run of the tables."""
     from cigl.serve.sparse_engine import kernels
 
     span = 1024 - 8 * kernels.VEC  # a plane's window is 4 KiB: four planes per part of 16 KiB
     rows = np.array([0, 0, 0, 2, 2, 2, 2])
     planes = np.array([9, 0, 4, 3, 8, 1, 2])
     order, bounds = kernels.part_bounds(rows, planes, span, 3)
-    np.testing.assert_array_equal(planes[order], [0, 4, 9, 1, 2, 3, 8])
-    np.testing.assert_array_equal(bounds, [[0, 1, 2, 3], [3, 3, 3, 3], [3, 6, 6, 7]])
+    np.testing.assert_array_equal(planes[order], [0, 1, 2, 3, 4, 9, 8])
+    np.testing.assert_array_equal(rows[order], [0, 2, 2, 2, 0, 0, 2])
+    np.testing.assert_array_equal(bounds, [[0, 1, 1, 4], [4, 5, 5, 5], [5, 6, 6, 7]])
 
 
 def test_taps_hold_plane_and_offset_in_one_int32():

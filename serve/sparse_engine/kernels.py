@@ -242,11 +242,12 @@ def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     """`sparse_conv` for outputs shorter than a vector (a linear layer on a few images): one
     scalar sum per output, on one thread (there is too little work to share)."""
     low = (1 << bits) - 1
-    for o in range(bounds.shape[0]):
+    for o in range(bounds.shape[1] - 1):
         for q in range(length):
             v = bias[o]
-            for k in range(bounds[o, 0], bounds[o, bounds.shape[1] - 1]):
-                v += vals[k] * src[taps[k] >> bits, (taps[k] & low) + q]
+            for part in range(bounds.shape[0]):
+                for k in range(bounds[part, o], bounds[part, o + 1]):
+                    v += vals[k] * src[taps[k] >> bits, (taps[k] & low) + q]
             if residual.shape[0] > 0:
                 v += residual[o, shift + q]
             if relu:
@@ -258,11 +259,11 @@ def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residua
 
 @njit(fastmath=True, parallel=True, cache=True, nogil=True)
 def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
-    """See the module docstring: row o's nonzeros are bounds[o, 0] .. bounds[o, -1], in parts
-    bounds[o, p] .. bounds[o, p + 1] that each read a few planes (`part_bounds`); then, per
+    """See the module docstring: row o's nonzeros are, in parts that each read a few planes,
+    bounds[p, o] .. bounds[p, o + 1] (`part_bounds`); then, per
     element: + residual[o, shift + q] (if residual has rows), max(., 0) (if relu), * mask[shift + q]
     (if mask is non-empty, to re-zero padding)."""
-    rows, parts = bounds.shape[0], bounds.shape[1] - 1
+    parts, rows = bounds.shape[0], bounds.shape[1] - 1
     has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
     if length < VEC or rows == 0:
         _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu)
@@ -282,7 +283,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     # tile-major: a thread's row blocks reuse the tile's input window; block-major when the
     # nonzeros' tables outweigh the input (deep layers of small images), so a block's table
     # rows come from memory once for all its tiles
-    by_block = 8 * (bounds[rows - 1, parts] - bounds[0, 0]) > 4 * src.size
+    by_block = 8 * (bounds[parts - 1, rows] - bounds[0, 0]) > 4 * src.size
     for job in prange(tiles * blocks):
         tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
         q = min(tile * width, length - width)  # the last tile overlaps the one before
@@ -303,8 +304,8 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
                     taps_at,
                     bits,
                     vals_at,
-                    bounds[o, part],
-                    bounds[o, part + 1],
+                    bounds[part, o],
+                    bounds[part, o + 1],
                     ld,
                     bias[o] if part == 0 else np.float32(0.0),
                     sums if part > 0 else 0,
@@ -352,16 +353,18 @@ def pack_taps(planes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.i
 
 
 def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, bounds) for nonzeros in `rows` (sorted) reading `planes`, with offsets below
-    `span`: `order` sorts each row's nonzeros by plane, and bounds[o, p] .. bounds[o, p + 1] are
-    row o's nonzeros on the p-th group of planes whose windows (a widest tile plus span floats
-    each) fit WINDOW_BYTES. Wide layers read hundreds of planes per tile; from L1 in parts of a
-    few dozen, the kernel runs up to 1.6x faster than from L2 in one pass."""
+    """(order, bounds) for nonzeros in `rows` reading `planes`, with offsets below `span`. Part p
+    is the p-th group of planes whose windows (a widest tile plus span floats each) fit
+    WINDOW_BYTES; `order` sorts the nonzeros by part, then row, then plane, and row o's nonzeros
+    in part p are bounds[p, o] .. bounds[p, o + 1]. Wide layers read hundreds of planes per tile;
+    from L1 in parts of a few dozen, the kernel runs up to 1.6x faster than from L2 in one pass.
+    Part-major, a block of rows reads its part of the tables as one run of memory (deep layers
+    of small images stream their tables from memory on every run)."""
     per_part = max(1, WINDOW_BYTES // (4 * (8 * VEC + span)))
     parts = max(1, -(-(int(planes.max()) + 1 if planes.size else 1) // per_part))
-    order = np.lexsort((planes, rows))
-    key = rows.astype(np.int64) * parts + planes // per_part
-    targets = np.arange(out_rows)[:, None] * parts + np.arange(parts + 1)[None, :]
+    order = np.lexsort((planes, rows, planes // per_part))
+    key = (planes // per_part).astype(np.int64) * out_rows + rows
+    targets = np.arange(parts)[:, None] * out_rows + np.arange(out_rows + 1)[None, :]
     return order, np.searchsorted(key[order], targets).astype(np.int64)
 
 

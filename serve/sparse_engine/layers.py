@@ -60,8 +60,8 @@ class SparseWeight:
 
     def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
         """The kernel's (bounds int64, taps int32, bits, vals float32) for the per-nonzero `plane`
-        and `offset` (kernels.pack_taps): row o's nonzeros, sorted by plane, are bounds[o, 0] ..
-        bounds[o, -1], cut into parts of a few planes each (kernels.part_bounds)."""
+        and `offset` (kernels.pack_taps): row o's nonzeros in part p (a few planes), sorted by
+        plane, are bounds[p, o] .. bounds[p, o + 1] (kernels.part_bounds)."""
         order, bounds = kernels.part_bounds(self.taps()[0], plane, int(offset.max(initial=0)) + 1, self.shape[0])
         return bounds, *kernels.pack_taps(plane[order], offset[order]), self.values[order]
 
