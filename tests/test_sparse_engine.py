@@ -158,8 +158,8 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     """The kernel against a float64 loop of its formula, for outputs shorter than a vector (scalar
     path), tiles of every width (the last one overlapping), rows cut into parts (partial sums
     carried between them), empty rows (the bias) and rows longer than a tile's worth of
-    nonzeros, in both job orders (block by block up to length 40, where the tables outweigh the
-    input); nothing outside out[:, shift : shift + length] is written."""
+    nonzeros, in both job orders (block by block at the short lengths, where the tables outweigh
+    the input); nothing outside out[:, shift : shift + length] is written."""
     from cigl.serve.sparse_engine import kernels
 
     rng = np.random.default_rng(length)

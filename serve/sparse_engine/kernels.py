@@ -283,7 +283,8 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     # tile-major: a thread's row blocks reuse the tile's input window; block-major when the
     # nonzeros' tables outweigh the input (deep layers of small images), so a block's table
     # rows come from memory once for all its tiles
-    by_block = 8 * (bounds[parts - 1, rows] - bounds[0, 0]) > 4 * src.size
+    nonzeros = bounds[parts - 1, rows] - bounds[0, 0]
+    by_block = nonzeros * (taps.itemsize + vals.itemsize) > src.size * src.itemsize
     for job in prange(tiles * blocks):
         tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
         q = min(tile * width, length - width)  # the last tile overlaps the one before
@@ -362,8 +363,9 @@ def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) 
     of small images stream their tables from memory on every run)."""
     per_part = max(1, WINDOW_BYTES // (4 * (8 * VEC + span)))
     parts = max(1, -(-(int(planes.max()) + 1 if planes.size else 1) // per_part))
-    order = np.lexsort((planes, rows, planes // per_part))
-    key = (planes // per_part).astype(np.int64) * out_rows + rows
+    part = planes // per_part
+    order = np.lexsort((planes, rows, part))
+    key = part.astype(np.int64) * out_rows + rows
     targets = np.arange(parts)[:, None] * out_rows + np.arange(out_rows + 1)[None, :]
     return order, np.searchsorted(key[order], targets).astype(np.int64)
 

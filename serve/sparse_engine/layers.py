@@ -164,11 +164,10 @@ class Conv:
     ) -> Planes:
         g, plan = x.grid, self.plan(x.grid)
         rows, pool = self.weight.shape[0], pool or BufferPool()
-        src = x.data
+        src, (hq, wq) = x.data, plan.phase_geometry
         if plan.src_shape is not None:  # strided or widely padded: one plane per (stride phase, channel)
-            (hq, wq), (sh, sw) = plan.phase_geometry, self.stride
             src = pool.take(plan.src_shape)
-            kernels.gather_phases(x.data, g.n, g.h, g.w, *self.pads[:2], sh, sw, hq, wq, self.used_phases, src)
+            kernels.gather_phases(x.data, g.n, g.h, g.w, *self.pads[:2], *self.stride, hq, wq, self.used_phases, src)
         if plan.flat:  # the kernel reaches past the phase planes: compute on them, then place the outputs
             flat = pool.take((rows, plan.length))
             self._kernel(src, flat, plan, None, False)
