@@ -199,8 +199,8 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
 
 
 def test_part_bounds_cut_rows_by_plane_groups():
-    """Nonzeros sorted by group of planes (a part: as many planes as fit the window), then row,
-    then plane; a row's nonzeros in a part are one run (an empty row: an empty run), and a part
+    """Nonzeros sorted by group of planes (a part: at most as many planes as fit the window,
+    the parts as even as can be), then row, then plane; a row's nonzeros in a part are one run (an empty row: an empty run), and a part
     is one run of the tables."""
     from cigl.serve.sparse_engine import kernels
 
@@ -211,6 +211,9 @@ def test_part_bounds_cut_rows_by_plane_groups():
     np.testing.assert_array_equal(planes[order], [0, 1, 2, 3, 4, 9, 8])
     np.testing.assert_array_equal(rows[order], [0, 2, 2, 2, 0, 0, 2])
     np.testing.assert_array_equal(bounds, [[0, 1, 1, 4], [4, 5, 5, 5], [5, 6, 6, 7]])
+    # nine planes at up to four a part: three parts of three, not 4 + 4 + 1
+    order, bounds = kernels.part_bounds(np.zeros(9, int), np.arange(9)[::-1], span, 1)
+    np.testing.assert_array_equal(bounds, [[0, 3], [3, 6], [6, 9]])
 
 
 def test_taps_hold_plane_and_offset_in_one_int32():
