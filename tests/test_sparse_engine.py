@@ -199,18 +199,19 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
 
 
 def test_part_bounds_cut_rows_by_plane_groups():
-    """Nonzeros sorted by group of planes (a part: at most as many planes as fit the window,
-    the parts as even as can be), then row, then plane; a row's nonzeros in a part are one run (an empty row: an empty run), and a part
-    is one run of the tables."""
+    """Nonzeros sorted by group of the planes they read (a part: at most as many as fit the
+    window, the parts as even as can be), then row, then plane; a row's nonzeros in a part are
+    one run (an empty row: an empty run), and a part is one run of the tables."""
     from cigl.serve.sparse_engine import kernels
 
     span = 1024 - 8 * kernels.VEC  # a plane's window is 4 KiB: four planes per part of 16 KiB
     rows = np.array([0, 0, 0, 2, 2, 2, 2])
     planes = np.array([9, 0, 4, 3, 8, 1, 2])
     order, bounds = kernels.part_bounds(rows, planes, span, 3)
+    # planes 5-7 are read by no nonzero: the seven read go in parts of four and three
     np.testing.assert_array_equal(planes[order], [0, 1, 2, 3, 4, 9, 8])
     np.testing.assert_array_equal(rows[order], [0, 2, 2, 2, 0, 0, 2])
-    np.testing.assert_array_equal(bounds, [[0, 1, 1, 4], [4, 5, 5, 5], [5, 6, 6, 7]])
+    np.testing.assert_array_equal(bounds, [[0, 1, 1, 4], [4, 6, 6, 7]])
     # nine planes at up to four a part: three parts of three, not 4 + 4 + 1
     order, bounds = kernels.part_bounds(np.zeros(9, int), np.arange(9)[::-1], span, 1)
     np.testing.assert_array_equal(bounds, [[0, 3], [3, 6], [6, 9]])
@@ -284,6 +285,28 @@ def test_reused_buffers_keep_the_layouts_zero_padding(digits_models):
     first = engine.run(x[:12])[0].copy()
     engine.run(x[12:])
     np.testing.assert_array_equal(engine.run(x[:12])[0], first)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn22_2"])
+def test_strided_shortcut_reads_the_phases_its_block_gathered(monkeypatch, digits_models, arch):
+    """A downsampling block's 3x3 stride-2 convolution and its 1x1 stride-2 shortcut read the
+    same input: its stride phases are gathered once per block, not once per convolution, and
+    the logits still match onnxruntime on real digits images."""
+    from cigl.data import load_dataset
+    from cigl.serve.sparse_engine import kernels
+
+    model = Path(digits_models[arch]).read_bytes()
+    engine = SparseEngine(model)
+    strided = [s for s in engine.program.steps if s.kind == "Conv" and s.layer.stride == (2, 2)]
+    blocks = 2 if arch == "wrn22_2" else 3  # downsampling blocks
+    assert sorted(s.layer.weight.shape[2] for s in strided) == [1] * blocks + [3] * blocks
+    gathers = []
+    monkeypatch.setattr(kernels, "gather_phases", lambda *a, run=kernels.gather_phases: gathers.append(a) or run(*a))
+    x = Predictor(digits_models[arch], device="cpu").normalize(load_dataset("digits").test.x[:16])
+    for _ in range(2):  # the plans are made on the first run, then reused
+        gathers.clear()
+        assert_matches(engine.run(x), open_engine(model, engine="onnxruntime", device="cpu").run(x))
+        assert len(gathers) == blocks
 
 
 def test_option_a_shortcut_is_one_step_on_planes(digits_models):

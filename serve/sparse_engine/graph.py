@@ -276,7 +276,11 @@ class Program:
         conv = Conv(weight, self._bias(node, weight.shape[0]), strides, (pads[0], pads[1], pads[2], pads[3]))
 
         def run(x, residual=None, relu=False):
-            return conv(as_planes(x), residual, relu, self.pool)
+            planes = as_planes(x)
+            out = conv(planes, residual, relu, self.pool)
+            if planes is not x:  # converted here: nothing else reads it
+                self.pool.give_phases(planes)
+            return out
 
         self._push(Step("Conv", [node.input[0]], node.output[0], run, node.name or node.output[0], conv))
         return True
@@ -391,8 +395,11 @@ class Program:
                 trace.append((time.perf_counter() - start, pixels))
             for name in release:
                 done = values.pop(name, None)
-                if isinstance(done, Planes) and not done.viewed and done is not out:
-                    self.pool.give(done.data, planes=True)
+                if isinstance(done, Planes) and done is not out:
+                    if done.phases:
+                        self.pool.give_phases(done)
+                    if not done.viewed:
+                        self.pool.give(done.data, planes=True)
         return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
 
     def profile(self, images: np.ndarray, repeats: int = 3) -> list[dict]:

@@ -67,6 +67,30 @@ class SparseWeight:
 
 
 @dataclass(frozen=True)
+class Phases:
+    """The stride-phase planes a gather makes of an input: plane j * C + c holds, on an hq x wq
+    grid per image, input element (c, r * sh + a - top, t * sw + b - left) at (r, t), where
+    phases[j] = a * sw + b (zero outside the image). Hashable: an activation keeps its gathers
+    by this key (Planes.phases), so convolutions that read the same phases of one input (a
+    block's strided 3x3 and its 1x1 shortcut) gather them once."""
+
+    stride: tuple[int, int]
+    grid: tuple[int, int]  # hq, wq
+    pads: tuple[int, int]  # top, left
+    phases: tuple[int, ...]
+
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        """phases as the gather kernel takes them (made once: a call's overhead counts at batch 1)."""
+        return np.array(self.phases, np.int64)
+
+    def origins(self) -> list[tuple[int, int]]:
+        """(row, column) of the input element at (0, 0) of each phase, in plane-group order."""
+        sw = self.stride[1]
+        return [(ph // sw - self.pads[0], ph % sw - self.pads[1]) for ph in self.phases]
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Everything a convolution's call needs for one input geometry, worked out once: the
     kernel tables, the output grid and where the kernel reads and writes."""
@@ -76,8 +100,8 @@ class _Plan:
     shift: int  # the kernel writes output position q at shift + q
     length: int  # output positions per plane the kernel computes
     mask: np.ndarray  # re-zeroes the padding the kernel wrote (empty on the flat path)
-    src_shape: tuple[int, int] | None = None  # phase planes (gather path), None when direct
-    phase_geometry: tuple[int, int] = (0, 0)  # hq, wq of the phase planes
+    gather: Phases | None = None  # the phase planes it reads (gather path), None when direct
+    src_shape: tuple[int, int] | None = None  # (planes, length) a gather of them needs at least
     flat: bool = False  # the kernel reaches past the phase planes: compute flat, then place
 
 
@@ -92,7 +116,7 @@ class Conv:
 
     def __post_init__(self):
         self.plans: dict[tuple[int, int, int], _Plan] = {}  # per input (n, h, w)
-        self.tables: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # per input (h, w)
+        self.tables: dict[tuple, tuple[np.ndarray, ...]] = {}  # per input (h, w) and phase planes read
 
     @property
     def nbytes(self) -> int:
@@ -126,49 +150,82 @@ class Conv:
         _, _, kh, kw = self.weight.taps()
         return np.unique((kh % self.stride[0]) * self.stride[1] + kw % self.stride[1]).astype(np.int64)
 
-    def _build_tables(self, h: int, w: int):
+    def _phase_taps(self, phases: Phases) -> tuple[np.ndarray, np.ndarray] | None:
+        """(plane, offset) of every nonzero in the phase planes `phases`, or None when they lack a
+        phase a nonzero reads (or would need a negative offset). Nonzero (kh, kw) reads input
+        (r * sh + kh - top, ...): the phase whose origin dy is congruent to kh - top, at
+        (kh - top - dy) / sh rows down."""
         _, ic, kh, kw = self.weight.taps()
-        if self.direct:
-            pt, pl = self.pads[:2]
-            return self.weight.tables(ic, (kh - pt + 1) * (w + 1) + (kw - pl + 1))
-        sh, sw = self.stride
-        _, wq, _ = self._phases(h, w)
-        phase = np.searchsorted(self.used_phases, (kh % sh) * sw + kw % sw)  # its place among the gathered
-        return self.weight.tables(phase * self.weight.shape[1] + ic, (kh // sh) * wq + kw // sw)
+        (sh, sw), (pt, pl) = self.stride, self.pads[:2]
+        dy, dx = kh - pt, kw - pl
+        index, origin = np.full((sh, sw), -1), np.zeros((sh, sw, 2), np.int64)  # by residue of (dy, dx)
+        for j, (oy, ox) in enumerate(phases.origins()):
+            index[oy % sh, ox % sw], origin[oy % sh, ox % sw] = j, (oy, ox)
+        phase, start = index[dy % sh, dx % sw], origin[dy % sh, dx % sw]
+        down, right = (dy - start[:, 0]) // sh, (dx - start[:, 1]) // sw
+        if (phase < 0).any() or min(down.min(initial=0), right.min(initial=0)) < 0:
+            return None
+        return phase * self.weight.shape[1] + ic, down * phases.grid[1] + right
 
-    def plan(self, g: Grid) -> _Plan:
-        """The call plan for inputs of grid g (built on first use, then cached)."""
+    def _gather_for(self, g: Grid, gathered: dict[Phases, np.ndarray]) -> tuple[Phases, tuple[int, int]]:
+        """The phase planes to read and the (planes, length) they need: another convolution's
+        gather of this input when it holds every phase read, on this grid, long enough; else
+        this convolution's own (only the phases its nonzeros read)."""
+        hq, wq, _ = self._phases(g.h, g.w)
+        _, _, kh, kw = self.weight.shape
+        reach = ((kh - 1) // self.stride[0]) * wq + (kw - 1) // self.stride[1] + 1
+        own = Phases(self.stride, (hq, wq), self.pads[:2], tuple(int(p) for p in self.used_phases))
+        for phases, src in gathered.items():
+            if phases.stride != self.stride or phases.grid != (hq, wq) or phases == own:
+                continue
+            taps = self._phase_taps(phases)
+            need = g.n * hq * wq + max(reach, int(taps[1].max(initial=0)) + 1) if taps is not None else None
+            if need is not None and src.shape[1] >= need:
+                return phases, (src.shape[0], need)
+        return own, (max(1, len(own.phases)) * self.weight.shape[1], g.n * hq * wq + reach)
+
+    def plan(self, g: Grid, gathered: dict[Phases, np.ndarray] | None = None) -> _Plan:
+        """The call plan for inputs of grid g (built on first use, then cached); `gathered`: the
+        phase planes other convolutions made of the input, which a strided one may share."""
         plan = self.plans.get((g.n, g.h, g.w))
         if plan is not None:
             return plan
-        if (g.h, g.w) not in self.tables:
-            self.tables[g.h, g.w] = self._build_tables(g.h, g.w)
-        tables = self.tables[g.h, g.w]
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if self.direct:
-            plan = _Plan(tables, out_grid, g.row + 1, g.n * g.block, mask(g))
+            if (g.h, g.w) not in self.tables:
+                _, ic, kh, kw = self.weight.taps()
+                pt, pl = self.pads[:2]
+                self.tables[g.h, g.w] = self.weight.tables(ic, (kh - pt + 1) * g.row + (kw - pl + 1))
+            plan = _Plan(self.tables[g.h, g.w], out_grid, g.row + 1, g.n * g.block, mask(g))
         else:
-            hq, wq, extra = self._phases(g.h, g.w)
-            _, _, kh, kw = self.weight.shape
-            reach = ((kh - 1) // self.stride[0]) * wq + (kw - 1) // self.stride[1] + 1
-            src_shape = (max(1, self.used_phases.size) * self.weight.shape[1], g.n * hq * wq + reach)
+            phases, src_shape = self._gather_for(g, gathered or {})
+            if (g.h, g.w, phases) not in self.tables:
+                self.tables[g.h, g.w, phases] = self.weight.tables(*self._phase_taps(phases))
+            tables, (hq, wq, extra) = self.tables[g.h, g.w, phases], self._phases(g.h, g.w)
             if extra == 1:  # phase planes have the output's geometry: write the output planes directly
-                plan = _Plan(tables, out_grid, out_grid.row + 1, g.n * hq * wq, mask(out_grid), src_shape, (hq, wq))
+                plan = _Plan(tables, out_grid, out_grid.row + 1, g.n * hq * wq, mask(out_grid), phases, src_shape)
             else:
-                plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, src_shape, (hq, wq), flat=True)
+                plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, phases, src_shape, flat=True)
         self.plans[g.n, g.h, g.w] = plan
         return plan
 
     def __call__(
         self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
     ) -> Planes:
-        g, plan = x.grid, self.plan(x.grid)
+        g, plan = x.grid, self.plan(x.grid, x.phases)
         rows, pool = self.weight.shape[0], pool or BufferPool()
-        src, (hq, wq) = x.data, plan.phase_geometry
-        if plan.src_shape is not None:  # strided or widely padded: one plane per (stride phase, channel)
-            src = pool.take(plan.src_shape)
-            kernels.gather_phases(x.data, g.n, g.h, g.w, *self.pads[:2], *self.stride, hq, wq, self.used_phases, src)
+        src = x.data
+        if plan.gather is not None:  # strided or widely padded: one plane per (stride phase, channel)
+            if x.phases is None:
+                x.phases = {}
+            p = plan.gather
+            src = x.phases.get(p)
+            if src is None or src.shape[1] < plan.src_shape[1]:
+                src = pool.take(plan.src_shape)
+                kernels.gather_phases(x.data, g.n, g.h, g.w, *p.pads, *p.stride, *p.grid, p.array, src)
+                x.phases.setdefault(p, src)  # kept with x for others (handed back with it)
         if plan.flat:  # the kernel reaches past the phase planes: compute on them, then place the outputs
+            hq, wq = plan.gather.grid
             flat = pool.take((rows, plan.length))
             self._kernel(src, flat, plan, None, False)
             og = plan.out_grid
@@ -180,8 +237,6 @@ class Conv:
         else:
             out = Planes.empty(rows, plan.out_grid, pool)
             self._kernel(src, out.data, plan, residual, relu)
-        if src is not x.data:
-            pool.give(src)
         return out
 
     def _kernel(self, src: np.ndarray, out: np.ndarray, plan: _Plan, residual: Planes | None, relu: bool) -> None:

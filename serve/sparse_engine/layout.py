@@ -60,6 +60,13 @@ class BufferPool:
     def give(self, array: np.ndarray, planes: bool = False) -> None:
         self._free[planes, array.shape].append(array)
 
+    def give_phases(self, planes: Planes) -> None:
+        """Hand back the phase planes gathered of an activation that is no longer used."""
+        if planes.phases:
+            for data in planes.phases.values():
+                self.give(data)
+            planes.phases = None
+
     def take_planes(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """A handed-back Planes buffer of `shape` (zero padding), or None."""
         free = self._free.get((True, shape))
@@ -69,11 +76,13 @@ class BufferPool:
 @dataclass
 class Planes:
     """An activation in the padded-plane layout: data is (C, grid.length) float32. `viewed`
-    records that nchw() handed out a view, so the buffer must not be reused."""
+    records that nchw() handed out a view, so the buffer must not be reused; `phases` holds the
+    stride-phase planes strided convolutions gathered of it, shared by those that read the same."""
 
     data: np.ndarray
     grid: Grid
     viewed: bool = field(default=False, compare=False)
+    phases: dict | None = field(default=None, compare=False)  # layers.Phases -> its gathered planes
 
     @classmethod
     def empty(cls, channels: int, grid: Grid, pool: BufferPool | None = None) -> Planes:
