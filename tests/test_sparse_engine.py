@@ -287,19 +287,24 @@ def test_reused_buffers_keep_the_layouts_zero_padding(digits_models):
     np.testing.assert_array_equal(engine.run(x[:12])[0], first)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "wrn22_2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_strided_shortcut_reads_the_phases_its_block_gathered(monkeypatch, digits_models, arch):
-    """A downsampling block's 3x3 stride-2 convolution and its 1x1 stride-2 shortcut read the
-    same input: its stride phases are gathered once per block, not once per convolution, and
-    the logits still match onnxruntime on real digits images."""
+    """A downsampling block's 3x3 stride-2 convolution and its shortcut (a 1x1 stride-2
+    convolution, or ResNet-20's option-A subsampling) read the same input: its stride phases are
+    gathered once per block, not once per reader, and the logits still match onnxruntime on
+    real digits images."""
     from cigl.data import load_dataset
     from cigl.serve.sparse_engine import kernels
 
     model = Path(digits_models[arch]).read_bytes()
     engine = SparseEngine(model)
-    strided = [s for s in engine.program.steps if s.kind == "Conv" and s.layer.stride == (2, 2)]
-    blocks = 2 if arch == "wrn22_2" else 3  # downsampling blocks
-    assert sorted(s.layer.weight.shape[2] for s in strided) == [1] * blocks + [3] * blocks
+    convs = [s.layer for s in engine.program.steps if s.kind == "Conv"]
+    blocks = sum(c.stride == (2, 2) and c.weight.shape[2] == 3 for c in convs)
+    if arch == "resnet20":
+        shortcuts = [s for s in engine.program.steps if s.kind == "Slice"]
+    else:
+        shortcuts = [c for c in convs if c.stride == (2, 2) and c.weight.shape[2] == 1]
+    assert blocks == len(shortcuts) == {"resnet20": 2, "wrn22_2": 2, "resnet18": 3}[arch]
     gathers = []
     monkeypatch.setattr(kernels, "gather_phases", lambda *a, run=kernels.gather_phases: gathers.append(a) or run(*a))
     x = Predictor(digits_models[arch], device="cpu").normalize(load_dataset("digits").test.x[:16])
