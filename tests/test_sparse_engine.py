@@ -246,6 +246,32 @@ def test_strided_conv_gathers_only_the_phases_its_nonzeros_read(taps):
     np.testing.assert_allclose(conv(Planes.from_nchw(x.numpy())).nchw(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("h", "w"), [(9, 10), (8, 8), (7, 5)])
+def test_readers_of_a_shared_gather_match_torch(monkeypatch, h, w):
+    """After a 3x3 stride-2 convolution gathers an input's stride phases, a 1x1 stride-2
+    convolution and an option-A subsampling of the same input read them instead of gathering
+    again, on even and odd sizes, and still give torch's and numpy's results."""
+    from cigl.serve.sparse_engine import kernels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, h, w, generator=gen)
+    w3, w1 = torch.randn(6, 4, 3, 3, generator=gen), torch.randn(5, 4, 1, 1, generator=gen)
+    w3[w3.abs() < 0.5] = 0
+    b3, b1 = torch.randn(6, generator=gen), torch.randn(5, generator=gen)
+    conv3 = Conv(SparseWeight.from_dense(w3.numpy()), b3.numpy(), (2, 2), (1, 1, 1, 1))
+    conv1 = Conv(SparseWeight.from_dense(w1.numpy()), b1.numpy(), (2, 2), (0, 0, 0, 0))
+    sub = Subsample([2, 2], [0, 0], before=1, after=2)
+    gathers = []
+    monkeypatch.setattr(kernels, "gather_phases", lambda *a, run=kernels.gather_phases: gathers.append(a) or run(*a))
+    planes = Planes.from_nchw(x.numpy())
+    out3, out1, subsampled = conv3(planes).nchw(), conv1(planes).nchw(), sub(planes).nchw()
+    assert len(gathers) == 1 and len(planes.phases) == 1
+    torch_conv = torch.nn.functional.conv2d
+    np.testing.assert_allclose(out3, torch_conv(x, w3, b3, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out1, torch_conv(x, w1, b1, stride=2).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(subsampled, np.pad(x.numpy()[:, :, ::2, ::2], [(0, 0), (1, 2), (0, 0), (0, 0)]))
+
+
 @pytest.mark.parametrize(
     ("steps", "starts"), [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (1, 2)), ((1, 2), (0, 1)), ((3, 1), (2, 0))]
 )

@@ -220,10 +220,11 @@ class Conv:
                 x.phases = {}
             p = plan.gather
             src = x.phases.get(p)
-            if src is None or src.shape[1] < plan.src_shape[1]:
-                src = pool.take(plan.src_shape)
+            if src is None or src.shape[1] < plan.src_shape[1]:  # not gathered yet, or too short for this one
+                if src is not None:
+                    pool.give(src)
+                src = x.phases[p] = pool.take(plan.src_shape)  # kept with x for others (handed back with it)
                 kernels.gather_phases(x.data, g.n, g.h, g.w, *p.pads, *p.stride, *p.grid, p.array, src)
-                x.phases.setdefault(p, src)  # kept with x for others (handed back with it)
         if plan.flat:  # the kernel reaches past the phase planes: compute on them, then place the outputs
             hq, wq = plan.gather.grid
             flat = pool.take((rows, plan.length))
