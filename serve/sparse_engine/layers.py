@@ -179,8 +179,10 @@ class Conv:
             if phases.stride != self.stride or phases.grid != (hq, wq) or phases == own:
                 continue
             taps = self._phase_taps(phases)
-            need = g.n * hq * wq + max(reach, int(taps[1].max(initial=0)) + 1) if taps is not None else None
-            if need is not None and src.shape[1] >= need:
+            if taps is None:
+                continue
+            need = g.n * hq * wq + max(reach, int(taps[1].max(initial=0)) + 1)
+            if src.shape[1] >= need:
                 return phases, (src.shape[0], need)
         return own, (max(1, len(own.phases)) * self.weight.shape[1], g.n * hq * wq + reach)
 
@@ -291,8 +293,9 @@ class Subsample:
         out.data[self.before + channels :] = 0.0
         body = out.data[self.before : self.before + channels]
         for phases, src in (x.phases or {}).items():  # the block's strided convolution gathered it already
-            if phases.stride == (sh, sw) and phases.grid == (ho + 1, wo + 1) and (a, b) in phases.origins():
-                j = phases.origins().index((a, b))
+            origins = phases.origins()
+            if phases.stride == (sh, sw) and phases.grid == (ho + 1, wo + 1) and (a, b) in origins:
+                j = origins.index((a, b))
                 # phase position k holds element k - (row + 1) of the output layout, padding included
                 body[:, og.row + 1 : og.row + 1 + g.n * og.block] = src[
                     j * channels : (j + 1) * channels, : g.n * og.block
