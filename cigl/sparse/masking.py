@@ -11,15 +11,13 @@ Per step the work is O(nnz/DPNUM) plus one in-place pass over the gradients:
   outside M at exactly zero (no gradient, so no momentum there).
 - A dropped entry is written back after the optimiser step, so it keeps its value.
 
-Two ways to keep this per-step bookkeeping, with the same random mask distribution:
-"compact" draws the dropped positions as geometric gaps over the active entries and works on
-index lists and flat views (O(nnz/DPNUM) work: the CPU default); "device" draws a keep/drop
-number for every weight of all layers at once into one flat buffer and applies it with
-torch._foreach ops over all layers (more arithmetic, but a handful of kernel launches per step
-instead of several per layer, no host-device synchronisation and no data-dependent shapes: the
-CUDA default, what CUDA graphs can capture and torch.compile traces as one graph). A weight
-outside M is 0 and gets no gradient, so "device" may drop it too: no mask is read per step.
-"auto" picks by the parameters' device.
+The masked weights live in one flat buffer (each parameter a view of its piece, laid out as
+before), so a step's dropped entries are one index list over all layers. They are drawn as
+geometric gaps over the active entries with a fixed-size sample whose spare slots point at
+scratch entries past the weights (random_mask.sample_dropped): O(nnz/DPNUM) work in a handful of
+operators for any depth, no host-device synchronisation, nothing of data-dependent shape, so a
+CUDA graph can capture the step and torch.compile traces it whole. One gradient multiply per
+weight remains: about 12 bytes of memory traffic per weight and step.
 
 `weights()` gives w (for evaluation and export), `snapshot()` the effective weights u * R of
 the last step (for weight-and-mask averaging).
@@ -35,8 +33,6 @@ from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
 from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step, update_count
-
-BOOKKEEPING = ("auto", "compact", "device")
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -67,9 +63,6 @@ class Masking:
             automatic random mask. Without it (cigl's own trainer), `update_until` and
             `begin_step`/`mask_gradients`/`end_step`/`update` are driven by the caller.
         dpnum: random mask drop probability 1/dpnum (None: no random mask; "cigl": 100).
-        bookkeeping: "compact" (O(nnz/DPNUM) index lists), "device" (flat buffers and foreach
-            ops over all layers: no host sync, capturable in a CUDA graph, traceable by
-            torch.compile) or "auto" (device on CUDA, else compact).
 
     Example:
         >>> import torch, cigl
@@ -99,7 +92,6 @@ class Masking:
         total_steps: int | None = None,
         dpnum: int | None = None,
         seed: int = 0,
-        bookkeeping: str = "auto",
     ) -> None:
         self.params = masked_parameters(model)
         if isinstance(method, str):
@@ -124,28 +116,13 @@ class Masking:
             random_mask.check_dpnum(dpnum)
         self.dpnum = dpnum
         self.scale = random_mask.scale(dpnum) if dpnum else 1.0
-        if bookkeeping not in BOOKKEEPING:
-            raise InputError(f"bookkeeping must be one of {', '.join(BOOKKEEPING)}, got {bookkeeping!r}")
-        self.on_device = bookkeeping == "device" or (bookkeeping == "auto" and device.type == "cuda")
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
         self.masks = {n: torch.empty_like(p, dtype=torch.bool).copy_(masks[n]) for n, p in self.params.items()}
         sizes = [p.numel() for p in self.params.values()]
         self._offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
-        self._grad_scale = torch.empty(int(self._offsets[-1]), device=device)  # M * scale^2, 0 where dropped
-        self._segments = dict(zip(self.params, torch.split(self._grad_scale, sizes), strict=True))
-        if self.on_device:  # flat buffers over all layers, seen through views laid out like each weight
-            self._keep = torch.ones_like(self._grad_scale)  # 1 kept, 0 dropped by the last step's R
-            self._drop = torch.empty_like(self._grad_scale)  # 1 - keep
-            self._grad_mul = torch.empty_like(self._grad_scale)  # M * scale^2 * keep
-            self._views = {
-                buf: shaped_views(getattr(self, buf), list(self.params.values()))
-                for buf in ("_keep", "_drop", "_grad_mul", "_grad_scale")
-            }
-        self._kept: list[torch.Tensor] = []  # device: this step's dropped values, 0 elsewhere
-        self._dropped = torch.zeros(0, dtype=torch.long, device=device)  # global positions, last step
-        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._total, self._nactive = sum(sizes), -1
         self._refresh()
         with torch.no_grad():
             for name, p in self.params.items():
@@ -156,16 +133,65 @@ class Masking:
 
     # ------------------------------------------------------------------ state
 
+    def _home(self, size: int) -> torch.Tensor:
+        """Move the masked weights into one flat buffer of `size` entries (zeros past them): each
+        parameter becomes a view of its piece, with its own shape and strides, so optimisers,
+        DDP and torch.compile keep seeing the same Parameter objects."""
+        params = list(self.params.values())
+        if len({id(p) for p in params}) < len(params):
+            raise InputError("a weight is shared by several layers; Masking needs one weight per conv/linear layer")
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise InputError("Masking needs all conv/linear weights in one dtype on one device; convert the model")
+        buffer = torch.zeros(size, dtype=params[0].dtype, device=params[0].device)
+        with torch.no_grad():
+            for p, view in zip(params, shaped_views(buffer[: sum(p.numel() for p in params)], params), strict=True):
+                view.copy_(p)
+                p.data = view
+        return buffer
+
+    def _check_home(self) -> None:
+        """Fail clearly if the weights no longer live in the flat buffer (the model was moved or
+        converted after Masking was made, or Masking was finalized): steps would drop nothing."""
+        if [p.data_ptr() for p in self.params.values()] != self._homes:
+            raise InputError(
+                "the model's weights were replaced after Masking was created (model.to(...), a new memory "
+                "format) or Masking was finalized; create Masking after moving and converting the model"
+            )
+
+    def _allocate(self, active: int) -> None:
+        """The step's buffers for `active` active entries (again if a mask edit changes the count;
+        drop and grow never does): with a random mask the weights move into one flat buffer
+        followed by the sample's scratch slots; the gradient multiplier; the active positions
+        then the scratch slots (where each position of a sample points); the draw and the last
+        step's dropped entries and their values."""
+        device, dtype, total = self._moved.device, next(iter(self.params.values())).dtype, self._total
+        spare = random_mask.sample_size(active, self.dpnum) if self.dpnum else 0
+        self._nactive = active
+        self._flat = self._home(total + spare) if self.dpnum else None
+        self._homes = [p.data_ptr() for p in self.params.values()]  # where the step expects the weights
+        self._grad_scale = torch.empty(total + spare, device=device)  # M * scale^2, 0 where dropped
+        self._grad_views = shaped_views(self._grad_scale[:total], list(self.params.values()))
+        self._active = torch.empty(active + spare, dtype=torch.long, device=device)
+        self._active[active:] = torch.arange(total, total + spare, device=device)
+        self._gaps = torch.empty(spare, dtype=torch.float64, device=device)
+        self._dropped = torch.empty(spare, dtype=torch.long, device=device)
+        self._kept = torch.empty(spare, dtype=dtype, device=device)
+        self._forget_dropped()
+
     def _refresh(self) -> None:
-        """Rebuild the gradient multiplier and the list of active positions after a mask change."""
-        for name, mask in self.masks.items():
-            self._segments[name].copy_(flat(mask)).mul_(self.scale**2)
-        self._active = torch.cat(
+        """Rebuild the gradient multiplier and the active positions after a mask change (in
+        place: a captured CUDA graph reads them)."""
+        active = torch.cat(
             [
                 torch.nonzero(flat(m)).squeeze(1) + off
                 for m, off in zip(self.masks.values(), self._offsets[:-1].tolist(), strict=True)
             ]
         )
+        if active.numel() != self._nactive:
+            self._allocate(active.numel())
+        for view, mask in zip(self._grad_views, self.masks.values(), strict=True):
+            flat(view).copy_(flat(mask)).mul_(self.scale**2)
+        self._active[: self._nactive] = active
 
     def state_dict(self) -> dict:
         return {
@@ -202,11 +228,10 @@ class Masking:
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter of `model`; masked ones as the effective weights u * R of the last step."""
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for name, local in self._split_dropped():
-            flat(snap[name])[local] = 0.0
-        if self.on_device and self.dpnum:
-            for name, keep in zip(self.params, self._views["_keep"], strict=True):
-                snap[name].mul_(keep)
+        if self.dpnum and self._flat is not None:
+            effective = self._flat.index_fill(0, self._dropped, 0.0)[: self._total]
+            for name, view in zip(self.params, shaped_views(effective, list(self.params.values())), strict=True):
+                snap[name] = view
         return snap
 
     # ------------------------------------------------------------------ a training step
@@ -218,67 +243,33 @@ class Masking:
         """How many mask updates the schedule makes in all (0 for a method whose masks never change)."""
         return update_count(self.update_every, self.update_until) if self.method.updates else 0
 
-    def _split_dropped(self) -> list[tuple[str, torch.Tensor]]:
-        """(layer, positions within the layer) of the last step's dropped entries."""
-        if self._dropped.numel() == 0:
-            return []
-        counts = torch.searchsorted(self._dropped, self._offsets).diff().tolist()
-        chunks = torch.split(self._dropped, counts)
-        starts = self._offsets[:-1].tolist()
-        return [(n, c - off) for n, c, off in zip(self.params, chunks, starts, strict=True) if c.numel()]
-
     @torch.no_grad()
     def begin_step(self) -> None:
         """Draw R and zero the dropped weights in place for the forward pass (values kept)."""
+        if not torch.compiler.is_compiling():
+            self._check_home()
         if not self.dpnum:
             return
-        if self.on_device:
-            params, views = list(self.params.values()), self._views
-            self._keep.bernoulli_(1.0 - 1.0 / self.dpnum)
-            torch.sub(1.0, self._keep, out=self._drop)
-            torch.mul(self._grad_scale, self._keep, out=self._grad_mul)
-            self._kept = torch._foreach_mul(params, views["_drop"])
-            torch._foreach_mul_(params, views["_keep"])
-            return
-        pos = random_mask.sample_dropped(self._active.numel(), self.dpnum, self._active.device)
-        self._dropped = self._active[pos]
-        self._grad_scale[self._dropped] = 0.0
-        self._held = []
-        for name, local in self._split_dropped():
-            w = flat(self.params[name])
-            self._held.append((w, local, w[local].clone()))
-            w[local] = 0.0
+        pos = random_mask.sample_dropped(self._nactive, self.dpnum, self._gaps)
+        torch.index_select(self._active, 0, pos, out=self._dropped)
+        torch.index_select(self._flat, 0, self._dropped, out=self._kept)
+        self._flat.index_fill_(0, self._dropped, 0.0)
+        self._grad_scale.index_fill_(0, self._dropped, 0.0)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
-        if self.on_device:
-            views = self._views["_grad_mul" if self._kept else "_grad_scale"]
-            grads, factors = [], []
-            for p, view in zip(self.params.values(), views, strict=True):
-                if p.grad is not None:
-                    grads.append(p.grad)
-                    factors.append(view)
-            if grads:
-                torch._foreach_mul_(grads, factors)
-            return
-        for name, p in self.params.items():
-            if p.grad is not None:
-                flat(p.grad).mul_(self._segments[name])
+        pairs = [(p.grad, view) for p, view in zip(self.params.values(), self._grad_views, strict=True)]
+        pairs = [(g, view) for g, view in pairs if g is not None]
+        if pairs:
+            torch._foreach_mul_(*map(list, zip(*pairs, strict=True)))
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Put the dropped weights back as they were before the step."""
-        if self._kept:
-            params = list(self.params.values())
-            torch._foreach_mul_(params, self._views["_keep"])
-            torch._foreach_add_(params, self._kept)
-            self._kept = []
-        for w, local, values in self._held:
-            w[local] = values
-        self._held = []
-        if self.dpnum and self._dropped.numel():
-            self._grad_scale[self._dropped] = self.scale**2
+        if self._flat is not None:
+            self._flat.index_put_((self._dropped,), self._kept)
+            self._grad_scale.index_fill_(0, self._dropped, self.scale**2)
 
     # ------------------------------------------------------------------ in a user's own loop
 
@@ -313,6 +304,10 @@ class Masking:
             self.params[name].copy_(w)
         self.scale = 1.0
         self._refresh()
+        self._forget_dropped()
+        for p in self.params.values():  # each weight in its own memory again; the buffer goes
+            p.data = p.data.clone()
+        self._flat = None
         return {n: m.clone() for n, m in self.masks.items()}
 
     @torch.no_grad()
@@ -337,6 +332,9 @@ class Masking:
             mask.copy_(new)
         self.updates += 1
         self._refresh()
-        self._dropped = self._dropped[:0]
-        if self.on_device:
-            self._keep.fill_(1.0)
+        self._forget_dropped()
+
+    def _forget_dropped(self) -> None:
+        """No entry dropped until the next draw: the dropped list points at the scratch slots."""
+        self._dropped.copy_(self._active[self._nactive :])
+        self._kept.zero_()

@@ -25,19 +25,24 @@ def scale(dpnum: int) -> float:
     return dpnum / (dpnum - 1)
 
 
-def sample_dropped(n: int, dpnum: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Sorted positions in [0, n), each included independently with probability 1/dpnum,
-    drawn from torch's global generator."""
-    p = 1.0 / dpnum
-    mean = n * p
-    chunk = int(mean + 6.0 * math.sqrt(mean) + 16)
-    parts, last = [], -1.0
-    while True:
-        gaps = torch.empty(chunk, dtype=torch.float64, device=device).geometric_(p)
-        pos = last + torch.cumsum(gaps, 0)
-        if pos[-1] >= n:
-            parts.append(pos[pos < n])
-            break
-        parts.append(pos)
-        last = float(pos[-1])
-    return torch.cat(parts).long()
+def sample_size(n: int, dpnum: int) -> int:
+    """How many positions `sample_dropped` draws for n entries: the expected number of drops
+    plus 6 standard deviations and 16. The draw then covers all n entries but with probability
+    below 1e-9 (a binomial count 6 sigma high); in that case the entries past its last position
+    stay in for that one step."""
+    mean = n * (1.0 / dpnum)
+    return int(mean + 6.0 * math.sqrt(mean) + 16)
+
+
+def sample_dropped(n: int, dpnum: int, gaps: torch.Tensor | None = None) -> torch.Tensor:
+    """The dropped positions among n entries, each dropped independently with probability
+    1/dpnum, drawn from torch's generator as geometric gaps: sample_size(n, dpnum) distinct
+    sorted positions, those below n dropped, each later one n + its slot (a spare slot, which a
+    caller points at scratch memory). The size is fixed, so drawing needs no host-device
+    synchronisation and CUDA graphs can capture it. `gaps` (float64, that size, on the device
+    wanted) holds the draw; by default one is made on the CPU."""
+    if gaps is None:
+        gaps = torch.empty(sample_size(n, dpnum), dtype=torch.float64)
+    pos = torch.cumsum(gaps.geometric_(1.0 / dpnum), 0).sub_(1.0)
+    spare = torch.arange(n, n + pos.numel(), dtype=torch.float64, device=pos.device)
+    return torch.where(pos < n, pos, spare).long()
