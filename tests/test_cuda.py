@@ -93,6 +93,43 @@ def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
 
 
 @cuda
+def test_random_mask_in_a_cuda_graph_draws_anew_and_restores_at_every_replay():
+    """The bookkeeping captured once: each replay draws another dropped set of about 1/DPNUM of
+    the active weights (the generator advances inside the graph), zeroes it for the forward
+    pass and puts every weight back afterwards."""
+    from cigl.models import create_model
+    from cigl.sparse import Masking
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last)
+    masking = Masking(model, "cigl", density=0.2, dpnum=10, update_until=1)
+    for p in masking.params.values():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in masking.params.items()}
+    seen = {}
+
+    def body():
+        masking.begin_step()
+        seen.update({n: p.detach().clone() for n, p in masking.params.items()})
+        masking.mask_gradients()
+        masking.end_step()
+
+    body()  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    dropped, active = [], sum(masking.nnz.values())
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        zeroed = sum(int(((seen[n] == 0) & m & (before[n] != 0)).sum()) for n, m in masking.masks.items())
+        assert zeroed == pytest.approx(active / 10, rel=0.15)
+        assert all(torch.equal(p, before[n]) for n, p in masking.params.items())
+        dropped.append(masking._dropped.clone())
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[1], dropped[2])
+
+
+@cuda
 @pytest.mark.parametrize("method", ["dense", "cigl"])
 def test_cuda_graph_trains_as_the_eager_step_does(tmp_path, capsys, method):
     """The trainer with its step replayed as a CUDA graph (the default) against every step
