@@ -35,11 +35,6 @@ from cigl.sparse.method import Method, drop_and_grow
 from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step, update_count
 
 
-def flat(t: torch.Tensor) -> torch.Tensor:
-    """1-D view of a dense tensor in memory order (contiguous or channels_last alike)."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
 def shaped_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Consecutive pieces of a flat buffer as views with the shape and strides of each tensor
     in `like` (contiguous or channels_last), so foreach ops pair them element by element."""
@@ -119,10 +114,12 @@ class Masking:
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
-        self.masks = {n: torch.empty_like(p, dtype=torch.bool).copy_(masks[n]) for n, p in self.params.items()}
-        sizes = [p.numel() for p in self.params.values()]
-        self._offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
-        self._total, self._nactive = sum(sizes), -1
+        self._total, self._nactive = sum(p.numel() for p in self.params.values()), -1
+        # the masks: views of one flat buffer laid out as the weights, so a refresh is one pass
+        self._mask_flat = torch.empty(self._total, dtype=torch.bool, device=device)
+        self.masks = dict(zip(self.params, shaped_views(self._mask_flat, list(self.params.values())), strict=True))
+        for name, mask in self.masks.items():
+            mask.copy_(masks[name])
         self._refresh()
         with torch.no_grad():
             for name, p in self.params.items():
@@ -181,16 +178,10 @@ class Masking:
     def _refresh(self) -> None:
         """Rebuild the gradient multiplier and the active positions after a mask change (in
         place: a captured CUDA graph reads them)."""
-        active = torch.cat(
-            [
-                torch.nonzero(flat(m)).squeeze(1) + off
-                for m, off in zip(self.masks.values(), self._offsets[:-1].tolist(), strict=True)
-            ]
-        )
+        active = torch.nonzero(self._mask_flat).squeeze(1)  # positions in the flat buffers
         if active.numel() != self._nactive:
             self._allocate(active.numel())
-        for view, mask in zip(self._grad_views, self.masks.values(), strict=True):
-            flat(view).copy_(flat(mask)).mul_(self.scale**2)
+        torch.mul(self._mask_flat, self.scale**2, out=self._grad_scale[: self._total])
         self._active[: self._nactive] = active
 
     def state_dict(self) -> dict:
