@@ -307,20 +307,23 @@ class Masking:
         weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
         self.end_step()
         frac = cosine_drop_fraction(step, self.alpha, self.update_until)
-        for name, p in self.params.items():
-            mask = self.masks[name]
+        like = list(self.params.values())
+        new = self._mask_flat.clone()  # the new masks, laid out as the current ones
+        changed = set()
+        for (name, p), layer in zip(self.params.items(), shaped_views(new, like), strict=True):
             n = int(frac * self.nnz[name])
-            if n == 0:
-                continue
-            new = drop_and_grow(p, mask, self.method.grow_scores(p, p.grad), n)
-            grown = new & ~mask
-            self._moved += grown.sum()
-            cleared = ~new | grown
-            p.masked_fill_(cleared, 0.0)
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                buf.masked_fill_(cleared, 0.0)
-            mask.copy_(new)
+            if n:
+                layer.copy_(drop_and_grow(p, self.masks[name], self.method.grow_scores(p, p.grad), n))
+                changed.add(name)
+        grown = new & ~self._mask_flat
+        self._moved += grown.sum()
+        for (name, p), cleared in zip(self.params.items(), shaped_views(~new | grown, like), strict=True):
+            if name in changed:  # grown and dropped weights, and their momentum, start at 0
+                p.masked_fill_(cleared, 0.0)
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.masked_fill_(cleared, 0.0)
+        self._mask_flat.copy_(new)
         self.updates += 1
         self._refresh()
         self._forget_dropped()
