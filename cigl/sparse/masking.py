@@ -219,7 +219,7 @@ class Masking:
     def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter of `model`; masked ones as the effective weights u * R of the last step."""
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if self.dpnum and self._flat is not None:
+        if self._flat is not None:  # a random mask, before finalize()
             effective = self._flat.index_fill(0, self._dropped, 0.0)[: self._total]
             for name, view in zip(self.params, shaped_views(effective, list(self.params.values())), strict=True):
                 snap[name] = view
@@ -251,9 +251,9 @@ class Masking:
     def mask_gradients(self) -> None:
         """grad *= M * scale^2 (0 at dropped entries): the gradient of w, carried over to u."""
         pairs = [(p.grad, view) for p, view in zip(self.params.values(), self._grad_views, strict=True)]
-        pairs = [(g, view) for g, view in pairs if g is not None]
-        if pairs:
-            torch._foreach_mul_(*map(list, zip(*pairs, strict=True)))
+        pairs = [(grad, view) for grad, view in pairs if grad is not None]
+        if pairs:  # one foreach multiply over all layers
+            torch._foreach_mul_([grad for grad, _ in pairs], [view for _, view in pairs])
 
     @torch.no_grad()
     def end_step(self) -> None:
