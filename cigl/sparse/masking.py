@@ -141,7 +141,7 @@ class Masking:
             raise InputError("Masking needs all conv/linear weights in one dtype on one device; convert the model")
         buffer = torch.zeros(size, dtype=params[0].dtype, device=params[0].device)
         with torch.no_grad():
-            for p, view in zip(params, shaped_views(buffer[: sum(p.numel() for p in params)], params), strict=True):
+            for p, view in zip(params, shaped_views(buffer[: self._total], params), strict=True):
                 view.copy_(p)
                 p.data = view
         return buffer
@@ -177,12 +177,15 @@ class Masking:
 
     def _refresh(self) -> None:
         """Rebuild the gradient multiplier and the active positions after a mask change (in
-        place: a captured CUDA graph reads them)."""
-        active = torch.nonzero(self._mask_flat).squeeze(1)  # positions in the flat buffers
-        if active.numel() != self._nactive:
-            self._allocate(active.numel())
+        place: a captured CUDA graph reads them). Only the random mask's draw reads the active
+        positions, so without one there is nothing to find (and no host sync)."""
+        active = torch.nonzero(self._mask_flat).squeeze(1) if self.dpnum else None  # flat positions
+        count = 0 if active is None else active.numel()
+        if count != self._nactive:
+            self._allocate(count)
         torch.mul(self._mask_flat, self.scale**2, out=self._grad_scale[: self._total])
-        self._active[: self._nactive] = active
+        if active is not None:
+            self._active[:count] = active
 
     def state_dict(self) -> dict:
         return {
