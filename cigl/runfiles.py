@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from cigl.errors import CheckpointError, FormatError
+from cigl.errors import CheckpointError, FormatError, InputError
 from cigl.images import MAX_SIDE
 from cigl.io import atomic_open, atomic_save_npz, atomic_torch_save, load_torch_file
 
@@ -38,6 +39,39 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2))
+
+
+# --------------------------------------------------------------------------- which file a user means
+
+
+def run_file(path: Path, name: str) -> Path:
+    """`path / name` when `path` is a run directory holding that file (cigl-export runs/x means
+    runs/x/model.pt), else `path` unchanged."""
+    return path / name if path.is_dir() and (path / name).is_file() else path
+
+
+def exported_model(path: Path) -> Path:
+    """The model.onnx a user means by `path` (the file, or a run directory's model.onnx), or an
+    InputError that names the fix: a run not exported yet, or a model.pt, checkpoint or
+    model.safetensors given where the exported ONNX model is needed."""
+    path = run_file(path, "model.onnx")
+    export = "cigl-export {} writes it"
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            raise InputError(f"{path} holds no model.onnx yet; {export.format(path / 'model.pt')}")
+        raise InputError(f"{path} is a folder without a model.onnx; pass an exported model.onnx")
+    if not path.is_file():
+        raise InputError(f"model not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # torch.save writes a zip archive; safetensors starts with its header's length and "{"
+    kind = "a torch file" if zipfile.is_zipfile(path) else "a safetensors file" if head[8:9] == b"{" else None
+    if kind is not None:
+        model_pt = path.with_name("model.pt")
+        raise InputError(
+            f"{path} is {kind}, not an exported model.onnx; {export.format(model_pt if model_pt.is_file() else path)}"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- config.json, metrics.jsonl

@@ -15,7 +15,7 @@ from cigl.card import write_card
 from cigl.errors import ArgumentParser, FormatError, InputError, cli_entry
 from cigl.export import onnx_export, packed, save
 from cigl.io import atomic_open, check_output_dir, make_output_dir
-from cigl.runfiles import load_model_file
+from cigl.runfiles import load_model_file, run_file
 from cigl.serve.session import open_session
 from cigl.tables import format_bytes, format_table, tensor_row
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("give RUN/model.pt to export, or --inspect FILE")
     if not 17 <= args.opset <= MAX_OPSET:
         raise InputError(f"--opset must be >= 17 and <= {MAX_OPSET}, got {args.opset}")
-    src = Path(args.model)
+    src = run_file(Path(args.model), "model.pt")
     out = check_output_dir(Path(args.out) if args.out else src.parent)
     ckpt, model = load_run_model(src)
     card = write_card(ckpt)

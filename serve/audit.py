@@ -25,7 +25,7 @@ from cigl.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.io import check_output_dir, make_output_dir
 from cigl.serve import guarantees, report
-from cigl.serve.audit_inputs import Predictions, load_predictions, model_logits, onnx_predictions
+from cigl.serve.audit_inputs import Predictions, is_model, load_predictions, model_logits, onnx_predictions
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ def _check_temperature(temperature: str) -> None:
 
 
 def _check_inputs(args) -> None:
-    onnx = [s for s in args.predictions if s.endswith(".onnx")]
+    onnx = [s for s in args.predictions if is_model(s)]
     if onnx and not (args.data or args.dataset):
         raise InputError("auditing a .onnx model needs --data DIR or --dataset NAME to run it on")
     if onnx and args.data and args.dataset:
@@ -415,7 +415,7 @@ def _check_inputs(args) -> None:
 def _load_all(args) -> list[Predictions]:
     preds = [
         onnx_predictions(s, args.data, args.dataset, args.data_dir)
-        if s.endswith(".onnx")
+        if is_model(s)
         else load_predictions(s, label_column=args.label_column, csv_kind=args.csv_kind)
         for s in args.predictions
     ]

@@ -119,6 +119,13 @@ def model_logits(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     )
 
 
+def is_model(spec: str) -> bool:
+    """Whether `NAME=path` (or `path`) names an exported model, a .onnx file or a run directory
+    (its model.onnx), rather than a prediction file."""
+    path = spec.rpartition("=")[2]
+    return path.endswith(".onnx") or Path(path).is_dir()
+
+
 def onnx_predictions(spec: str, data: str | None, dataset: str | None, data_dir: str | None) -> Predictions:
     """Run an exported model over the audit data; the report then treats it like a file."""
     name, _, path = spec.rpartition("=")

@@ -18,6 +18,7 @@ from cigl import conformal
 from cigl.card import ModelCard
 from cigl.errors import FormatError, InputError
 from cigl.images import load_image
+from cigl.runfiles import exported_model
 from cigl.serve.engines import open_engine
 
 MAX_BATCH = 1024
@@ -34,9 +35,7 @@ class Predictor:
         max_batch: int = MAX_BATCH,
         engine: str = "auto",
     ):
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"model not found: {path}")
+        path = exported_model(Path(path))
         self.engine = open_engine(
             path.read_bytes(), engine=engine, device=device, threads=threads, source=str(path), max_batch=max_batch
         )

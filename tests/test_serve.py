@@ -27,11 +27,11 @@ PREDICT, AUDIT, EXPORT = (os.path.join(BIN, n) for n in ("cigl-predict", "confid
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """A real CigL run on digits, exported."""
+    """A real CigL run on digits, exported (`cigl-export RUN` exports RUN/model.pt)."""
     out = tmp_path_factory.mktemp("serve") / "run"
     cfg = TrainConfig(method="cigl", epochs=4, batch_size=64, update_every=5, target_risk=0.2, out=str(out))
     summary = train(cfg, quiet=True)
-    assert run_cli(EXPORT, str(out / "model.pt")).returncode == 0
+    assert run_cli(EXPORT, str(out)).returncode == 0
     return out, summary
 
 
@@ -114,6 +114,11 @@ def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
     assert a.returncode == 0 and b.returncode == 0
     ra, rb = [json.loads(x) for x in a.stdout.splitlines()], [json.loads(x) for x in b.stdout.splitlines()]
     assert [r["class"] for r in ra] == [r["class"] for r in rb] and ra[0]["source"].endswith("raw.npy[0]")
+    by_run = run_cli(PREDICT, str(out), str(tmp_path / "raw.npy"))  # a run directory means its model.onnx
+    assert by_run.returncode == 0
+    run_records = [json.loads(x) for x in by_run.stdout.splitlines()]  # auto may pick another engine: 1e-6 apart
+    assert [(r["source"], r["class"]) for r in run_records] == [(r["source"], r["class"]) for r in ra]
+    assert [r["confidence"] for r in run_records] == pytest.approx([r["confidence"] for r in ra], abs=1e-5)
     assert_one_line_error(run_cli(PREDICT, str(tmp_path / "none.onnx"), str(tmp_path / "raw.npy")), "model not found")
     assert_one_line_error(run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "missing")), "input not found")
     assert_one_line_error(
@@ -125,6 +130,23 @@ def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
     )
 
 
+def test_a_file_that_is_not_the_exported_model_names_the_export(tmp_path, digits_run):
+    out, _ = digits_run
+    shutil.copy(out / "model.pt", tmp_path / "model.pt")
+    shutil.copy(out / "last.pt", tmp_path / "last.pt")
+    cases = [
+        (out / "model.pt", f"{out / 'model.pt'} is a torch file, not an exported model.onnx; cigl-export"),
+        (out / "model.safetensors", "is a safetensors file, not an exported model.onnx; cigl-export"),
+        (tmp_path / "last.pt", f"is a torch file, not an exported model.onnx; cigl-export {tmp_path / 'model.pt'}"),
+        (tmp_path, f"{tmp_path} holds no model.onnx yet; cigl-export {tmp_path / 'model.pt'} writes it"),
+        (tmp_path.parent, "is a folder without a model.onnx"),
+        (tmp_path / "none.onnx", "model not found"),
+    ]
+    for path, message in cases:
+        with pytest.raises(InputError, match=re.escape(message)):
+            Predictor(path)
+
+
 def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
     out, summary = digits_run
     # the digits test split written out as an ImageFolder of PNGs
@@ -132,11 +154,12 @@ def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
     for i, (img, label) in enumerate(zip(test.x, test.y, strict=True)):
         (tmp_path / "folder" / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[..., 0]).save(tmp_path / "folder" / str(label) / f"{i:04d}.png")
-    for source in (["--dataset", "digits"], ["--data", str(tmp_path / "folder")]):
+    # the model given as its model.onnx, then as its run directory
+    for model, source in ((out / "model.onnx", ["--dataset", "digits"]), (out, ["--data", str(tmp_path / "folder")])):
         report_dir = tmp_path / f"report{len(source[1])}"
         proc = run_cli(
             AUDIT,
-            f"cigl={out / 'model.onnx'}",
+            f"cigl={model}",
             *source,
             "--temperature",
             "none",
