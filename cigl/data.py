@@ -223,11 +223,29 @@ def _cifar10(root: Path, image_size: int | None) -> tuple[Split, Split, list[str
     return _image_folder_pair(root, image_size)
 
 
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip")
+
+
+def _layout_hint(root: Path) -> str:
+    """What the user probably meant when `root` lacks train/ and test/: a folder inside it that
+    has them, an archive still to extract, or class folders with no split."""
+    inside = sorted(p for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    if inside:
+        return f"; {inside[0]} has them: pass --data-dir {inside[0]}"
+    archives = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.lower().endswith(ARCHIVES))
+    if archives:
+        return f"; {archives[0]} is an archive: extract it (tar -xf {root / archives[0]}), pass the folder it makes"
+    if any(p.is_dir() for p in root.iterdir()):
+        train, test = root / "train", root / "test"
+        return f"; if its folders are the classes, move them into {train} and a held-out share into {test}"
+    return ""
+
+
 def _image_folder_pair(root: Path, image_size: int | None) -> tuple[Split, Split, list[str]]:
     if not root.is_dir():
         raise InputError(f"data folder not found: {root}")
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise InputError(f"{root} needs train/ and test/ subfolders with one folder per class")
+        raise InputError(f"{root} needs train/ and test/ subfolders with one folder per class{_layout_hint(root)}")
     train, classes = load_image_folder(root / "train", image_size)
     test, _ = load_image_folder(root / "test", image_size, classes)
     if test.x.shape[1:] != train.x.shape[1:]:

@@ -1,4 +1,5 @@
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -129,8 +130,21 @@ def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
     (root / "train" / "zebra").mkdir()
     with pytest.raises(InputError, match="zebra has no images"):
         data.load_dataset("imagefolder", root)
-    with pytest.raises(InputError, match="needs train/ and test/"):
-        data.load_dataset("imagefolder", root / "train")
+    with pytest.raises(
+        InputError, match=re.escape(f"folders are the classes, move them into {root / 'train' / 'train'}")
+    ):
+        data.load_dataset("imagefolder", root / "train")  # class folders, no split
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            f"needs train/ and test/ subfolders with one folder per class; {root} has them: pass --data-dir {root}"
+        ),
+    ):
+        data.load_dataset("imagefolder", tmp_path)  # the dataset is one level down
+    (tmp_path / "archive" / "images.tar.xz").parent.mkdir()
+    (tmp_path / "archive" / "images.tar.xz").write_bytes(b"")
+    with pytest.raises(InputError, match="images.tar.xz is an archive: extract it"):
+        data.load_dataset("imagefolder", tmp_path / "archive")
     with pytest.raises(InputError, match="not found"):
         data.load_dataset("imagefolder", tmp_path / "nowhere")
     with pytest.raises(InputError, match="--data-dir"):
