@@ -152,10 +152,10 @@ def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
     return model
 
 
-def create_model(name: str, *, num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
-    """Build a model by name; `num_classes` always comes from the dataset."""
+def check_model_name(name: str) -> None:
+    """InputError unless `name` is a cigl or timm model."""
     if name in _REGISTRY:
-        return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans)
+        return
     import timm
 
     if not timm.is_model(name):
@@ -163,6 +163,15 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, image_size: 
             f"unknown model {name!r}; use one of {', '.join(list_models())} or any timm model name "
             "(see timm.list_models())"
         )
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
+    """Build a model by name; `num_classes` always comes from the dataset."""
+    check_model_name(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans)
+    import timm
+
     kw = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
     try:  # models built for one input size (ViTs, ...) take it as img_size
         model = timm.create_model(name, img_size=image_size, **kw)

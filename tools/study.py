@@ -19,6 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cigl.card import metric
+from cigl.errors import ArgumentParser, InputError, cli_entry
+from cigl.models import check_model_name
+from cigl.train.cli import build_parser as train_parser
+from cigl.train.cli import config_from_args
+from cigl.train.config import resolve
 
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
@@ -92,18 +97,39 @@ def run_one(name: str, options: list[str], root: Path) -> str:
     if (out / "last.pt").is_file():
         cmd = [sys.executable, "-m", "cigl.train", "--resume", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return f"{name}: " + ("ok" if proc.returncode == 0 else f"FAILED {proc.stderr.strip()[-300:]}")
+    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]  # cigl-train's one-line error
+    return f"{name}: " + ("ok" if proc.returncode == 0 else f"FAILED {last[:500]}")
+
+
+MAX_JOBS = 64
+
+
+def check_grid(args, jobs: list[tuple[str, list[str]]]) -> None:
+    """Every run's settings checked as cigl-train would, before any run starts: InputError names
+    the first problem (one line, exit code 2) instead of every run failing alike."""
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise InputError(f"--jobs must lie in 1..{MAX_JOBS}, got {args.jobs}")
+    if not Path(args.data_dir).is_dir():
+        raise InputError(f"data folder not found: {args.data_dir}; `make data` extracts CIFAR-10 to data/cifar10")
+    check_model_name(args.model)
+    for _, options in jobs:
+        resolve(config_from_args(train_parser().parse_args([*options, "--out", args.runs]))[0])
 
 
 def cmd_run(args) -> int:
     root = Path(args.runs)
-    root.mkdir(parents=True, exist_ok=True)
     jobs = grid(args)
+    check_grid(args, jobs)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps({"runs": dict(jobs)}, indent=2))
+    failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for line in pool.map(lambda job: run_one(*job, root), jobs):
             print(line, flush=True)
-    return 0
+            failed += ": FAILED" in line
+    if failed:
+        print(f"{failed} of {len(jobs)} runs failed; fix the cause and run again (finished runs are kept)")
+    return 1 if failed else 0
 
 
 def _mean_sd(values: list[float], pct: bool = True) -> str:
@@ -184,26 +210,29 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the grid")
-    r.add_argument("--data-dir", default="data/cifar10")
-    r.add_argument("--runs", default=str(RUNS))
-    r.add_argument("--model", default="resnet20")
-    r.add_argument("--per-class", type=int, default=400)
-    r.add_argument("--epochs", type=int, default=30)
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    r.add_argument("--densities", type=float, nargs="+", default=[0.1])
+    r = sub.add_parser("run", help="train the grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--data-dir", default="data/cifar10", help="CIFAR-10 as ImageFolder (train/, test/)")
+    r.add_argument("--runs", default=str(RUNS), help="where the run directories go")
+    r.add_argument("--model", default="resnet20", help="cigl or timm model name")
+    r.add_argument("--per-class", type=int, default=400, help="training images per class (CPU protocol)")
+    r.add_argument("--epochs", type=int, default=30, help="epochs per run")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run of each method per seed")
+    r.add_argument("--densities", type=float, nargs="+", default=[0.1], help="RigL and CigL at each")
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
     r.set_defaults(fn=cmd_run)
-    rep = sub.add_parser("report", help="aggregate finished runs")
-    rep.add_argument("--runs", default=str(RUNS))
-    rep.add_argument("--out", default=str(RESULTS))
+    rep = sub.add_parser(
+        "report", help="aggregate finished runs", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    rep.add_argument("--runs", default=str(RUNS), help="the run directories to aggregate")
+    rep.add_argument("--out", default=str(RESULTS), help="where the table and the audit go")
     rep.set_defaults(fn=cmd_report)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     return args.fn(args)
 
 
