@@ -165,6 +165,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIGL_CACHE", Path.home() / ".cache" / "cigl"))
 
 
+def test_folder(root: Path) -> Path:
+    """The class folders of held-out images under `root`: root/test of a dataset folder with
+    train/ and test/, else root itself."""
+    return root / "test" if (root / "test").is_dir() else root
+
+
 def load_image_folder(
     root: Path, image_size: int | None = None, classes: list[str] | None = None
 ) -> tuple[Split, list[str]]:

@@ -47,12 +47,12 @@ def load_run_model(path: Path) -> tuple[dict, torch.nn.Module]:
 def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
     """Normalised float images to compare ORT with torch: --check-data (ImageFolder) or the
     run's own test split."""
-    from cigl.data import load_dataset, load_image_folder
+    from cigl.data import load_dataset, load_image_folder, test_folder
     from cigl.pipeline import normalize, to_device
 
     size = ckpt["model_kwargs"]["image_size"]
     if check_data:
-        split, _ = load_image_folder(Path(check_data), size)
+        split, _ = load_image_folder(test_folder(Path(check_data)), size)
     else:
         cfg = ckpt.get("config", {})
         try:
@@ -215,7 +215,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="write only model.safetensors")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
     p.add_argument(
-        "--check-data", help="ImageFolder of images to compare ONNX with torch (default: the run's test set)"
+        "--check-data",
+        help="class folders of images to compare ONNX with torch, or a dataset folder (its test/) "
+        "(default: the run's test set)",
     )
     p.add_argument("--inspect", metavar="FILE", help="print the table of an existing .safetensors or .onnx")
     return p

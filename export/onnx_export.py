@@ -12,7 +12,11 @@ fold NonZero: the weights would be rebuilt at every call.) ONNX's own sparse ini
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import re
+import sys
 import warnings
 
 import numpy as np
@@ -21,6 +25,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from cigl.errors import FormatError
 from cigl.packing import MASK, NUMEL, SHAPE, VALUES, pack_mask
 from cigl.tables import tensor_row
 
@@ -44,20 +49,46 @@ def torch_to_onnx(model: nn.Module, temperature: float, input_shape: tuple[int, 
     """Trace the eval-mode model (batch-norm folded into the convolutions) with a dynamic batch."""
     model = WithProbs(model.eval(), temperature).eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _native_output_silenced():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, *input_shape),),
-            buf,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["images"],
-            output_names=["logits", "probs"],
-            do_constant_folding=True,
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (torch.zeros(1, *input_shape),),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits", "probs"],
+                do_constant_folding=True,
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
+            )
+        except Exception as exc:  # torch.onnx's errors have no common base: any failure means no ONNX model
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = re.split(r"\s+(?:Please feel free|\[Caused by)", first)[0][:300]  # torch's boilerplate cut
+            raise FormatError(
+                f"torch cannot export this model to ONNX at input {list(input_shape)} ({reason}); "
+                "pass --no-onnx to write model.safetensors only"
+            ) from None
     return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Discard what native code writes to file descriptors 1 and 2 meanwhile: torch's exporter
+    dumps its whole TorchScript graph to stdout when it fails, which the one-line error replaces."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            for fd in (1, 2):
+                os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _const(name: str, array: np.ndarray) -> TensorProto:

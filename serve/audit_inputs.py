@@ -86,13 +86,12 @@ def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = 
 def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, data_dir: str | None):
     """uint8 images (N, H, W, C) and labels a model is audited on: an ImageFolder (`data`)
     decoded as cigl-predict would, or a dataset's test split (the split training used)."""
-    from cigl.data import load_dataset
+    from cigl.data import load_dataset, test_folder
     from cigl.serve.predict import expand_inputs
 
     classes = predictor.card.classes
     if data:
-        root = Path(data)
-        root = root / "test" if (root / "test").is_dir() else root
+        root = test_folder(Path(data))
         if not root.is_dir():
             raise InputError(f"--data folder not found: {root}")
         folders = sorted(p for p in root.iterdir() if p.is_dir())

@@ -14,6 +14,8 @@ from conftest import assert_one_line_error, make_model_pt, run_cli
 from safetensors.torch import load_file
 
 import cigl.export as cx
+from cigl.errors import FormatError
+from cigl.export import onnx_export
 from cigl.models import create_model
 from cigl.serve.session import open_session
 
@@ -202,3 +204,17 @@ def test_inspect_prints_the_table(digits_export):
         proc = run_cli(EXPORT, "--inspect", str(src.parent / name))
         assert proc.returncode == 0, proc.stderr
         assert "packed" in proc.stdout and "arch: resnet20" in proc.stdout and "nonzeros" in proc.stdout
+
+
+def test_a_model_torch_cannot_export_is_a_one_line_error(capfd):
+    """torch.onnx fails on adaptive pooling to a size that does not divide the input: the user
+    gets why in one line, without the TorchScript graph torch dumps to stdout."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+    with pytest.raises(FormatError) as err:
+        onnx_export.torch_to_onnx(model, 1.0, (1, 9, 9), 18)
+    message = str(err.value)
+    assert message.startswith("torch cannot export this model to ONNX at input [1, 9, 9] (Unsupported: ")
+    assert "adaptive_avg_pool2d" in message and message.endswith("pass --no-onnx to write model.safetensors only")
+    assert "\n" not in message and "Please feel free" not in message
+    out, errors = capfd.readouterr()
+    assert "graph" not in out + errors
