@@ -77,7 +77,11 @@ class Predictor:
         if x.ndim != 4:
             raise InputError(f"inputs must have shape (batch, {c}, {h}, {w}), got {x.shape}")
         if x.shape[1] != c:
-            raise InputError(f"the model takes {c} channel(s), the input has {x.shape[1]}")
+            hint = ""
+            if x.shape[3] == c:  # channels last: images, not the normalised (N, C, H, W) floats
+                hint = "; this looks like (N, H, W, C) images: pass them as uint8 (0-255), which are normalised for you"
+            found = f"the input has {x.shape[1]} in axis 1 of (N, C, H, W)"
+            raise InputError(f"the model takes {c} channel(s), {found}{hint}")
         if x.shape[2:] != (h, w):
             raise InputError(f"the model takes {h}x{w} images, the input is {x.shape[2]}x{x.shape[3]}")
         if x.shape[0] == 0:

@@ -60,6 +60,7 @@ def test_predictor_validates_inputs(digits_run):
         (good.astype(np.int64), "must be float"),
         (np.zeros((2, 8, 8), np.float32).reshape(2, 1, 8, 8)[:, 0], "channel"),
         (np.zeros((2, 3, 8, 8), np.float32), "1 channel"),
+        (np.zeros((2, 8, 8, 1), np.float32), r"looks like \(N, H, W, C\) images: pass them as uint8"),
         (np.zeros((2, 1, 16, 16), np.float32), "8x8 images"),
         (np.zeros((9, 1, 8, 8), np.float32), "exceeds the limit of 8"),
         (np.full((1, 1, 8, 8), np.nan, np.float32), "NaN or Inf"),
