@@ -241,9 +241,22 @@ def _compare_with_plain_sgd():
         assert not torch.allclose(w, ref_start[n], rtol=1e-3)  # and they did move
 
 
-def test_rejects_bad_dpnum():
-    with pytest.raises(InputError, match="dpnum must be an integer > 1"):
-        _masking(dpnum=1)
+def test_rejects_bad_settings():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    cases = [
+        ({"dpnum": 1}, "dpnum must be an integer > 1"),
+        (
+            {"alpha": 2.0},
+            r"alpha \(the share of a layer's weights exchanged per update\) must lie in \[0, 1\), got 2.0",
+        ),
+        ({"alpha": float("nan")}, "alpha .* must lie in"),
+        ({"update_every": 0, "total_steps": 10}, "update_every must be an integer >= 1, got 0"),
+        ({"total_steps": 2.5}, "total_steps must be an integer >= 1, got 2.5"),
+        ({"density": 0.0}, r"density must lie in \(0, 1\]"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(InputError, match=message):
+            Masking(model, "cigl", **{"density": 0.5} | settings)
 
 
 def test_averaging_equals_mean_of_snapshots():

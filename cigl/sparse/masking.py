@@ -97,9 +97,14 @@ class Masking:
             base, default_dpnum = PRESETS[method]
             dpnum = default_dpnum if dpnum is None else dpnum
             method = METHODS[base]
+        for name, value in (("total_steps", total_steps), ("update_every", update_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < 1:
+            raise InputError(
+                f"alpha (the share of a layer's weights exchanged per update) must lie in [0, 1), got {alpha!r}"
+            )
         if total_steps is not None:
-            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-                raise InputError(f"total_steps must be an integer >= 1, got {total_steps!r}")
             update_until = update_until or int(0.75 * total_steps)
         update_every = update_every or (default_update_every(update_until) if total_steps else 100)
         self.method = method
