@@ -18,23 +18,27 @@ from pathlib import Path
 
 import numpy as np
 
+from cigl.errors import ArgumentParser
+
 METHODS = ("dense", "rigl", "cigl")
 BIN = Path(sys.executable).parent
 
 
 def tool(name: str, *args: str) -> str:
-    """Run a cigl console script; stop the demo with its message if it fails."""
+    """Run a cigl console script; stop the demo with its one-line error (exit code 2) if it fails."""
     proc = subprocess.run([str(BIN / name), *args], capture_output=True, text=True)
     if proc.returncode not in (0, 1):
-        sys.exit(f"{name} failed:\n{proc.stderr}")
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        print(f"{name}: {last.removeprefix('error: ')}", file=sys.stderr)
+        sys.exit(2)
     return proc.stdout
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--out", default="runs/demo")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of each model (default 30)")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs, images and audit (default runs/demo)")
+    args = p.parse_args(argv)
     out = Path(args.out)
     for method in METHODS:
         run = out / method
