@@ -51,27 +51,31 @@ def run_file(path: Path, name: str) -> Path:
 
 
 def exported_model(path: Path) -> Path:
-    """The model.onnx a user means by `path` (the file, or a run directory's model.onnx), or an
-    InputError that names the fix: a run not exported yet, or a model.pt, checkpoint or
-    model.safetensors given where the exported ONNX model is needed."""
+    """The model.onnx a user means by `path`: the file, or a run directory's model.onnx; an
+    InputError that names the fix for a folder without one (a run not exported yet) or a
+    missing file."""
     path = run_file(path, "model.onnx")
-    export = "cigl-export {} writes it"
     if path.is_dir():
         if (path / "model.pt").is_file():
-            raise InputError(f"{path} holds no model.onnx yet; {export.format(path / 'model.pt')}")
+            raise InputError(f"{path} holds no model.onnx yet; cigl-export {path / 'model.pt'} writes it")
         raise InputError(f"{path} is a folder without a model.onnx; pass an exported model.onnx")
     if not path.is_file():
         raise InputError(f"model not found: {path}")
+    return path
+
+
+def export_hint(path: Path) -> str | None:
+    """For a file that is not a loadable ONNX model: what it is and the cigl-export command that
+    makes the model.onnx, when it is a torch file (model.pt, a checkpoint) or safetensors; else None."""
     with open(path, "rb") as f:
         head = f.read(9)
     # torch.save writes a zip archive; safetensors starts with its header's length and "{"
     kind = "a torch file" if zipfile.is_zipfile(path) else "a safetensors file" if head[8:9] == b"{" else None
-    if kind is not None:
-        model_pt = path.with_name("model.pt")
-        raise InputError(
-            f"{path} is {kind}, not an exported model.onnx; {export.format(model_pt if model_pt.is_file() else path)}"
-        )
-    return path
+    if kind is None:
+        return None
+    model_pt = path.with_name("model.pt")
+    source = model_pt if model_pt.is_file() else path
+    return f"{path} is {kind}, not an exported model.onnx; cigl-export {source} writes it"
 
 
 # --------------------------------------------------------------------------- config.json, metrics.jsonl

@@ -18,7 +18,7 @@ from cigl import conformal
 from cigl.card import ModelCard
 from cigl.errors import FormatError, InputError
 from cigl.images import load_image
-from cigl.runfiles import exported_model
+from cigl.runfiles import export_hint, exported_model
 from cigl.serve.engines import open_engine
 
 MAX_BATCH = 1024
@@ -36,9 +36,15 @@ class Predictor:
         engine: str = "auto",
     ):
         path = exported_model(Path(path))
-        self.engine = open_engine(
-            path.read_bytes(), engine=engine, device=device, threads=threads, source=str(path), max_batch=max_batch
-        )
+        try:
+            self.engine = open_engine(
+                path.read_bytes(), engine=engine, device=device, threads=threads, source=str(path), max_batch=max_batch
+            )
+        except FormatError:
+            hint = export_hint(path)  # a model.pt or safetensors given for the model.onnx
+            if hint is None:
+                raise
+            raise InputError(hint) from None
         self.provider = self.engine.name
         self.card = ModelCard.from_metadata(self.engine.metadata, str(path))
         self._check_graph(str(path))
