@@ -91,11 +91,16 @@ def test_default_update_every():
     assert default_update_every(60) == 5  # never below 5 steps: grown weights need time to train
 
 
-def test_few_updates_warn_with_the_fix(tmp_path):
-    proc = run_cli(TRAIN, "--method", "set", "--epochs", "2", "--update-every", "100", "--out", str(tmp_path / "r"))
+def test_few_updates_and_a_warmup_longer_than_the_run_warn_with_the_fix(tmp_path):
+    options = ["--method", "set", "--epochs", "2", "--update-every", "100", "--warmup-epochs", "3"]
+    proc = run_cli(TRAIN, *options, "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "only 0 mask updates" in warning[0] and "--update-every 5" in warning[0]
+    assert len(warning) == 2 and "only 0 mask updates" in warning[0] and "--update-every 5" in warning[0]
+    assert warning[1] == (
+        "warning: --warmup-epochs 3 is longer than the run (--epochs 2), so the learning rate never reaches "
+        "--lr 0.1; use fewer warm-up epochs"
+    )
 
 
 def test_product_final_ships_the_final_weights(tmp_path):

@@ -178,6 +178,13 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
         resume_from(run, ckpt)
     elif launch.main:
         warn_few_updates(run, explicit_every)
+        if cfg.warmup_epochs > cfg.epochs:
+            print(
+                f"warning: --warmup-epochs {cfg.warmup_epochs:g} is longer than the run (--epochs {cfg.epochs}), "
+                f"so the learning rate never reaches --lr {cfg.lr:g}; use fewer warm-up epochs",
+                file=sys.stderr,
+                flush=True,
+            )
     run.net = (
         model
         if launch.world == 1
