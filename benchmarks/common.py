@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cigl.runfiles import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # real CIFAR-10 JPEGs from ../shared/data beside the checkout
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -65,7 +67,7 @@ def write_results(name: str, results: dict) -> Path:
     """benchmarks/results/<name>.json with the machine description."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **results}, indent=2) + "\n")
+    write_text(path, json.dumps({"benchmark": name, "machine": machine(), **results}, indent=2) + "\n")
     return path
 
 

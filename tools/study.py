@@ -21,6 +21,7 @@ from pathlib import Path
 from cigl.card import metric
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.models import check_model_name
+from cigl.runfiles import write_json, write_text
 from cigl.train.cli import build_parser as train_parser
 from cigl.train.cli import config_from_args
 from cigl.train.config import resolve
@@ -121,7 +122,7 @@ def cmd_run(args) -> int:
     jobs = grid(args)
     check_grid(args, jobs)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps({"runs": dict(jobs)}, indent=2))
+    write_json(root / "study.json", {"runs": dict(jobs)})
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for line in pool.map(lambda job: run_one(*job, root), jobs):
@@ -182,13 +183,13 @@ def cmd_report(args) -> int:
         )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_study_table.md").write_text(table + "\n")
+    write_text(out / "cpu_study_table.md", table + "\n")
     print(table)
     summaries = [json.loads(p.read_text()) for p in root.glob("*/summary.json")]
     if all(s["model"] == "wrn22_2" and s["dataset"] == "cifar10" for s in summaries):
         beside = paper_table(groups)
         if beside:
-            (out / "paper_comparison.md").write_text(beside + "\n")
+            write_text(out / "paper_comparison.md", beside + "\n")
             print("\nbeside the paper (WRN-22-2, CIFAR-10, submission Table 1/3):\n" + beside)
     preds = [f"{p.parent.name}={p}" for p in sorted(root.glob("*-s0/predictions.npz"))]
     if preds:
