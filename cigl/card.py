@@ -156,7 +156,8 @@ class ModelCard:
         if found is None:
             raise InputError(
                 "this model has no conformal thresholds (it was trained without a validation split or by an "
-                "older cigl); calibrate them with confidence-audit --alpha"
+                "older cigl); retrain with a validation split (--val-size > 0) to record them, or measure sets "
+                "on labelled images with confidence-audit --alpha"
             )
         method, thresholds = found
         for a, q in thresholds.items():
