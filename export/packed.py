@@ -10,6 +10,8 @@ The header metadata (string -> string) holds `format` = "cigl-sparse", `format_v
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,12 +131,17 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, as a FormatError when it is not one."""
     from safetensors import SafetensorError, safe_open
 
+    if not Path(path).is_file():
+        raise InputError(f"file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{path} is not a valid safetensors file ({exc})") from None
+        hint = ""
+        if zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            hint = "; it is a torch file (model.pt or a checkpoint): cigl-export writes the safetensors"
+        raise FormatError(f"{path} is not a valid safetensors file ({exc}){hint}") from None
     return tensors, metadata
 
 

@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, make_model_pt, run_cli
 from safetensors.torch import load_file
 
 import cigl.export as cx
-from cigl.errors import FormatError
+from cigl.errors import FormatError, InputError
 from cigl.export import onnx_export
 from cigl.models import create_model
 from cigl.serve.session import open_session
@@ -195,6 +195,10 @@ def test_malformed_inputs_give_one_line_errors(tmp_path, digits_export):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     assert_one_line_error(run_cli(EXPORT, "--inspect", str(corrupt)), "not a valid safetensors file")
+    with pytest.raises(FormatError, match="it is a torch file .*: cigl-export writes the safetensors"):
+        cx.load_model(src)  # the model.pt where its safetensors belongs
+    with pytest.raises(InputError, match="file not found"):
+        cx.load_state_dict(tmp_path / "none.safetensors")
     assert_one_line_error(run_cli(EXPORT, str(src), "--opset", "13"), "--opset must be >= 17")
 
 
