@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cigl.errors import ArgumentParser, CiglError, InputError, cli_entry
 from cigl.serve.engines import add_engine_option
-from cigl.serve.predictor import Predictor
+from cigl.serve.predictor import MAX_BATCH_LIMIT, Predictor
 from cigl.serve.session import add_device_option
 
 
@@ -207,6 +207,10 @@ EXAMPLES = [
 ]
 
 
+MAX_WORKERS = 64  # worker processes: each holds its own copy of the model
+MAX_BODY_MB = 1024
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="cigl-serve", description="Serve an exported model.onnx over HTTP (docs at /docs).", examples=EXAMPLES
@@ -225,8 +229,12 @@ def build_parser() -> ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1 or args.max_batch < 1 or args.max_body_mb <= 0:
-        raise InputError("--workers and --max-batch must be >= 1 and --max-body-mb > 0")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise InputError(f"--workers must lie in 1..{MAX_WORKERS}, got {args.workers}")
+    if not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
+        raise InputError(f"--max-batch must lie in 1..{MAX_BATCH_LIMIT}, got {args.max_batch}")
+    if not 0 < args.max_body_mb <= MAX_BODY_MB:  # NaN fails this too
+        raise InputError(f"--max-body-mb must be > 0 and <= {MAX_BODY_MB}, got {args.max_body_mb}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must lie in 0..65535, got {args.port}")
     if args.port == 0 and args.workers > 1:

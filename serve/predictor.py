@@ -21,7 +21,8 @@ from cigl.images import load_image
 from cigl.runfiles import export_hint, exported_model
 from cigl.serve.engines import open_engine
 
-MAX_BATCH = 1024
+MAX_BATCH = 1024  # default limit of a batch's images
+MAX_BATCH_LIMIT = 65_536  # the highest limit a caller may set
 
 
 class Predictor:
@@ -35,6 +36,8 @@ class Predictor:
         max_batch: int = MAX_BATCH,
         engine: str = "auto",
     ):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+            raise InputError(f"max_batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r}")
         path = exported_model(Path(path))
         try:
             self.engine = open_engine(

@@ -43,10 +43,22 @@ def add_device_option(parser) -> None:
     )
 
 
+MAX_THREADS = 1024
+
+
+def check_threads(threads) -> None:
+    """InputError unless `threads` is an integer in 0..MAX_THREADS (0: the engine's choice, all
+    cores); a huge count would make onnxruntime start that many threads."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise InputError(f"threads must be an integer from 0 (all cores) to {MAX_THREADS}, got {threads!r}")
+
+
 def open_session(model: bytes, *, device: str = "cpu", threads: int = 0, source: str = "model"):
     """An onnxruntime InferenceSession of the serialised ONNX `model` (threads 0 = onnxruntime's
     choice). A model onnxruntime cannot load is a FormatError naming `source`."""
     import onnxruntime as ort
+
+    check_threads(threads)
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

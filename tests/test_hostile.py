@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -24,9 +25,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cigl.data import load_dataset
+from cigl.errors import InputError
 from cigl.export.cli import main as export_main
 from cigl.serve.audit import main as audit_main
 from cigl.serve.http import create_app
+from cigl.serve.http import main as serve_main
 from cigl.serve.predict import main as predict_main
 from cigl.serve.predictor import Predictor
 from cigl.train import main as train_main
@@ -523,6 +526,34 @@ def test_export_parity_tolerance_scales_with_the_logits():
 
 
 # --------------------------------------------------------------------------- cigl-serve
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--workers", "100000", "--workers must lie in 1..64, got 100000"),
+        ("--max-batch", "0", "--max-batch must lie in 1..65536, got 0"),
+        ("--max-body-mb", "nan", "--max-body-mb must be > 0 and <= 1024, got nan"),
+        ("--max-body-mb", "inf", "--max-body-mb must be > 0 and <= 1024, got inf"),
+    ],
+)
+def test_serve_bounds_its_sizes_before_loading_anything(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as stop:
+        serve_main([str(tmp_path / "model.onnx"), option, value])
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"threads": 10**6}, "threads must be an integer from 0 (all cores) to 1024, got 1000000"),
+        ({"threads": -1}, "threads must be an integer from 0 (all cores) to 1024, got -1"),
+        ({"max_batch": 0}, "max_batch must be an integer in 1..65536, got 0"),
+    ],
+)
+def test_predictor_bounds_its_sizes(exported, setting, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        Predictor(exported / "model.onnx", **setting)
 
 
 @pytest.fixture(scope="module")

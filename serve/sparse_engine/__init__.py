@@ -47,7 +47,10 @@ class SparseEngine:
         import onnx
         from google.protobuf.message import DecodeError
 
+        from cigl.serve.session import check_threads
         from cigl.serve.sparse_engine.graph import Program
+
+        check_threads(threads)
 
         try:
             proto = onnx.load_from_string(model)
