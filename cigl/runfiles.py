@@ -69,8 +69,10 @@ def export_hint(path: Path) -> str | None:
     makes the model.onnx, when it is a torch file (model.pt, a checkpoint) or safetensors; else None."""
     with open(path, "rb") as f:
         head = f.read(9)
-    # torch.save writes a zip archive; safetensors starts with its header's length and "{"
-    kind = "a torch file" if zipfile.is_zipfile(path) else "a safetensors file" if head[8:9] == b"{" else None
+    # torch.save writes a zip archive; safetensors starts with its JSON header's length, then "{"
+    header = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    safetensors = head[8:9] == b"{" and 0 < header <= path.stat().st_size - 8
+    kind = "a torch file" if zipfile.is_zipfile(path) else "a safetensors file" if safetensors else None
     if kind is None:
         return None
     model_pt = path.with_name("model.pt")

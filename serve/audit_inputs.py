@@ -12,6 +12,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl.errors import FormatError, InputError
+from cigl.runfiles import export_hint
 from cigl.serve.predictor import Predictor
 
 
@@ -74,8 +75,8 @@ def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = 
         scores, labels, kind, classes = _load_npz(path)
     elif path.suffix == ".csv":
         scores, labels, kind, classes = _load_csv(path, label_column, csv_kind)
-    else:
-        raise InputError(f"{path}: expected a .npz or .csv prediction file")
+    else:  # a model.pt or safetensors meant as the model: name the export that makes its model.onnx
+        raise InputError(export_hint(path) or f"{path}: expected a .npz or .csv prediction file")
     try:
         scores, labels = cal.validate(scores, labels, kind)
     except InputError as exc:

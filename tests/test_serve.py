@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 import cigl.export as cx
 from cigl.data import CIFAR10_CLASSES, load_dataset
 from cigl.errors import InputError
+from cigl.serve.audit import main as audit_main
 from cigl.serve.predictor import Predictor
 from cigl.train import TrainConfig, train
 
@@ -131,7 +132,7 @@ def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
     )
 
 
-def test_a_file_that_is_not_the_exported_model_names_the_export(tmp_path, digits_run):
+def test_a_file_that_is_not_the_exported_model_names_the_export(tmp_path, capsys, digits_run):
     out, _ = digits_run
     shutil.copy(out / "model.pt", tmp_path / "model.pt")
     shutil.copy(out / "last.pt", tmp_path / "last.pt")
@@ -146,6 +147,9 @@ def test_a_file_that_is_not_the_exported_model_names_the_export(tmp_path, digits
     for path, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):
             Predictor(path)
+    with pytest.raises(SystemExit) as stop:  # the audit, given the model.pt for a prediction file or model
+        audit_main([str(out / "model.pt")])
+    assert stop.value.code == 2 and cases[0][1] in capsys.readouterr().err
 
 
 def test_audit_onnx_reproduces_the_run_summary(tmp_path, digits_run):
