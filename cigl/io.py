@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -11,7 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from cigl.errors import CheckpointError, InputError
+
+MAX_ARRAY_BYTES = 2 * 1024**3  # the most .npy / .npz data read into memory from a user's file
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -113,3 +118,25 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise CheckpointError(f"{path} is not a {what} (expected format {fmt!r})")
     return obj
+
+
+def npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) that the header of the .npy stream `f` (read from its start) declares;
+    ValueError or EOFError when it is not one. Reading it costs nothing, so a file's size can be
+    checked before its data is loaded."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read(f)
+    return shape, dtype
+
+
+def npz_declared_bytes(path: str | Path) -> int:
+    """Bytes the arrays of an .npz declare in their headers: a compressed .npz can expand a
+    thousandfold, so its size is checked before np.load decompresses it."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            with z.open(name) as f:
+                shape, dtype = npy_header(f)
+            total += math.prod(shape) * dtype.itemsize
+    return total

@@ -12,6 +12,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl.errors import FormatError, InputError
+from cigl.io import MAX_ARRAY_BYTES, npz_declared_bytes
 from cigl.runfiles import export_hint
 from cigl.serve.predictor import Predictor
 
@@ -29,10 +30,17 @@ class Predictions:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None]:
+    unreadable = (OSError, ValueError, zipfile.BadZipFile, EOFError)
+    try:
+        declared = npz_declared_bytes(path)  # checked before np.load decompresses anything
+    except unreadable as exc:
+        raise FormatError(f"{path} is not a readable .npz file ({exc})") from None
+    if declared > MAX_ARRAY_BYTES:
+        raise InputError(f"{path} declares {declared:,} bytes of arrays, over the limit of {MAX_ARRAY_BYTES:,}")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except unreadable as exc:
         raise FormatError(f"{path} is not a readable .npz file ({exc})") from None
     kind = "logits" if "logits" in arrays else "probs" if "probs" in arrays else None
     if kind is None or "labels" not in arrays:

@@ -23,7 +23,7 @@ import numpy as np
 
 from cigl.data import IMAGE_EXTENSIONS
 from cigl.errors import ArgumentParser, InputError, cli_entry
-from cigl.io import atomic_open
+from cigl.io import MAX_ARRAY_BYTES, atomic_open, npy_header
 from cigl.serve.engines import add_engine_option
 from cigl.serve.predictor import Predictor
 from cigl.serve.session import add_device_option
@@ -47,18 +47,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 MakeRecords = Callable[[list[str], np.ndarray], list[dict]]  # (sources, probs) -> records
-MAX_NPY_BYTES = 2 * 1024**3  # largest .npy input read into memory
 
 
 def load_npy(path: Path) -> np.ndarray:
     """A .npy file's array after checking its header: the .npy format (not an .npz or pickle),
     a plain numeric dtype, 3 or 4 dimensions, and a declared size that the file really holds
-    and that stays under MAX_NPY_BYTES; InputError names what is wrong otherwise."""
+    and that stays under MAX_ARRAY_BYTES; InputError names what is wrong otherwise."""
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _fortran, dtype = header(f)
+            shape, dtype = npy_header(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a .npy array file ({exc}); save arrays with numpy.save") from None
@@ -68,8 +65,8 @@ def load_npy(path: Path) -> np.ndarray:
             f"got dtype {dtype} with shape {shape}"
         )
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > MAX_NPY_BYTES:
-        raise InputError(f"{path} declares {nbytes:,} bytes of data, over the limit of {MAX_NPY_BYTES:,}; split it")
+    if nbytes > MAX_ARRAY_BYTES:
+        raise InputError(f"{path} declares {nbytes:,} bytes of data, over the limit of {MAX_ARRAY_BYTES:,}; split it")
     if path.stat().st_size - offset < nbytes:
         raise InputError(f"{path} is truncated: its header declares {nbytes:,} bytes of data")
     return np.load(path, allow_pickle=False)

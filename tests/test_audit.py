@@ -1,9 +1,11 @@
 """confidence-audit on real prediction files: report contents, plot, gate, errors."""
 
 import csv
+import io
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -145,6 +147,25 @@ def _write(path, **arrays):
     return str(path)
 
 
+def _declaring_4gb(path) -> str:
+    """An .npz of a few hundred bytes whose logits header declares 4 GB (a decompression bomb's
+    effect, without the gigabytes): its size must be refused before np.load reads it."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((1, 10), np.float32))
+    raw = bytearray(buf.getvalue())
+    old, new = b"(1, 10)", b"(100000000, 10)"
+    at = raw.index(old)
+    raw[at : at + len(old)] = new
+    end = raw.index(b"\n")
+    del raw[end - (len(new) - len(old)) : end]  # as many padding spaces: the header keeps its length
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(10, np.int64))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("logits.npy", bytes(raw))
+        z.writestr("labels.npy", labels.getvalue())
+    return str(path)
+
+
 def test_bad_inputs_one_line_and_nothing_written(files, tmp_path):
     root, probs, labels = files
     calm = str(root / "calm.npz")
@@ -166,6 +187,7 @@ def test_bad_inputs_one_line_and_nothing_written(files, tmp_path):
         ([calm, "--max-ece", "5"], "--max-ece must lie in [0, 1]"),
         ([calm, "--scheme", "quantile"], "invalid choice"),
         ([str(root / "calm.txt")], "prediction file not found"),
+        ([_declaring_4gb(tmp_path / "bomb.npz")], "declares 4,000,000,080 bytes of arrays, over the limit of 2,147,48"),
     ]
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
     cases.append(([str(tmp_path / "corrupt.npz")], "not a readable .npz"))
