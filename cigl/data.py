@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from cigl.errors import FormatError, InputError
-from cigl.images import load_image
+from cigl.images import load_image, resize_images
 from cigl.io import atomic_save_npz
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -276,7 +276,7 @@ def load_dataset(
     val = None
     if name == "digits":
         train, test, classes = _digits()
-        mean, std, pad, flip = (0.5,), (0.5,), 1, False
+        mean, std, flip = (0.5,), (0.5,), False
     else:
         if data_dir is None:
             raise InputError(f"--dataset {name} needs --data-dir DIR")
@@ -287,7 +287,7 @@ def load_dataset(
         else:
             train, test, classes = _image_folder_pair(root, image_size)
             mean, std = (0.5,) * 3, (0.5,) * 3
-        pad, flip = max(1, train.x.shape[1] // 8), True
+        flip = True
         if (root / "val").is_dir():
             val, _ = load_image_folder(root / "val", image_size, classes)
             if val.x.shape[1:] != train.x.shape[1:]:
@@ -295,6 +295,10 @@ def load_dataset(
     if train_per_class is not None:
         sub = per_class_subset(train.y, train_per_class)
         train = Split(train.x[sub], train.y[sub])
+    if image_size is not None:  # array sources (digits, CIFAR-10 batches) come at their own size
+        train, test = (Split(resize_images(part.x, (image_size, image_size)), part.y) for part in (train, test))
+        val = None if val is None else Split(resize_images(val.x, (image_size, image_size)), val.y)
+    pad = max(1, train.x.shape[1] // 8)
     if val is None:
         keep, held = stratified_split(train.y, val_size, seed=0)
         train, val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])

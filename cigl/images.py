@@ -98,6 +98,14 @@ def _to_8bit(im, channels: int, label: str) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Step 4 on decoded uint8 images (N, H, W, C), e.g. datasets stored as arrays (digits, the
+    CIFAR-10 python batches), so `--image-size` means the same for them as for image files."""
+    if x.shape[1:3] == size:
+        return x
+    return np.stack([_cover_crop(img, size) for img in x]) if len(x) else np.zeros((0, *size, x.shape[3]), np.uint8)
+
+
 def _cover_crop(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize (bilinear) so the image covers `size` = (H, W) with its aspect ratio kept, then crop
     the centre (step 4)."""

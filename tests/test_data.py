@@ -86,6 +86,20 @@ def test_python_batches_format(tmp_path, cifar_small):
     d = data.load_dataset("cifar10", tmp_path, val_size=0)
     assert np.array_equal(d.test.x, src.test.x) and np.array_equal(d.test.y, src.test.y)
     assert len(d.train) == len(src.train)
+    # --image-size resizes array sources as it resizes image files: the same pixels either way
+    d, src = (data.load_dataset("cifar10", root, val_size=0, image_size=24) for root in (tmp_path, cifar_small))
+    assert d.test.x.shape[1:] == (24, 24, 3) and np.array_equal(d.test.x, src.test.x)
+    assert d.train.x.shape == src.train.x.shape and d.pad == src.pad == 3
+
+
+def test_image_size_resizes_digits():
+    from PIL import Image
+
+    d8, d16 = data.load_dataset("digits"), data.load_dataset("digits", image_size=16)
+    assert d16.train.x.shape[1:] == (16, 16, 1) and d16.test.x.shape[1:] == (16, 16, 1)
+    assert (d8.pad, d16.pad) == (1, 2) and np.array_equal(d16.test.y, d8.test.y)
+    expected = np.asarray(Image.fromarray(d8.test.x[5, :, :, 0]).resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(d16.test.x[5, :, :, 0], expected)
 
 
 def test_python_batch_with_code_is_refused_and_not_run(tmp_path):

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"default {d.dataset}")
     g.add_argument("--data-dir", help="dataset folder (cifar10: ImageFolder with train/ test/ or cifar-10-batches-py)")
-    g.add_argument("--image-size", type=int, help="resize images to N x N (needed when sizes differ)")
+    g.add_argument(
+        "--image-size", type=int, help="resize images to N x N (needed when sizes differ; digits and CIFAR batches too)"
+    )
     g.add_argument(
         "--val-size", type=float, help=f"share of train held out for validation (default {d.val_size}; 0 = paper)"
     )

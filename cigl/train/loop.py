@@ -241,8 +241,9 @@ def warn_few_updates(run: Run, explicit_every: int | None) -> None:
         else "train for more epochs"
     )
     print(
-        f"warning: only {planned} mask updates in {end_step} steps (--update-every {cfg.update_every}, "
-        f"--update-end {cfg.update_end:g}), so {cfg.method} barely differs from static training; {fix}",
+        f"warning: only {planned} mask updates in {run.steps_per_epoch * cfg.epochs} steps (every "
+        f"{cfg.update_every} steps until step {end_step}: --update-every {cfg.update_every}, --update-end "
+        f"{cfg.update_end:g}), so {cfg.method} barely differs from static training; {fix}",
         file=sys.stderr,
         flush=True,
     )
