@@ -453,6 +453,21 @@ def test_train_validates_every_number_before_writing(tmp_path, capsys, option, v
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "options,named",
+    [
+        (["--conformal", "raps", "--val-size", "0"], "--conformal"),
+        (["--target-risk", "0.2", "--val-size", "0"], "--target-risk"),
+        (["--mc-samples", "2", "--method", "rigl"], "--mc-samples"),
+        (["--method", "dense", "--density", "0.5"], "--density"),
+    ],
+)
+def test_train_refuses_options_that_would_be_ignored(tmp_path, capsys, options, named):
+    result = run_tool(train_main, [*options, "--out", tmp_path / "run"], capsys)
+    assert_clean_error(result, named)
+    assert not (tmp_path / "run").exists()
+
+
 def _damage(run: Path, how: str) -> None:
     if how == "invalid config.json":
         (run / "config.json").write_text("{not json")

@@ -121,6 +121,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """TrainConfig from explicitly given options; with --resume, the rest comes from the run."""
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
     if not getattr(args, "resume", None):
+        if "conformal" in given and given.get("val_size") == 0:  # the default score is skipped silently
+            raise InputError("--conformal is calibrated on the validation split: drop --val-size 0 or drop --conformal")
         return TrainConfig(**given), False
     run = Path(args.resume)
     if "out" in given and Path(given["out"]) != run:
