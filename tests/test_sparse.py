@@ -399,6 +399,20 @@ def test_weights_share_one_buffer_until_finalize_and_moving_them_is_an_error():
         masking.begin_step()
 
 
+@pytest.mark.parametrize("method,dpnum", [("rigl", None), ("set", None), ("rigl", 10)])
+def test_a_finalized_masking_refuses_further_steps(method, dpnum):
+    """After finalize() the weights are the model's own: a step or mask update would change a
+    model whose masks are no longer enforced, so both stop with the fix instead."""
+    model, opt, masking = _masking(method, dpnum=dpnum)
+    masks = masking.finalize()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    before = {n: p.detach().clone() for n, p in masking.params.items()}
+    for call in (lambda: masking.step(opt), lambda: masking.update(0, opt), masking.finalize):
+        with pytest.raises(InputError, match="Masking was finalized.*create a new Masking"):
+            call()
+    assert all(torch.equal(p, before[n]) and torch.equal(masking.masks[n], masks[n]) for n, p in masking.params.items())
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten operators dispatched: on CUDA, each is at least one kernel launch."""
 

@@ -131,6 +131,7 @@ class Masking:
                 p.mul_(self.masks[name]).mul_(self.scale)
         self.steps = 0  # steps taken through step()
         self._drawn = False  # the random mask of the current step is applied
+        self.finalized = False  # finalize() ended training: no more steps or mask updates
         self._hook = model.register_forward_pre_hook(self._draw) if total_steps and self.dpnum else None
 
     # ------------------------------------------------------------------ state
@@ -282,6 +283,7 @@ class Masking:
         """After loss.backward(), in place of optimizer.step(): mask the gradients and step (or, on
         a mask-update step, change the masks from the dense gradient and skip the step, as RigL
         does), then put the dropped weights back."""
+        self._check_training()
         if self.is_update_step(self.steps):
             self.update(self.steps, optimizer)
         else:
@@ -295,6 +297,7 @@ class Masking:
     def finalize(self) -> dict[str, torch.Tensor]:
         """End training: the parameters become the trained weights w (they held u = scale * w);
         returns the masks. The model is then an ordinary (sparse) torch model."""
+        self._check_training()
         self.end_step()
         if self._hook is not None:
             self._hook.remove()
@@ -307,12 +310,21 @@ class Masking:
         for p in self.params.values():  # each weight in its own memory again; the buffer goes
             p.data = p.data.clone()
         self._flat = None
+        self.finalized = True
         return {n: m.clone() for n, m in self.masks.items()}
+
+    def _check_training(self) -> None:
+        if self.finalized:
+            raise InputError(
+                "Masking was finalized: training with it is over (its masks no longer change and "
+                "weights are no longer masked); create a new Masking to train further"
+            )
 
     @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Drop and grow in every layer from the dense gradient in p.grad; new and dropped
         weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
+        self._check_training()
         self.end_step()
         frac = cosine_drop_fraction(step, self.alpha, self.update_until)
         like = list(self.params.values())
