@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cigl.errors import InputError
+from cigl.errors import InputError, is_int_in
 
 KINDS = ("logits", "probs")
 SCHEMES = ("uniform", "adaptive")
@@ -45,7 +45,7 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or not 1 <= n_bins <= MAX_BINS:
+    if not is_int_in(n_bins, 1, MAX_BINS):
         raise InputError(f"n_bins must be an integer >= 1 and <= {MAX_BINS}, got {n_bins!r}")
     if scheme not in SCHEMES:
         raise InputError(f"scheme must be 'uniform' or 'adaptive', got {scheme!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import numbers
 import os
 import sys
 import warnings
@@ -31,6 +32,17 @@ class FormatError(CiglError):
 
 class CheckpointError(CiglError):
     """A checkpoint that cannot be loaded or resumed from."""
+
+
+def is_int_in(value: object, low: int, high: int | None = None) -> bool:
+    """True for a plain integer (Python or numpy, never a bool) with low <= value <= high
+    (no upper bound when high is None): the check behind every count a user gives."""
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and low <= value
+        and (high is None or value <= high)
+    )
 
 
 def _one_line_warning(message, *_details) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from cigl import conformal
 from cigl.card import ModelCard
-from cigl.errors import FormatError, InputError
+from cigl.errors import FormatError, InputError, is_int_in
 from cigl.images import load_image
 from cigl.runfiles import export_hint, exported_model
 from cigl.serve.engines import open_engine
@@ -36,7 +36,7 @@ class Predictor:
         max_batch: int = MAX_BATCH,
         engine: str = "auto",
     ):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        if not is_int_in(max_batch, 1, MAX_BATCH_LIMIT):
             raise InputError(f"max_batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r}")
         path = exported_model(Path(path))
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cigl.errors import FormatError, InputError
+from cigl.errors import FormatError, InputError, is_int_in
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,7 +49,7 @@ MAX_THREADS = 1024
 def check_threads(threads) -> None:
     """InputError unless `threads` is an integer in 0..MAX_THREADS (0: the engine's choice, all
     cores); a huge count would make onnxruntime start that many threads."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+    if not is_int_in(threads, 0, MAX_THREADS):
         raise InputError(f"threads must be an integer from 0 (all cores) to {MAX_THREADS}, got {threads!r}")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cigl.errors import InputError
+from cigl.errors import InputError, is_int_in
 from cigl.sparse import random_mask
 from cigl.sparse.allocation import layer_nnz, layer_table, masked_parameters, random_masks
 from cigl.sparse.method import Method, drop_and_grow
@@ -98,7 +98,7 @@ class Masking:
             dpnum = default_dpnum if dpnum is None else dpnum
             method = METHODS[base]
         for name, value in (("total_steps", total_steps), ("update_every", update_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_in(value, 1):
                 raise InputError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < 1:
             raise InputError(

@@ -12,11 +12,11 @@ import math
 
 import torch
 
-from cigl.errors import InputError
+from cigl.errors import InputError, is_int_in
 
 
 def check_dpnum(dpnum: int) -> None:
-    if isinstance(dpnum, bool) or not isinstance(dpnum, int) or dpnum <= 1:
+    if not is_int_in(dpnum, 2):
         raise InputError(f"dpnum must be an integer > 1 (drop probability 1/DPNUM), got {dpnum!r}")
 
 

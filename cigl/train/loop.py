@@ -33,7 +33,7 @@ from torch import nn
 
 from cigl import distributed, runfiles
 from cigl.data import Dataset, load_dataset
-from cigl.errors import CheckpointError, InputError
+from cigl.errors import CheckpointError, InputError, is_int_in
 from cigl.models import create_model
 from cigl.pipeline import augment, epoch_order, normalize, shuffled_batches, to_device
 from cigl.sparse import Masking, WeightAverage, recalibrate_bn
@@ -271,7 +271,7 @@ def restore(ckpt: dict, path: Path, model, optimizer, masking, average, device) 
         raise CheckpointError(f"{path} holds no sparse masks (a dense run's?); resume it with its own config.json")
     try:
         step = ckpt["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_int_in(step, 0):
             raise ValueError(f"step {step!r}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
