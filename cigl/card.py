@@ -24,6 +24,7 @@ from cigl.images import MAX_SIDE, PREPROCESS, check_preprocess
 
 METRICS = ("accuracy", "nll", "ece", "brier", "mean_confidence")
 RECORDED = ("accuracy", "ece", "nll")  # the test metrics a card carries, as test_<name>
+RECORDED_ECE_BINS = 10  # the equal-width bins of every ECE a card records (training's split metrics)
 OLD_METRIC_NAMES = {"accuracy": "acc", "mean_confidence": "conf"}  # summary.json before one vocabulary
 METHOD_SETTINGS = (
     "density",

@@ -21,6 +21,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl import conformal
+from cigl.card import RECORDED_ECE_BINS
 from cigl.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.io import check_output_dir, make_output_dir
@@ -148,16 +149,22 @@ def audit_one(p: Predictions, s: Settings) -> dict:
     threshold = card.abstain_threshold() if card is not None else 0.0
     metrics["selective"] = guarantees.selective_report(probs, p.labels, split, s.target_risk, threshold)
     if p.model is not None:
-        # drift: the served ECE recorded at training and the one measured here differ by more
-        # than the interval's half-width
-        recorded, ci = p.model["recorded"]["served_ece"], metrics["served"].get("ece_ci")
-        p.model["ece_drift"] = bool(
-            recorded is not None and ci is not None and abs(recorded - metrics["served"]["ece"]) > (ci[1] - ci[0]) / 2
-        )
+        p.model["ece_drift"] = ece_drift(probs, p.labels, p.model["recorded"]["served_ece"], metrics["served"], s)
         metrics["model"] = p.model
     if s.shift:
         metrics["shift"] = shift_audit(p, s, metrics["conformal"])
     return metrics
+
+
+def ece_drift(probs: np.ndarray, labels: np.ndarray, recorded: float | None, served: dict, s: Settings) -> bool:
+    """Whether the served ECE recorded at training and the one measured here differ by more than
+    the bootstrap interval's half-width, both binned as training bins (`--bins` may differ)."""
+    if recorded is None or not s.n_boot:
+        return False
+    if s.n_bins != RECORDED_ECE_BINS:
+        served = guarantees.served_metrics(probs, labels, n_bins=RECORDED_ECE_BINS, n_boot=s.n_boot, seed=s.seed)
+    low, high = served["ece_ci"]
+    return abs(recorded - served["ece"]) > (high - low) / 2
 
 
 def shift_audit(p: Predictions, s: Settings, conformal_found: dict) -> dict:

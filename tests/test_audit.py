@@ -196,3 +196,22 @@ def test_bad_inputs_one_line_and_nothing_written(files, tmp_path):
         proc = audit(*args, "--out", str(out))
         assert_one_line_error(proc, needle)
         assert not out.exists(), args
+
+
+def test_ece_drift_compares_with_trainings_binning(files):
+    """The card records the served ECE with 10 equal-width bins; --bins 3 or 40 must not turn the
+    same probabilities into 'drift', and a recorded value far off must still be flagged."""
+    from cigl.serve.audit import Settings, ece_drift
+    from cigl.serve.guarantees import served_metrics
+
+    _, probs, labels = files
+    soft = cal.softmax(np.log(probs) * 0.5)  # confidences spread over the bins, so binning matters
+    recorded = cal.ece(soft, labels, kind="probs", n_bins=10)
+    for bins in (3, 10, 40):
+        s = Settings(n_bins=bins, n_boot=200)
+        served = served_metrics(soft, labels, n_bins=bins, n_boot=200, seed=0)
+        assert ece_drift(soft, labels, recorded, served, s) is False
+        assert ece_drift(soft, labels, recorded + 0.2, served, s) is True
+        if bins != 10:  # compared at --bins, these probabilities would read as drift
+            low, high = served["ece_ci"]
+            assert abs(recorded - served["ece"]) > (high - low) / 2

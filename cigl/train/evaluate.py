@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cigl import calibration, conformal, selective
+from cigl.card import RECORDED_ECE_BINS
 from cigl.pipeline import normalize
 from cigl.sparse import random_mask
 
@@ -34,8 +35,8 @@ def split_logits(model: nn.Module, xs: dict[str, torch.Tensor], data, amp, weigh
 
 
 def split_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
-    """cigl.card.METRICS of softmax(logits / T): accuracy, NLL, ECE (10 bins), Brier, mean confidence."""
-    s = calibration.summary(logits / temperature, labels, kind="logits", n_bins=10)
+    """cigl.card.METRICS of softmax(logits / T): accuracy, NLL, ECE (RECORDED_ECE_BINS), Brier, mean confidence."""
+    s = calibration.summary(logits / temperature, labels, kind="logits", n_bins=RECORDED_ECE_BINS)
     return {k: s[k] for k in ("accuracy", "nll", "ece", "brier", "mean_confidence")}
 
 
