@@ -1,12 +1,19 @@
 """tools/study.py: its checks before any run starts, and the report's rows and paper comparison."""
 
+import json
+import shutil
 import sys
+from dataclasses import asdict
 
 import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import study
+
+from cigl.train.cli import build_parser as train_parser
+from cigl.train.cli import config_from_args
+from cigl.train.config import resolve
 
 
 def _summary(method, density, accuracy, ece, old_names=False):
@@ -61,10 +68,48 @@ def test_run_checks_the_whole_grid_before_starting(tmp_path, capsys, options, me
     assert not runs.exists()
 
 
-def test_failed_runs_make_a_nonzero_exit(tmp_path, capsys):
-    """Runs that fail (here: a data folder without train/ and test/) are listed and counted."""
-    argv = ["run", "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--seeds", "0", "--jobs", "3"]
-    assert study.main(argv) == 1
+def test_failed_runs_make_a_nonzero_exit(tmp_path, capsys, cifar_small):
+    """Runs that fail (here: interrupted runs whose last.pt is damaged) are listed and counted."""
+    runs = tmp_path / "runs"
+    for name in ("dense-s0", "rigl-d0.1-s0", "cigl-d0.1-s0"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.json").write_text("{}")
+        (runs / name / "last.pt").write_bytes(b"\0" * 100)
+    argv = ["run", "--runs", str(runs), "--data-dir", str(cifar_small), "--per-class", "5", "--seeds", "0"]
+    assert study.main([*argv, "--jobs", "3"]) == 1
     out = capsys.readouterr().out
-    assert out.count("FAILED error: ") == 3 and "needs train/ and test/" in out
+    assert out.count("FAILED error: ") == 3 and out.count("last.pt") >= 3
     assert "3 of 3 runs failed" in out
+
+
+def test_run_checks_the_data_once_before_starting(tmp_path, capsys, cifar_small):
+    """A data problem (here: mixed image sizes) stops the study before any run, in one line that
+    names the fix, and the fix (--image-size) exists in the study's own options."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(cifar_small, data)
+    Image.new("RGB", (40, 36), (10, 20, 30)).save(data / "train" / "cat" / "big.png")
+    argv = ["run", "--runs", str(tmp_path / "runs"), "--data-dir", str(data), "--per-class", "5"]
+    with pytest.raises(SystemExit) as stop:
+        study.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "mixed sizes" in err and "--image-size" in err
+    assert not (tmp_path / "runs").exists()
+    first_run = study.grid(study.build_parser().parse_args([*argv, "--image-size", "24"]))[0]
+    assert "--image-size 24" in " ".join(first_run[1])
+
+
+def test_run_refuses_an_earlier_run_with_other_settings(tmp_path, capsys, cifar_small):
+    """`run` skips finished runs: one made with other settings would be reported as this study's."""
+    runs = tmp_path / "runs"
+    argv = ["run", "--runs", str(runs), "--data-dir", str(cifar_small), "--per-class", "5", "--seeds", "0"]
+    options = dict(study.grid(study.build_parser().parse_args(argv)))["rigl-d0.1-s0"]
+    saved = asdict(resolve(config_from_args(train_parser().parse_args(options))[0])) | {"train_per_class": 400}
+    (runs / "rigl-d0.1-s0").mkdir(parents=True)
+    (runs / "rigl-d0.1-s0" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as stop:
+        study.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"{runs / 'rigl-d0.1-s0'} was trained with --train-per-class 400, not 5" in err

@@ -16,15 +16,17 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from cigl.card import metric
+from cigl.data import load_dataset
 from cigl.errors import ArgumentParser, InputError, cli_entry
 from cigl.models import check_model_name
 from cigl.runfiles import write_json, write_text
 from cigl.train.cli import build_parser as train_parser
 from cigl.train.cli import config_from_args
-from cigl.train.config import resolve
+from cigl.train.config import TrainConfig, flag, resolve
 
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
@@ -72,6 +74,8 @@ def grid(args) -> list[tuple[str, list[str]]]:
         "10",
         "--quiet",
     ]
+    if args.image_size:
+        common += ["--image-size", str(args.image_size)]
     if args.paper:  # the reference's recipe (METHOD.md section 4): all images, wd 1e-4, lr x0.6 every 30 epochs
         common += ["--wd", "1e-4", "--decay", "0.6", "--decay-every", "30", "--warmup-epochs", "5", "--val-size", "0"]
     else:
@@ -106,15 +110,37 @@ MAX_JOBS = 64
 
 
 def check_grid(args, jobs: list[tuple[str, list[str]]]) -> None:
-    """Every run's settings checked as cigl-train would, before any run starts: InputError names
-    the first problem (one line, exit code 2) instead of every run failing alike."""
+    """Every run's settings and the data checked as cigl-train would, before any run starts:
+    InputError names the first problem (one line, exit code 2) instead of every run failing alike."""
     if not 1 <= args.jobs <= MAX_JOBS:
         raise InputError(f"--jobs must lie in 1..{MAX_JOBS}, got {args.jobs}")
     if not Path(args.data_dir).is_dir():
         raise InputError(f"data folder not found: {args.data_dir}; `make data` extracts CIFAR-10 to data/cifar10")
     check_model_name(args.model)
-    for _, options in jobs:
-        resolve(config_from_args(train_parser().parse_args([*options, "--out", args.runs]))[0])
+    configs = {name: resolve(config_from_args(train_parser().parse_args(options))[0]) for name, options in jobs}
+    for name, cfg in configs.items():
+        check_earlier_run(Path(args.runs) / name, cfg)
+    cfg = next(iter(configs.values()))  # the runs share their data settings: they load (and cache) once
+    load_dataset(
+        cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size, train_per_class=cfg.train_per_class
+    )
+
+
+def check_earlier_run(out: Path, cfg: TrainConfig) -> None:
+    """A run directory left by an earlier `run` must hold these settings: `run` skips a finished
+    run and resumes an interrupted one, which would otherwise report another study's run."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no run there yet (or a damaged one, which cigl-train names)
+    wanted = {k: v for k, v in asdict(cfg).items() if v is not None and k != "out"}  # None: filled in by training
+    differ = [k for k, v in wanted.items() if isinstance(saved, dict) and k in saved and saved[k] != v]
+    if differ:
+        key = differ[0]
+        raise InputError(
+            f"{out} was trained with {flag(key)} {saved[key]}, not {wanted[key]}: pass another --runs for "
+            "these settings or delete that run"
+        )
 
 
 def cmd_run(args) -> int:
@@ -211,8 +237,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -223,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--epochs", type=int, default=30, help="epochs per run")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run of each method per seed")
     r.add_argument("--densities", type=float, nargs="+", default=[0.1], help="RigL and CigL at each")
+    r.add_argument("--image-size", type=int, help="resize every image to N x N (needed when sizes differ)")
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
@@ -233,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--runs", default=str(RUNS), help="the run directories to aggregate")
     rep.add_argument("--out", default=str(RESULTS), help="where the table and the audit go")
     rep.set_defaults(fn=cmd_report)
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 
