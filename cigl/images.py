@@ -98,6 +98,19 @@ def _to_8bit(im, channels: int, label: str) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """Step 3 on decoded uint8 images (N, H, W, C): RGB to grayscale ("L", Pillow's weights) for a
+    1-channel model, grayscale repeated for a 3-channel one; unchanged when C == channels."""
+    from PIL import Image
+
+    if x.shape[3] == channels:
+        return x
+    if channels == 1:
+        gray = [np.asarray(Image.fromarray(img).convert("L"), dtype=np.uint8) for img in x]
+        return np.stack(gray)[..., None] if len(x) else np.zeros((*x.shape[:3], 1), np.uint8)
+    return np.repeat(x, channels, axis=3)
+
+
 def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Step 4 on decoded uint8 images (N, H, W, C), e.g. datasets stored as arrays (digits, the
     CIFAR-10 python batches), so `--image-size` means the same for them as for image files."""

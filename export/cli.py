@@ -47,7 +47,8 @@ def load_run_model(path: Path) -> tuple[dict, torch.nn.Module]:
 def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
     """Normalised float images to compare ORT with torch: --check-data (ImageFolder) or the
     run's own test split."""
-    from cigl.data import load_dataset, load_image_folder, test_folder
+    from cigl.data import Split, load_dataset, load_image_folder, test_folder
+    from cigl.images import convert_channels
     from cigl.pipeline import normalize, to_device
 
     size = ckpt["model_kwargs"]["image_size"]
@@ -63,10 +64,7 @@ def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
             raise InputError(
                 f"cannot load the run's test data to check the export ({exc}); pass --check-data DIR"
             ) from None
-    if split.x.shape[3] != ckpt["model_kwargs"]["in_chans"]:
-        raise InputError(
-            f"check images have {split.x.shape[3]} channels, the model expects {ckpt['model_kwargs']['in_chans']}"
-        )
+    split = Split(convert_channels(split.x, ckpt["model_kwargs"]["in_chans"]), split.y)  # as cigl-predict would
     x, _ = to_device(split, torch.device("cpu"))
     # spread over the split: a test split stored class by class would otherwise check few classes
     pick = torch.from_numpy(np.unique(np.linspace(0, len(x) - 1, min(CHECK_IMAGES, len(x))).round().astype(np.int64)))
@@ -145,7 +143,12 @@ def safetensors_rows(tensors: dict[str, torch.Tensor], shapes: dict[str, list[in
 
 def inspect(path: Path) -> None:
     """Print the metadata and per-tensor table of an exported file. Whatever the file holds, the
-    outcome is the table or a FormatError: its metadata is checked, never trusted."""
+    outcome is the table or a FormatError: its metadata is checked, never trusted. A run
+    directory stands for its model.safetensors."""
+    path = run_file(path, "model.safetensors")
+    if path.is_dir():
+        fix = f"cigl-export {path / 'model.pt'} writes it" if (path / "model.pt").is_file() else "pass an exported file"
+        raise InputError(f"{path} is a folder without a model.safetensors; {fix}")
     if not path.is_file():
         raise InputError(f"file not found: {path}")
     if path.suffix not in (".safetensors", ".onnx"):
@@ -219,7 +222,9 @@ def build_parser() -> ArgumentParser:
         help="class folders of images to compare ONNX with torch, or a dataset folder (its test/) "
         "(default: the run's test set)",
     )
-    p.add_argument("--inspect", metavar="FILE", help="print the table of an existing .safetensors or .onnx")
+    p.add_argument(
+        "--inspect", metavar="FILE", help="print the table of an existing .safetensors or .onnx (or of a run folder)"
+    )
     return p
 
 
@@ -231,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         raise InputError("give RUN/model.pt to export, or --inspect FILE")
+    if args.fp16 and args.dense:
+        raise InputError("--fp16 stores packed values as float16 and --dense packs nothing: drop one of them")
     if not 17 <= args.opset <= MAX_OPSET:
         raise InputError(f"--opset must be >= 17 and <= {MAX_OPSET}, got {args.opset}")
     src = run_file(Path(args.model), "model.pt")

@@ -202,12 +202,25 @@ def test_malformed_inputs_give_one_line_errors(tmp_path, digits_export):
     assert_one_line_error(run_cli(EXPORT, str(src), "--opset", "13"), "--opset must be >= 17")
 
 
-def test_inspect_prints_the_table(digits_export):
+def test_inspect_prints_the_table(digits_export, tmp_path):
     src, _ = digits_export
-    for name in ("model.safetensors", "model.onnx"):
+    for name in ("model.safetensors", "model.onnx", ""):  # "": the run folder stands for its safetensors
         proc = run_cli(EXPORT, "--inspect", str(src.parent / name))
         assert proc.returncode == 0, proc.stderr
         assert "packed" in proc.stdout and "arch: resnet20" in proc.stdout and "nonzeros" in proc.stdout
+    (tmp_path / "model.pt").write_bytes(src.read_bytes())
+    assert_one_line_error(run_cli(EXPORT, "--inspect", str(tmp_path)), f"cigl-export {tmp_path / 'model.pt'} writes it")
+
+
+def test_check_data_in_other_channels_and_conflicting_options(digits_export, cifar_small, tmp_path):
+    """A 1-channel model checked on RGB images converts them to grayscale, as cigl-predict does;
+    --fp16 with --dense (which packs nothing to store as float16) is refused, writing nothing."""
+    src, _ = digits_export
+    proc = run_cli(EXPORT, str(src), "--check-data", str(cifar_small), "--out", str(tmp_path / "rgb"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rgb" / "model.onnx").is_file()
+    assert_one_line_error(run_cli(EXPORT, str(src), "--fp16", "--dense", "--out", str(tmp_path / "x")), "drop one")
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_model_torch_cannot_export_is_a_one_line_error(capfd):
