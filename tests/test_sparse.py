@@ -413,6 +413,32 @@ def test_a_finalized_masking_refuses_further_steps(method, dpnum):
     assert all(torch.equal(p, before[n]) and torch.equal(masking.masks[n], masks[n]) for n, p in masking.params.items())
 
 
+def test_a_new_masking_on_the_same_model_ends_the_one_before():
+    """Running a notebook cell again makes a second Masking on the same model: the first is
+    finalized (its forward hook would otherwise refuse the weights the second one moved), so
+    training goes on with the second, and the weights are w, not the first one's u = scale * w."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    first = Masking(model, "cigl", density=0.1, total_steps=20)
+    expected = first.weights()
+    second = Masking(model, "cigl", density=0.1, total_steps=20)
+    assert first.finalized and not second.finalized
+    assert all(torch.allclose(second.weights()[n], w * second.masks[n]) for n, w in expected.items())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()  # the first Masking's hook is gone
+    second.step(opt)
+    with pytest.raises(InputError, match="Masking was finalized"):
+        first.step(opt)
+
+
+def test_lazy_layers_are_named_before_sparsifying():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10))
+    with pytest.raises(InputError, match="2.weight is not initialised yet .*run one forward pass"):
+        Masking(model, "rigl", density=0.2, total_steps=10)
+    model(torch.randn(1, 3, 8, 8))
+    assert Masking(model, "rigl", density=0.2, total_steps=10).nnz["2.weight"] > 0
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten operators dispatched: on CUDA, each is at least one kernel launch."""
 

@@ -25,6 +25,9 @@ def masked_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             found[f"{module_name}.weight" if module_name else "weight"] = module.weight
     if not found:
         raise InputError("the model has no convolution or linear layers to sparsify")
+    lazy = [name for name, p in found.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise InputError(f"{lazy[0]} is not initialised yet (a lazy layer): run one forward pass before sparsifying")
     return found
 
 

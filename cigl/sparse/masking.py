@@ -25,6 +25,8 @@ the last step (for weight-and-mask averaging).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -40,6 +42,10 @@ def shaped_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.T
     in `like` (contiguous or channels_last), so foreach ops pair them element by element."""
     pieces = torch.split(buffer, [t.numel() for t in like])
     return [torch.as_strided(piece, t.shape, t.stride()) for piece, t in zip(pieces, like, strict=True)]
+
+
+# model -> its current Masking: a new Masking on the same model ends the one before
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 class Masking:
@@ -89,6 +95,10 @@ class Masking:
         seed: int = 0,
     ) -> None:
         self.params = masked_parameters(model)
+        previous = _ATTACHED.get(model, lambda: None)()
+        if previous is not None and not previous.finalized:  # e.g. a notebook cell run again
+            previous.finalize()  # one Masking per model: its hook would refuse the weights moved below
+        _ATTACHED[model] = weakref.ref(self)
         if isinstance(method, str):
             from cigl.sparse import METHODS, PRESETS  # the registry imports this module
 
