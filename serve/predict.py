@@ -74,16 +74,12 @@ def load_npy(path: Path) -> np.ndarray:
 
 def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
     arr = load_npy(path)
-    if arr.dtype == np.uint8:  # raw images (N, H, W, C)
-        if arr.ndim == 3:
-            arr = arr[None]
-        arr = predictor.normalize(arr)
-    elif arr.dtype.kind != "f":
+    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
         raise InputError(f"{path}: integer arrays must be uint8 images; normalised inputs must be float")
-    elif arr.ndim == 3:
+    if arr.ndim == 3:
         arr = arr[None]
-    for i in range(0, len(arr), batch):
-        yield [f"{path}[{j}]" for j in range(i, min(i + batch, len(arr)))], arr[i : i + batch]
+    for i in range(0, len(arr), batch):  # normalised batch by batch: a float copy of all is 4x the size
+        yield [f"{path}[{j}]" for j in range(i, min(i + batch, len(arr)))], predictor.as_batch(arr[i : i + batch])
 
 
 def _progress(total: int, enabled: bool):

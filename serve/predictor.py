@@ -4,7 +4,8 @@
 p = Predictor("model.onnx")                 # device="auto" | "cpu" | "cuda", engine="auto" | "onnxruntime" | "sparse"
 p.provider                                  # the engine actually in use (onnxruntime's provider, or "sparse")
 image = p.load_image("cat.jpg")             # path, file object or PIL.Image -> uint8 H x W x C
-logits, probs = p.predict(p.normalize(image[None]))  # float32 NCHW, normalised as the model expects
+logits, probs = p.predict(image)            # uint8 images (N, H, W, C) or one (H, W, C), or
+                                            # float32 NCHW already normalised (p.normalize)
 records = p.records(["cat.jpg"], probs)     # class, calibrated confidence, top-k, abstained
 """
 
@@ -75,6 +76,18 @@ class Predictor:
 
     # ------------------------------------------------------------------ arrays
 
+    def as_batch(self, x) -> np.ndarray:
+        """The model's float input for uint8 images (N, H, W, C) or one image (H, W, C), normalised
+        here; float arrays are taken as already normalised (N, C, H, W) and returned as they are."""
+        x = np.asarray(x)
+        if x.dtype == np.uint8:
+            return self.normalize(x[None] if x.ndim == 3 else x)
+        if x.dtype.kind != "f":
+            raise InputError(
+                f"inputs must be uint8 images (N, H, W, C) or normalised float arrays (N, C, H, W), got dtype {x.dtype}"
+            )
+        return x
+
     def check_batch(self, x: np.ndarray) -> np.ndarray:
         """Validate a normalised float batch before onnxruntime sees it."""
         x = np.asarray(x)
@@ -102,14 +115,14 @@ class Predictor:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, calibrated probabilities) of a normalised float batch."""
-        return self.engine.run(self.check_batch(x))
+        """(logits, calibrated probabilities) of uint8 images or a normalised float batch (`as_batch`)."""
+        return self.engine.run(self.check_batch(self.as_batch(x)))
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) images -> normalised float32 NCHW."""
-        c = self.card.input_size[0]
+        c, h, w = self.card.input_size
         if images.ndim != 4 or images.shape[3] != c:
-            raise InputError(f"images must have shape (N, H, W, {c}) for this model, got {images.shape}")
+            raise InputError(f"images must have shape (N, {h}, {w}, {c}) for this model, got {images.shape}")
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
         return (x - self.card.mean[None, :, None, None]) / self.card.std[None, :, None, None]
 

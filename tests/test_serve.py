@@ -58,7 +58,7 @@ def test_predictor_validates_inputs(digits_run):
     p = Predictor(out / "model.onnx", device="cpu", max_batch=8)
     good = np.zeros((2, 1, 8, 8), np.float32)
     cases = [
-        (good.astype(np.int64), "must be float"),
+        (good.astype(np.int64), "must be uint8 images .* or normalised float"),
         (np.zeros((2, 8, 8), np.float32).reshape(2, 1, 8, 8)[:, 0], "channel"),
         (np.zeros((2, 3, 8, 8), np.float32), "1 channel"),
         (np.zeros((2, 8, 8, 1), np.float32), r"looks like \(N, H, W, C\) images: pass them as uint8"),
@@ -247,6 +247,12 @@ def test_confidence_guarantees_travel_from_training_to_serving(tmp_path, digits_
     assert p.card.abstain_threshold() == pytest.approx(chosen["threshold"])
     test = load_dataset("digits").test
     _, probs = p.predict(p.normalize(test.x))
+    # uint8 images go in as they are (normalised inside), one image or a batch; other ints are refused
+    # (auto may run batch 1 on another engine: equal to float rounding)
+    assert np.array_equal(p.predict(test.x)[1], probs)
+    assert np.allclose(p.predict(test.x[3])[1], probs[3:4], rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match=r"uint8 images \(N, H, W, C\) or normalised float"):
+        p.predict(test.x.astype(np.int64))
     records = p.records([str(i) for i in range(len(test.y))], probs, alpha=0.1)
     covered = np.mean([str(y) in r["prediction_set"] for r, y in zip(records, test.y, strict=True)])
     assert covered >= 0.82
