@@ -270,6 +270,19 @@ def test_averaging_equals_mean_of_snapshots():
     restored = WeightAverage()
     restored.load_state_dict(avg.state_dict())
     assert torch.equal(restored.avg["w"], avg.avg["w"]) and restored.count == 7
+    # snapshots of another model, or the average applied to one, are named instead of half-done
+    with pytest.raises(InputError, match=r"1 missing, e.g. \['b'\].*fold snapshots of one model"):
+        avg.fold({"w": torch.randn(5, 3)})
+    with pytest.raises(InputError, match=r"the snapshot's w is \(3, 5\), the average's \(5, 3\)"):
+        avg.fold({"w": torch.randn(3, 5), "b": torch.randn(3)})
+    assert avg.count == 7
+    model = nn.Linear(3, 5)
+    with pytest.raises(InputError, match="2 not averaged.*apply it to the model its snapshots came from"):
+        avg.apply_to(model)
+    fitting = WeightAverage()
+    fitting.fold({"weight": torch.ones(5, 3), "bias": torch.zeros(5)})
+    fitting.apply_to(model)
+    assert torch.equal(model.weight.detach(), torch.ones(5, 3))
 
 
 def test_bn_recalibration_changes_stats_not_weights():
@@ -287,6 +300,10 @@ def test_bn_recalibration_changes_stats_not_weights():
         expected = torch.stack([model.conv1(b).mean((0, 2, 3)) for b in batches]).mean(0)
     assert torch.allclose(bn.running_mean, expected, atol=1e-5)
     assert bn.momentum == 0.1 and model.training
+    # no batches (an exhausted generator, say): refused before the statistics are reset
+    with pytest.raises(InputError, match="got no batches"):
+        recalibrate_bn(model, iter([]))
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
 
 
 def _bookkeeping(masking):
