@@ -510,6 +510,25 @@ def test_resume_names_a_damaged_run(small_run, tmp_path, capsys, how):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.parametrize(
+    "method,extra,needle",
+    [
+        ("rigl", [], "has trained 20 steps (2 epochs) already, more than --epochs 1 gives; pass --epochs 2 or more"),
+        ("cigl", ["--avg-start", "2"], "its weight averaging starts at epoch 2, so --epochs must be 2 or more"),
+    ],
+)
+def test_resume_refuses_fewer_epochs_than_the_run_needs(tmp_path, capsys, method, extra, needle):
+    """A shorter --epochs on resume would end before the steps already trained (the summary would
+    claim fewer epochs than the weights had) or before the averaging starts: refused, run untouched."""
+    run = tmp_path / "run"
+    argv = ["--method", method, "--epochs", "2", "--batch-size", "128", *extra, "--out", str(run), "--quiet"]
+    assert train_main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert_clean_error(run_tool(train_main, ["--resume", run, "--epochs", "1"], capsys), needle)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 @pytest.mark.parametrize("model", ["inception_v3", "convit_tiny"])
 def test_a_timm_model_that_cannot_take_the_input_size_is_named(tmp_path, capsys, model):
     result = run_tool(train_main, ["--model", model, "--out", tmp_path / "run"], capsys)  # digits: 8 x 8

@@ -134,6 +134,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
                 f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
                 f"not {value}; only --epochs may change on resume"
             )
+    avg_start = saved.get("avg_start")
+    if isinstance(given.get("epochs"), int) and isinstance(avg_start, int) and given["epochs"] < avg_start:
+        raise InputError(
+            f"--resume {run}: its weight averaging starts at epoch {avg_start}, so --epochs must be {avg_start} or more"
+        )
     names = {f.name for f in fields(TrainConfig)}
     merged = {k: v for k, v in saved.items() if k in names} | given | {"out": str(run)}
     return TrainConfig(**merged), True

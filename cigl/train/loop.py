@@ -253,6 +253,12 @@ def resume_from(run: Run, ckpt: dict) -> None:
     """Continue from a loaded last.pt: its state into the run's objects, and a note when the
     number of processes changed."""
     run.step = restore(ckpt, run.out / "last.pt", run.model, run.optimizer, run.masking, run.average, run.device)
+    if run.step > run.total_steps:  # the summary would claim fewer epochs than the weights had
+        trained = -(-run.step // run.steps_per_epoch)
+        raise InputError(
+            f"--resume {run.out}: the run has trained {run.step} steps ({trained} epochs) already, more than "
+            f"--epochs {run.cfg.epochs} gives; pass --epochs {trained} or more"
+        )
     done = run.step >= run.total_steps
     where = f"all {run.cfg.epochs} epochs done" if done else f"epoch {run.step // run.steps_per_epoch + 1}"
     run.say(f"resumed {run.out} at step {run.step} ({where})")
