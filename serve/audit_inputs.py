@@ -50,26 +50,47 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None
 
 
 def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """(scores, labels, kind, classes) of a CSV: a header naming the label column and one column
+    per class; cells separated by commas, semicolons or tabs (as the header shows); a label is a
+    class index or a class column's name."""
     try:
         with open(path, newline="") as f:
-            rows = [row for row in csv.reader(f) if row]  # blank lines are not rows
+            first = f.readline()
+            delimiter = max(",;\t", key=first.count)  # the separator the header uses most
+            f.seek(0)
+            rows = [row for row in csv.reader(f, delimiter=delimiter) if row]  # blank lines are not rows
     except (UnicodeDecodeError, csv.Error) as exc:
         raise FormatError(f"{path} is not a readable CSV file ({exc})") from None
     if len(rows) < 2:
         raise FormatError(f"{path} needs a header row and at least one prediction row")
-    header = rows[0]
+    header = [name.strip() for name in rows[0]]
     if label_column not in header:
         raise FormatError(f"{path} has no '{label_column}' column (columns: {', '.join(header)}); use --label-column")
     li = header.index(label_column)
     classes = [c for i, c in enumerate(header) if i != li]
+    index = {name: str(i) for i, name in enumerate(classes)}
+    table = []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise FormatError(f"{path}: line {number} has {len(row)} cells but the header has {len(header)}")
-    try:
-        table = np.array([[float(v) for v in row] for row in rows[1:]], dtype=np.float64)
-    except ValueError as exc:
-        raise FormatError(f"{path}: every cell must be a number ({exc})") from None
+        if not _is_number(row[li]):  # a class name as the label (a number is always an index)
+            row[li] = index.get(row[li].strip(), row[li])
+        try:
+            table.append([float(v) for v in row])
+        except ValueError:
+            bad = next(v for v in row if not _is_number(v))
+            what = f"a class index or one of {', '.join(classes)}" if bad == row[li] else "a number"
+            raise FormatError(f"{path}: line {number} holds {bad!r} where {what} belongs") from None
+    table = np.array(table, dtype=np.float64)
     return np.delete(table, li, axis=1), table[:, li], kind, classes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = "probs") -> Predictions:
@@ -88,7 +109,8 @@ def load_predictions(spec: str, *, label_column: str = "label", csv_kind: str = 
     try:
         scores, labels = cal.validate(scores, labels, kind)
     except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
+        message = str(exc).replace("pass kind='logits'", "pass --csv-kind logits") if path.suffix == ".csv" else exc
+        raise InputError(f"{path}: {message}") from None
     return Predictions(name, scores, labels, kind, classes)
 
 

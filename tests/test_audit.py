@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import zipfile
 
@@ -105,6 +106,36 @@ def test_csv_matches_npz(files, tmp_path):
     )
     for key in ("ece", "nll", "brier", "accuracy", "adaptive_ece", "mce"):
         assert a["models"]["calm"][key] == pytest.approx(b["models"]["calm"][key], abs=1e-9)
+
+
+def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path):
+    """Spreadsheet exports: semicolons or tabs, labels written as class names; a number is always
+    a class index (classes named "1", "2", ... keep their meaning); a bad cell names its line."""
+    from cigl.errors import CiglError
+    from cigl.serve.audit_inputs import load_predictions
+
+    _, probs, labels = files
+    names = [f"digit{k}" for k in range(10)]
+    for sep in (";", "\t"):
+        path = tmp_path / f"sep{len(sep)}{sep == ';'}.csv"
+        lines = [sep.join(["label", *names])] + [
+            sep.join([names[y], *(repr(float(v)) for v in p)]) for p, y in zip(probs, labels, strict=True)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        loaded = load_predictions(str(path))
+        assert np.array_equal(loaded.labels, labels) and np.allclose(loaded.scores, probs)
+    numeric = tmp_path / "numeric.csv"
+    numeric.write_text("label,1,2,3\n1,0.1,0.8,0.1\n2,0.2,0.2,0.6\n")
+    assert load_predictions(str(numeric)).labels.tolist() == [1, 2]  # indices, not the classes named 1 and 2
+    cases = {
+        "label,a,b\n0,0.5,0.5\nc,0.5,0.5\n": "line 3 holds 'c' where a class index or one of a, b belongs",
+        "label,a,b\n0,0.5,0.5\n1,x,0.5\n": "line 3 holds 'x' where a number belongs",
+        "label,a,b\n0,3.0,-1.0\n": "pass --csv-kind logits",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"bad{i}.csv").write_text(text)
+        with pytest.raises(CiglError, match=re.escape(message)):
+            load_predictions(str(tmp_path / f"bad{i}.csv"))
 
 
 def test_adaptive_scheme(files, tmp_path):
