@@ -219,8 +219,9 @@ def build_parser() -> ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.top_k < 1:
-        raise InputError("--batch-size and --top-k must be >= 1")
+    for option, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
+        if value < 1:
+            raise InputError(f"{option} must be >= 1, got {value}")
     if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         raise InputError(f"--abstain-below must lie in [0, 1], got {args.abstain_below}")
     predictor = Predictor(args.model, device=args.device, engine=args.engine)

@@ -126,6 +126,8 @@ def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
     assert_one_line_error(
         run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "raw.npy"), "--abstain-below", "2"), "--abstain-below"
     )
+    top_k = run_cli(PREDICT, str(out / "model.onnx"), str(tmp_path / "raw.npy"), "--top-k", "0")
+    assert_one_line_error(top_k, "--top-k must be >= 1, got 0")
     (tmp_path / "bad.onnx").write_bytes(b"not an onnx model")
     assert_one_line_error(
         run_cli(PREDICT, str(tmp_path / "bad.onnx"), str(tmp_path / "raw.npy")), "not a loadable ONNX"
