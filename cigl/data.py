@@ -298,7 +298,13 @@ def load_dataset(
     if image_size is not None:  # array sources (digits, CIFAR-10 batches) come at their own size
         train, test = (Split(resize_images(part.x, (image_size, image_size)), part.y) for part in (train, test))
         val = None if val is None else Split(resize_images(val.x, (image_size, image_size)), val.y)
-    pad = max(1, train.x.shape[1] // 8)
+    height, width = train.x.shape[1:3]
+    if height != width:  # models, model cards and serving take N x N inputs
+        raise InputError(
+            f"the images are {width} x {height} (width x height); cigl trains on square images: pass "
+            f"--image-size N to resize and centre-crop them to N x N (e.g. --image-size {min(height, width)})"
+        )
+    pad = max(1, height // 8)
     if val is None:
         keep, held = stratified_split(train.y, val_size, seed=0)
         train, val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])

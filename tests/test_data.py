@@ -182,6 +182,20 @@ def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
     assert d.train.x.shape[1:] == (24, 24, 3) and d.test.x.shape[1:] == (24, 24, 3)
 
 
+def test_non_square_images_need_image_size(tmp_path, cifar_small):
+    """Images of one size that is not square would train, then fail at export (models, cards and
+    serving take N x N): refused at load, naming the fix."""
+    from PIL import Image
+
+    for src in cifar_small.rglob("*.jpg"):
+        dst = tmp_path / "wide" / src.relative_to(cifar_small).with_suffix(".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).resize((48, 32)).save(dst)
+    with pytest.raises(InputError, match=r"48 x 32 \(width x height\).*--image-size 32"):
+        data.load_dataset("imagefolder", tmp_path / "wide")
+    assert data.load_dataset("imagefolder", tmp_path / "wide", image_size=32).train.x.shape[1:] == (32, 32, 3)
+
+
 def test_augment_is_a_padded_crop_or_its_mirror():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
