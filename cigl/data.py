@@ -20,11 +20,10 @@ from typing import ClassVar
 import numpy as np
 
 from cigl.errors import FormatError, InputError
-from cigl.images import load_image, resize_images
+from cigl.images import class_folders, image_files, load_image, resize_images
 from cigl.io import atomic_save_npz
 
 DATASETS = ("digits", "cifar10", "imagefolder")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CIFAR10_CLASSES = [
     "airplane",
     "automobile",
@@ -122,14 +121,10 @@ def _digits() -> tuple[Split, Split, list[str]]:
     return Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx]), [str(i) for i in range(10)]
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     if not root.is_dir():
         raise InputError(f"folder not found: {root} (expected one subfolder per class)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    found = [p.name for p in class_folders(root)]
     if not found:
         raise InputError(f"no class folders in {root}: put the images of each class in {root}/<class>/")
     if classes is not None and found != classes:
@@ -139,7 +134,7 @@ def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[li
         )
     files, labels = [], []
     for label, name in enumerate(found):
-        images = _image_files(root / name)
+        images = image_files(root / name)
         if not images:
             raise InputError(f"class folder {root / name} has no images; add images or remove the folder")
         files += images

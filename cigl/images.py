@@ -19,17 +19,37 @@ same pixels when it is trained and when it is served, for any image size and mod
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cigl.errors import InputError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 MAX_SIDE = 4096  # largest model input height/width (training, export and model cards alike)
 MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 8000 x 5000); a decoded RGB image is then <= 120 MB
 RESIZE = "cover-resize-center-crop"  # the policy of step 4, recorded in the model card
 PREPROCESS = f"cigl-images-v1:{RESIZE}"  # what the model card's `preprocess` entry names
 _HIGH_BIT = ("I", "F")  # modes with more than 8 bits per channel: I;16*, I, I;32*, F
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by extension) under `folder` and its subfolders, sorted. Hidden files and
+    folders are skipped: .DS_Store, macOS's ._name.jpg copies, .ipynb_checkpoints."""
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _hidden(p, folder)
+    )
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of an ImageFolder tree: `root`'s subfolders, sorted, hidden ones skipped
+    (a Jupyter .ipynb_checkpoints is not a class)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def check_preprocess(name: str, source: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl.errors import FormatError, InputError
+from cigl.images import class_folders
 from cigl.io import MAX_ARRAY_BYTES, npz_declared_bytes
 from cigl.runfiles import export_hint
 from cigl.serve.predictor import Predictor
@@ -125,7 +126,7 @@ def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, d
         root = test_folder(Path(data))
         if not root.is_dir():
             raise InputError(f"--data folder not found: {root}")
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        folders = class_folders(root)
         unknown = [f.name for f in folders if f.name not in classes]
         if not folders or unknown:
             raise InputError(

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cigl.data import IMAGE_EXTENSIONS
 from cigl.errors import ArgumentParser, InputError, cli_entry
+from cigl.images import image_files
 from cigl.io import MAX_ARRAY_BYTES, atomic_open, npy_header
 from cigl.serve.engines import add_engine_option
 from cigl.serve.predictor import Predictor
@@ -35,7 +35,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = image_files(path)
             if not found:
                 raise InputError(f"no images found under {path}")
             out += found

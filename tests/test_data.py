@@ -182,6 +182,33 @@ def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
     assert d.train.x.shape[1:] == (24, 24, 3) and d.test.x.shape[1:] == (24, 24, 3)
 
 
+def test_image_folders_recurse_and_skip_hidden_entries(tmp_path, cifar_small):
+    """As torchvision's ImageFolder: images in subfolders of a class folder count. Unlike it, hidden
+    entries are skipped: a Jupyter .ipynb_checkpoints folder is not a class, and macOS's ._x.jpg
+    copies and .DS_Store are not images (they made the load fail)."""
+    from cigl.serve.predict import expand_inputs
+
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    cat = root / "train" / "cat"
+    moved = sorted(cat.iterdir())[:3]
+    (cat / "batch2").mkdir()
+    for f in moved:
+        f.rename(cat / "batch2" / f.name)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (cat / "._0001.jpg").write_bytes(b"\0\5\x16\7 AppleDouble")
+    (cat / ".DS_Store").write_bytes(b"\0")
+    d = data.load_dataset("imagefolder", root, val_size=0)
+    before = data.load_dataset("imagefolder", cifar_small, val_size=0)
+    assert d.classes == before.classes and len(d.train) == len(before.train)
+    assert sorted(map(tuple, d.train.x.reshape(len(d.train), -1)[:, :8].tolist())) == sorted(
+        map(tuple, before.train.x.reshape(len(before.train), -1)[:, :8].tolist())
+    )
+    assert expand_inputs([str(cat)]) == sorted(
+        [*(cat / "batch2" / f.name for f in moved), *(f for f in cat.glob("*.jpg") if not f.name.startswith("."))]
+    )
+
+
 def test_non_square_images_need_image_size(tmp_path, cifar_small):
     """Images of one size that is not square would train, then fail at export (models, cards and
     serving take N x N): refused at load, naming the fix."""
