@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import sys
 import time
@@ -94,6 +95,8 @@ class CompiledOrEager(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
+        if not torch.cuda.is_available():  # inductor's CPU build logs that it found no CUDA: noise here
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.eager, self.compiled = module, torch.compile(module)
 
     def forward(self, *args):
