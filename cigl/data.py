@@ -230,6 +230,9 @@ ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip")
 def _layout_hint(root: Path) -> str:
     """What the user probably meant when `root` lacks train/ and test/: a folder inside it that
     has them, an archive still to extract, or class folders with no split."""
+    parent = root.resolve().parent
+    if (parent / "train").is_dir() and (parent / "test").is_dir():  # given one split of a dataset
+        return f"; it is a split of {root.parent}, which has them: pass --data-dir {root.parent}"
     inside = sorted(p for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
     if inside:
         return f"; {inside[0]} has them: pass --data-dir {inside[0]}"
@@ -243,6 +246,8 @@ def _layout_hint(root: Path) -> str:
 
 
 def _image_folder_pair(root: Path, image_size: int | None) -> tuple[Split, Split, list[str]]:
+    if root.is_file() and root.name.lower().endswith(ARCHIVES):
+        raise InputError(f"{root} is an archive: extract it (tar -xf {root}) and pass the folder it makes")
     if not root.is_dir():
         raise InputError(f"data folder not found: {root}")
     if not (root / "train").is_dir() or not (root / "test").is_dir():

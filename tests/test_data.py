@@ -144,10 +144,13 @@ def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
     (root / "train" / "zebra").mkdir()
     with pytest.raises(InputError, match="zebra has no images"):
         data.load_dataset("imagefolder", root)
+    shutil.copytree(root / "train", tmp_path / "classes")
     with pytest.raises(
-        InputError, match=re.escape(f"folders are the classes, move them into {root / 'train' / 'train'}")
+        InputError, match=re.escape(f"folders are the classes, move them into {tmp_path / 'classes' / 'train'}")
     ):
-        data.load_dataset("imagefolder", root / "train")  # class folders, no split
+        data.load_dataset("imagefolder", tmp_path / "classes")  # class folders, no split
+    with pytest.raises(InputError, match=re.escape(f"it is a split of {root}, which has them: pass --data-dir {root}")):
+        data.load_dataset("imagefolder", root / "train")  # one split of a dataset
     with pytest.raises(
         InputError,
         match=re.escape(
@@ -159,6 +162,8 @@ def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
     (tmp_path / "archive" / "images.tar.xz").write_bytes(b"")
     with pytest.raises(InputError, match="images.tar.xz is an archive: extract it"):
         data.load_dataset("imagefolder", tmp_path / "archive")
+    with pytest.raises(InputError, match="images.tar.xz is an archive: extract it .* and pass the folder it makes"):
+        data.load_dataset("imagefolder", tmp_path / "archive" / "images.tar.xz")  # the archive itself
     with pytest.raises(InputError, match="not found"):
         data.load_dataset("imagefolder", tmp_path / "nowhere")
     with pytest.raises(InputError, match="--data-dir"):
