@@ -106,11 +106,17 @@ def check_number(name: str, value, low: float, high: float, kind: str) -> None:
     if value is None:
         return
     number_types = (int,) if kind == "int" else (int, float)
+    span = f"{_show(low)}..{_show(high)}"
     if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value):
         what = "an integer" if kind == "int" else "a finite number"
-        raise InputError(f"{flag(name)} must be {what} in {low:g}..{high:g}, got {value!r}")
+        raise InputError(f"{flag(name)} must be {what} in {span}, got {value!r}")
     if not low <= value <= high:
-        raise InputError(f"{flag(name)} must lie in {low:g}..{high:g}, got {value:g}")
+        raise InputError(f"{flag(name)} must lie in {span}, got {_show(value)}")
+
+
+def _show(x: float) -> str:
+    """Integers in full (2147483647, not 2.14748e+09), floats short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -156,10 +162,14 @@ def _check_numbers(cfg: TrainConfig) -> None:
         check_number(name, getattr(cfg, name), low, high, kind)
     if cfg.dpnum is not None and cfg.dpnum <= 1:
         raise InputError(f"--dpnum must be an integer > 1 (drop probability 1/DPNUM), got {cfg.dpnum}")
-    if cfg.lr <= 0 or cfg.decay <= 0 or (cfg.decay_every is not None and cfg.decay_every <= 0):
-        raise InputError("need --lr > 0, 0 < --decay <= 1 and --decay-every > 0")
-    if cfg.update_end <= 0:
-        raise InputError(f"--update-end must lie in (0, 1], got {cfg.update_end}")
+    for name, value, interval in (
+        ("lr", cfg.lr, "(0, 100]"),
+        ("decay", cfg.decay, "(0, 1]"),
+        ("decay_every", cfg.decay_every, "(0, 1e9]"),
+        ("update_end", cfg.update_end, "(0, 1]"),
+    ):
+        if value is not None and value <= 0:  # the upper bounds are NUMBER_RANGES'
+            raise InputError(f"{flag(name)} must lie in {interval}, got {_show(value)}")
 
 
 def _fill_method(cfg: TrainConfig) -> None:
