@@ -7,6 +7,7 @@
                      (format "cigl-model"; its fields are in docs/FORMAT.md)
     summary.json     the product's metrics and the per-layer densities
     predictions.npz  the product's test logits, labels and class names
+    .lock            held (flock) by the cigl-train process writing the run
 
 Every file is written atomically; torch files are loaded with weights_only=True and checked
 field by field before anything uses them. torch is imported only by the functions that need it.
@@ -18,6 +19,7 @@ import json
 import math
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -81,6 +83,30 @@ def export_hint(path: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- config.json, metrics.jsonl
+
+
+LOCK = ".lock"  # locked (flock) by the process writing the run, for as long as it writes
+
+
+def lock_run(out: Path) -> IO | None:
+    """Create the run directory and hold an exclusive lock on it until the returned file is
+    closed (or the process ends, killed or not): a second cigl-train with the same --out, started
+    while the first one runs, stops with InputError instead of both writing the same files.
+    None where the OS has no flock (the run is then unguarded)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a")  # noqa: SIM115 (held open for the run's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise InputError(
+            f"another cigl-train is writing to {out} right now; wait for it to finish or choose another --out"
+        ) from None
+    return handle
 
 
 def write_run_start(out: Path, run_info: dict, done_epochs: int) -> None:

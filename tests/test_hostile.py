@@ -510,6 +510,21 @@ def test_resume_names_a_damaged_run(small_run, tmp_path, capsys, how):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path, capsys):
+    """Two cigl-train with one --out (launched twice, two terminals) would write the same files:
+    the run folder is locked by the process writing it, and the second stops before writing."""
+    from cigl.runfiles import lock_run
+
+    run = tmp_path / "run"
+    held = lock_run(run)  # as a running cigl-train holds it
+    result = run_tool(train_main, ["--epochs", "1", "--batch-size", "256", "--out", run], capsys)
+    assert_clean_error(result, f"another cigl-train is writing to {run} right now")
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    held.close()  # the first run ended (or was killed): the folder is free again
+    assert train_main(["--epochs", "1", "--batch-size", "256", "--out", str(run), "--quiet"]) == 0
+    assert (run / "summary.json").is_file()
+
+
 @pytest.mark.parametrize(
     "method,extra,needle",
     [

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ class Run:
     eval_x: dict[str, torch.Tensor] = field(default_factory=dict)  # no val split with --val-size 0
     eval_y: dict[str, np.ndarray] = field(default_factory=dict)
     mask_checks: int = 0  # mask updates verified identical on every process
+    lock: IO | None = None  # rank 0's lock on the run directory (runfiles.lock_run)
 
     @property
     def out(self) -> Path:
@@ -128,13 +130,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     )
     with distributed.process_group(launch, device):
         run = setup(cfg, launch, device, resume, quiet)
-        last_logits: dict[str, np.ndarray] = {}  # of the latest evaluation in the loop
-        for epoch in range(run.step // run.steps_per_epoch, cfg.epochs):
-            last_logits = (
-                train_epoch(run, epoch, show_bar=not quiet and launch.main and sys.stderr.isatty()) or last_logits
-            )
-        distributed.leave()
-        return finish(run, last_logits) if launch.main else None
+        try:
+            last_logits: dict[str, np.ndarray] = {}  # of the latest evaluation in the loop
+            for epoch in range(run.step // run.steps_per_epoch, cfg.epochs):
+                last_logits = (
+                    train_epoch(run, epoch, show_bar=not quiet and launch.main and sys.stderr.isatty()) or last_logits
+                )
+            distributed.leave()
+            return finish(run, last_logits) if launch.main else None
+        finally:
+            if run.lock is not None:
+                run.lock.close()
 
 
 # --------------------------------------------------------------------------- set-up
@@ -304,6 +310,7 @@ def start_run_files(run: Run) -> None:
     cfg, launch = run.cfg, run.launch
     layers = run.masking.table() if run.masking is not None else []
     if launch.main:
+        run.lock = runfiles.lock_run(run.out)
         run_info = {
             **asdict(cfg),
             "classes": run.data.classes,
