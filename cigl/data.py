@@ -292,6 +292,12 @@ def load_dataset(
             val, _ = load_image_folder(root / "val", image_size, classes)
             if val.x.shape[1:] != train.x.shape[1:]:
                 raise InputError(f"val images of {root} differ in size from train images; pass --image-size N")
+    if len(classes) < 2:
+        where = f" ({Path(data_dir) / 'train'})" if data_dir is not None else ""
+        raise InputError(
+            f"a classifier needs at least 2 classes; the training images{where} have {len(classes)}: "
+            f"{', '.join(classes) or 'none'}"
+        )
     if train_per_class is not None:
         sub = per_class_subset(train.y, train_per_class)
         train = Split(train.x[sub], train.y[sub])

@@ -214,6 +214,15 @@ def test_image_folders_recurse_and_skip_hidden_entries(tmp_path, cifar_small):
     )
 
 
+def test_one_class_is_refused_before_training(tmp_path, cifar_small):
+    """One class trained to the end, then failed in calibration ("logits need at least 2
+    classes"), leaving a half-written run: refused when the data loads."""
+    for split in ("train", "test"):
+        shutil.copytree(cifar_small / split / "cat", tmp_path / "one" / split / "cat")
+    with pytest.raises(InputError, match=re.escape(f"at least 2 classes; the training images ({tmp_path / 'one' / 'train'}) have 1: cat")):
+        data.load_dataset("imagefolder", tmp_path / "one")
+
+
 def test_non_square_images_need_image_size(tmp_path, cifar_small):
     """Images of one size that is not square would train, then fail at export (models, cards and
     serving take N x N): refused at load, naming the fix."""
