@@ -259,6 +259,25 @@ def _image_folder_pair(root: Path, image_size: int | None) -> tuple[Split, Split
     return train, test, classes
 
 
+def _check_classes(classes: list[str], data_dir: str | Path | None) -> None:
+    if len(classes) < 2:
+        where = f" ({Path(data_dir) / 'train'})" if data_dir is not None else ""
+        raise InputError(
+            f"a classifier needs at least 2 classes; the training images{where} have {len(classes)}: "
+            f"{', '.join(classes) or 'none'}"
+        )
+
+
+def _check_square(train: Split) -> None:
+    """Models, model cards and serving take N x N inputs."""
+    height, width = train.x.shape[1:3]
+    if height != width:
+        raise InputError(
+            f"the images are {width} x {height} (width x height); cigl trains on square images: pass "
+            f"--image-size N to resize and centre-crop them to N x N (e.g. --image-size {min(height, width)})"
+        )
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -292,25 +311,15 @@ def load_dataset(
             val, _ = load_image_folder(root / "val", image_size, classes)
             if val.x.shape[1:] != train.x.shape[1:]:
                 raise InputError(f"val images of {root} differ in size from train images; pass --image-size N")
-    if len(classes) < 2:
-        where = f" ({Path(data_dir) / 'train'})" if data_dir is not None else ""
-        raise InputError(
-            f"a classifier needs at least 2 classes; the training images{where} have {len(classes)}: "
-            f"{', '.join(classes) or 'none'}"
-        )
+    _check_classes(classes, data_dir)
     if train_per_class is not None:
         sub = per_class_subset(train.y, train_per_class)
         train = Split(train.x[sub], train.y[sub])
     if image_size is not None:  # array sources (digits, CIFAR-10 batches) come at their own size
         train, test = (Split(resize_images(part.x, (image_size, image_size)), part.y) for part in (train, test))
         val = None if val is None else Split(resize_images(val.x, (image_size, image_size)), val.y)
-    height, width = train.x.shape[1:3]
-    if height != width:  # models, model cards and serving take N x N inputs
-        raise InputError(
-            f"the images are {width} x {height} (width x height); cigl trains on square images: pass "
-            f"--image-size N to resize and centre-crop them to N x N (e.g. --image-size {min(height, width)})"
-        )
-    pad = max(1, height // 8)
+    _check_square(train)
+    pad = max(1, train.x.shape[1] // 8)
     if val is None:
         keep, held = stratified_split(train.y, val_size, seed=0)
         train, val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])

@@ -219,7 +219,8 @@ def test_one_class_is_refused_before_training(tmp_path, cifar_small):
     classes"), leaving a half-written run: refused when the data loads."""
     for split in ("train", "test"):
         shutil.copytree(cifar_small / split / "cat", tmp_path / "one" / split / "cat")
-    with pytest.raises(InputError, match=re.escape(f"at least 2 classes; the training images ({tmp_path / 'one' / 'train'}) have 1: cat")):
+    expected = f"at least 2 classes; the training images ({tmp_path / 'one' / 'train'}) have 1: cat"
+    with pytest.raises(InputError, match=re.escape(expected)):
         data.load_dataset("imagefolder", tmp_path / "one")
 
 
