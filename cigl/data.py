@@ -322,6 +322,11 @@ def load_dataset(
     pad = max(1, train.x.shape[1] // 8)
     if val is None:
         keep, held = stratified_split(train.y, val_size, seed=0)
+        if keep.size == 0:
+            raise InputError(
+                f"--val-size {val_size:g} holds out all {held.size} training images for validation; "
+                "lower --val-size or train on more images"
+            )
         train, val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
     return Dataset(
         name=name,

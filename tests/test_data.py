@@ -40,6 +40,11 @@ def test_stratified_split_partitions_the_indices():
     assert np.array_equal(held, data.stratified_split(y, 0.25, seed=0)[1])
 
 
+def test_a_val_split_that_takes_every_training_image_is_refused():
+    with pytest.raises(InputError, match=r"--val-size 0.6 holds out all 10 training images .*lower --val-size"):
+        data.load_dataset("digits", val_size=0.6, train_per_class=1)  # round(0.6) = 1 per class: none left
+
+
 def test_val_size_zero_keeps_all_training_images():
     d = data.load_dataset("digits", val_size=0)
     assert len(d.val) == 0 and len(d.train) == 1797 - 359
