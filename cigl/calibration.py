@@ -54,7 +54,7 @@ def _check_bins(n_bins: int, scheme: str = "uniform") -> None:
 def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores as float32/float64 (N, K), labels as int64 (N,)) or raise InputError."""
     _check_kind(kind)
-    scores = _validate_scores(np.asarray(scores), kind)
+    scores = validate_scores(np.asarray(scores), kind)
     n, k = scores.shape
     labels = np.asarray(labels)
     if labels.shape != (n,):
@@ -69,7 +69,7 @@ def validate(scores, labels, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-def _validate_scores(scores: np.ndarray, kind: str) -> np.ndarray:
+def validate_scores(scores: np.ndarray, kind: str) -> np.ndarray:
     """A finite real (N, K) array with N >= 1 and K >= 2; probabilities in [0, 1] summing to 1."""
     if scores.ndim != 2:
         raise InputError(f"{kind} must be a 2-D array (samples, classes), got shape {scores.shape}")

@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from cigl.calibration import validate, validate_scores
 from cigl.errors import InputError
 
 METHODS = ("lac", "aps", "raps")
@@ -34,12 +35,10 @@ RAPS_LAMBDA, RAPS_K_REG = 0.01, 5
 
 
 def _check(probs: np.ndarray, method: str) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise InputError(f"probs must be (samples, classes >= 2), got shape {probs.shape}")
+    """Probabilities as float64 (N, K) (finite, in [0, 1], rows summing to 1: cigl.calibration)."""
     if method not in METHODS:
         raise InputError(f"conformal method must be one of {', '.join(METHODS)}, got {method!r}")
-    return probs
+    return validate_scores(np.asarray(probs), "probs").astype(np.float64, copy=False)
 
 
 def _uniforms(n: int, seed: int) -> np.ndarray:
@@ -71,10 +70,7 @@ def min_samples(alpha: float) -> int:
 
 def calibrate(probs, labels, alphas=DEFAULT_ALPHAS, method: str = "aps", seed: int = 0) -> dict[float, float]:
     """alpha -> threshold q from labelled calibration data (see the module docstring)."""
-    probs = _check(probs, method)
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (probs.shape[0],):
-        raise InputError(f"labels must have shape ({probs.shape[0]},), got {labels.shape}")
+    probs, labels = validate(_check(probs, method), labels, "probs")
     n = labels.size
     scores = np.sort(np.take_along_axis(class_scores(probs, method, seed), labels[:, None], axis=1)[:, 0])
     thresholds = {}
@@ -96,6 +92,8 @@ def prediction_sets(probs, threshold: float, method: str = "aps", seed: int = 0,
     `nonempty` the top class is always included (an empty set says nothing a user can act on;
     it only raises coverage, so the 1 - alpha guarantee stands, the upper bound does not)."""
     probs = _check(probs, method)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise InputError(f"threshold must be a finite number (from calibrate), got {threshold!r}")
     sets = class_scores(probs, method, seed) <= threshold
     if nonempty:
         sets[np.arange(probs.shape[0]), probs.argmax(axis=1)] = True

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from cigl.errors import InputError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # per-corruption parameters at severities 1..5 (CIFAR-10-C)
@@ -124,11 +126,11 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarr
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """`images` (N, H, W, C) uint8, C = 1 or 3, with corruption `name` at `severity` 1..5."""
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose one of {', '.join(CORRUPTIONS)}")
+        raise InputError(f"unknown corruption {name!r}; choose one of {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
-        raise ValueError(f"severity must be 1..5, got {severity}")
+        raise InputError(f"severity must be 1..5, got {severity}")
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise ValueError(f"images must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+        raise InputError(f"images must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     rng = np.random.default_rng([zlib.crc32(name.encode()), severity, seed])
     return CORRUPTIONS[name](images, severity, rng)

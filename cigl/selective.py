@@ -25,8 +25,10 @@ from cigl.errors import InputError
 
 def _check(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
     confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
-    if confidence.ndim != 1 or confidence.shape != correct.shape or confidence.size == 0:
+    if confidence.ndim != 1 or confidence.shape != correct.shape:
         raise InputError(f"need equal-length 1-D confidence and correctness, got {confidence.shape}, {correct.shape}")
+    if confidence.size == 0:
+        raise InputError("empty input: no samples to evaluate")
     return confidence, correct
 
 

@@ -91,6 +91,26 @@ def test_conformal_refuses_too_few_samples_and_reports_class_coverage(digits_pro
     assert sum(summary["size_distribution"].values()) == pytest.approx(1.0) and summary["mean_size"] >= 1
 
 
+def test_guarantee_functions_name_bad_inputs(digits_probs, digits_images):
+    """Labels past the classes, NaN probabilities or thresholds, an empty input, an unknown
+    corruption: one InputError each, not an IndexError or silently wrong sets."""
+    probs, labels = digits_probs
+    nan = probs.copy()
+    nan[0, 0] = np.nan
+    cases = [
+        (lambda: conformal.calibrate(probs, labels + 10, [0.1]), "labels out of range: expected 0..9"),
+        (lambda: conformal.calibrate(nan, labels, [0.1]), "probs contain NaN or Inf"),
+        (lambda: conformal.prediction_sets(probs, float("nan")), "threshold must be a finite number"),
+        (lambda: conformal.prediction_sets(probs * 3, 0.5), r"probs must lie in \[0, 1\]"),
+        (lambda: selective.risk_threshold(np.zeros(0), np.zeros(0, bool), 0.2), "empty input"),
+        (lambda: corrupt(digits_images[0][:2], "rain", 1, 0), "unknown corruption 'rain'"),
+        (lambda: corrupt(digits_images[0][:2], "contrast", 6, 0), "severity must be 1..5"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=message):
+            call()
+
+
 def test_certified_abstention_keeps_the_risk_on_held_out_data(digits_probs):
     """The threshold chosen on one half keeps the other half's selective risk <= R in at least
     1 - delta of the splits (the guarantee is on the true risk; the held-out half estimates it),
