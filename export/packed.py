@@ -51,6 +51,12 @@ def pack_state_dict(
     """(tensors to store, {packed name: shape}). A masked tensor with nonzeros outside its mask
     is refused: packing would silently change the model."""
     check_finite(state)
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise InputError(
+            f"masks name {len(unknown)} tensor(s) the model does not have (e.g. {unknown[0]!r}); "
+            "pass the masks of this model (Masking.finalize() or model.pt's masks)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for name, t in state.items():

@@ -46,6 +46,17 @@ def test_fp32_round_trip_is_exact(digits_export):
     assert "compression" in stdout and "layers.8.conv2.weight" in stdout
 
 
+def test_save_refuses_masks_for_tensors_the_model_lacks(digits_export, tmp_path):
+    """A mask under a name the state dict does not have (a typo, another model's masks) was
+    silently dropped, leaving that layer unpacked and its sparsity unrecorded."""
+    src, _ = digits_export
+    ckpt = torch.load(src, weights_only=True)
+    masks = dict(ckpt["masks"]) | {"layer9.conv1.weight": torch.ones(3, 3, dtype=torch.bool)}
+    with pytest.raises(InputError, match="masks name 1 tensor.*'layer9.conv1.weight'"):
+        cx.save(ckpt["state_dict"], tmp_path / "m.safetensors", masks=masks)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def _formula_bytes(ckpt):
     """4 x nnz + numel / 8 for packed tensors, plus every other tensor at its size."""
     expected = 0
