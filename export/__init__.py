@@ -77,7 +77,10 @@ def load_model(path: str | Path) -> nn.Module:
     try:
         arch, kwargs = meta["arch"], json.loads(meta["model_kwargs"])
     except (KeyError, json.JSONDecodeError):
-        raise FormatError(f"{path} has no 'arch'/'model_kwargs' metadata; it was not written by cigl-export") from None
+        raise FormatError(
+            f"{path} has no 'arch'/'model_kwargs' metadata; it was not written by cigl-export "
+            "(cigl.export.load_state_dict reads its tensors)"
+        ) from None
     model = create_model(arch, **kwargs)
     model.load_state_dict(packed.unpack_state_dict(tensors, packed.shapes_of(meta)))
     return model.eval()
