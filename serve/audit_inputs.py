@@ -50,10 +50,18 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None
     return arrays[kind], arrays["labels"], kind, classes
 
 
+MAX_CSV_BYTES = 256 * 2**20
+
+
 def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """(scores, labels, kind, classes) of a CSV: a header naming the label column and one column
     per class; cells separated by commas, semicolons or tabs (as the header shows); a label is a
     class index or a class column's name."""
+    if path.stat().st_size > MAX_CSV_BYTES:  # parsed cells take about 10x the file's size in memory
+        raise InputError(
+            f"{path} is {path.stat().st_size:,} bytes, over the CSV limit of {MAX_CSV_BYTES:,}; "
+            "save the predictions as .npz (logits or probs, labels) instead"
+        )
     try:
         with open(path, newline="") as f:
             first = f.readline()

@@ -108,7 +108,7 @@ def test_csv_matches_npz(files, tmp_path):
         assert a["models"]["calm"][key] == pytest.approx(b["models"]["calm"][key], abs=1e-9)
 
 
-def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path):
+def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path, monkeypatch):
     """Spreadsheet exports: semicolons or tabs, labels written as class names; a number is always
     a class index (classes named "1", "2", ... keep their meaning); a bad cell names its line."""
     from cigl.errors import CiglError
@@ -136,6 +136,9 @@ def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path):
         (tmp_path / f"bad{i}.csv").write_text(text)
         with pytest.raises(CiglError, match=re.escape(message)):
             load_predictions(str(tmp_path / f"bad{i}.csv"))
+    monkeypatch.setattr("cigl.serve.audit_inputs.MAX_CSV_BYTES", 20)  # a CSV is bounded before it is parsed
+    with pytest.raises(CiglError, match=r"over the CSV limit of 20; save the predictions as .npz"):
+        load_predictions(str(numeric))
 
 
 def test_adaptive_scheme(files, tmp_path):
