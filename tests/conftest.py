@@ -34,7 +34,7 @@ def cifar_small(tmp_path_factory) -> Path:
 
 
 # what cigl-train leaves in a run directory
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json", "predictions.npz")
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json", "predictions.npz", ".lock")
 
 # prepended to `python -c` code: any import of torch fails, as in an environment without it
 BLOCK_TORCH = (
