@@ -13,6 +13,8 @@ import hashlib
 import io
 import os
 import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -174,8 +176,11 @@ def load_image_folder(
     key = _content_key(files, root, image_size)
     cached = cache_dir() / f"images-{key}.npz"
     if cached.is_file():
-        with np.load(cached) as z:
-            return Split(z["x"], z["y"]), found
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                return Split(z["x"], z["y"]), found
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache file: decode again and replace it
     images = [_decode(f, image_size) for f in files]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
@@ -184,7 +189,15 @@ def load_image_folder(
             "pass --image-size N to resize them all to N x N"
         )
     split = Split(np.stack(images), labels)
-    atomic_save_npz(cached, x=split.x, y=split.y)
+    try:
+        atomic_save_npz(cached, x=split.x, y=split.y)
+    except (OSError, InputError) as exc:  # a cache is a speed-up: without one the next run decodes again
+        reason = getattr(exc, "strerror", None) or str(exc)
+        warnings.warn(
+            f"cannot write the image cache in {cache_dir()} ({reason}); the next run decodes the images "
+            "again: set CIGL_CACHE to a writable folder",
+            stacklevel=2,
+        )
     return split, found
 
 

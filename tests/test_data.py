@@ -73,6 +73,16 @@ def test_cache_is_reused_and_invalidated(tmp_path, cifar_small, monkeypatch):
     rebuilt, _ = data.load_image_folder(root / "test")
     assert len(calls) == 100
     assert not np.array_equal(rebuilt.x, first.x)
+    # a damaged cache file is decoded again and replaced; a cache that cannot be written only warns
+    newest = max(data.cache_dir().glob("images-*.npz"), key=lambda f: f.stat().st_mtime_ns)  # rebuilt's
+    newest.write_bytes(b"PK\3\4 damaged")
+    calls.clear()
+    assert np.array_equal(data.load_image_folder(root / "test")[0].x, rebuilt.x) and len(calls) == 100
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CIGL_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="cannot write the image cache .* set CIGL_CACHE to a writable folder"):
+        uncached, _ = data.load_image_folder(root / "test")
+    assert np.array_equal(uncached.x, rebuilt.x)
 
 
 def test_python_batches_format(tmp_path, cifar_small):
