@@ -7,7 +7,7 @@
                      (format "cigl-model"; its fields are in docs/FORMAT.md)
     summary.json     the product's metrics and the per-layer densities
     predictions.npz  the product's test logits, labels and class names
-    .lock            held (flock) by the cigl-train process writing the run
+    .lock            held (flock) by the cigl-train process writing the run; holds its process id
 
 Every file is written atomically; torch files are loaded with weights_only=True and checked
 field by field before anything uses them. torch is imported only by the functions that need it.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
 from pathlib import Path
 from typing import IO
@@ -103,9 +104,14 @@ def lock_run(out: Path) -> IO | None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
+        holder = (out / LOCK).read_text().strip()
         raise InputError(
-            f"another cigl-train is writing to {out} right now; wait for it to finish or choose another --out"
+            f"another cigl-train{f' (process {holder})' if holder.isdigit() else ''} is writing to {out} right "
+            "now; wait for it to finish or choose another --out"
         ) from None
+    handle.truncate(0)  # the holder's process id, for the message above
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
     return handle
 
 

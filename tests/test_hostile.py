@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import struct
@@ -518,7 +519,7 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path, capsy
     run = tmp_path / "run"
     held = lock_run(run)  # as a running cigl-train holds it
     result = run_tool(train_main, ["--epochs", "1", "--batch-size", "256", "--out", run], capsys)
-    assert_clean_error(result, f"another cigl-train is writing to {run} right now")
+    assert_clean_error(result, f"another cigl-train (process {os.getpid()}) is writing to {run} right now")
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
     held.close()  # the first run ended (or was killed): the folder is free again
     assert train_main(["--epochs", "1", "--batch-size", "256", "--out", str(run), "--quiet"]) == 0
