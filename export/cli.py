@@ -57,9 +57,7 @@ def check_images(ckpt: dict, check_data: str | None) -> torch.Tensor:
     else:
         cfg = ckpt.get("config", {})
         try:
-            split = load_dataset(
-                cfg.get("dataset", "digits"), cfg.get("data_dir"), val_size=0, image_size=cfg.get("image_size")
-            ).test
+            split = load_dataset(cfg.get("dataset", "digits"), cfg.get("data_dir"), val_size=0, image_size=size).test
         except InputError as exc:
             raise InputError(
                 f"cannot load the run's test data to check the export ({exc}); pass --check-data DIR"

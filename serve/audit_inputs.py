@@ -144,8 +144,8 @@ def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, d
         files = [(f, classes.index(folder.name)) for folder in folders for f in expand_inputs([str(folder)])]
         images = np.stack([predictor.load_image(f) for f, _ in files])
         return images, np.array([label for _, label in files], dtype=np.int64)
-    split = load_dataset(dataset, data_dir, val_size=0).test
     c, h, w = predictor.card.input_size
+    split = load_dataset(dataset, data_dir, val_size=0, image_size=h if h == w else None).test  # as trained
     if split.x.shape[1:] != (h, w, c):
         raise InputError(f"{dataset} images are {split.x.shape[1:]}, the model takes {(h, w, c)} (H, W, C)")
     return split.x, split.y

@@ -249,3 +249,19 @@ def test_ece_drift_compares_with_trainings_binning(files):
         if bins != 10:  # compared at --bins, these probabilities would read as drift
             low, high = served["ece_ci"]
             assert abs(recorded - served["ece"]) > (high - low) / 2
+
+
+def test_dataset_audit_resizes_as_training_did(tmp_path):
+    """A digits model trained with --image-size 16: the export check and `--dataset digits` feed
+    it 16 x 16 digits, as training did (both used the 8 x 8 arrays and refused the model)."""
+    from conftest import make_model_pt
+
+    from cigl.data import load_dataset
+
+    src = make_model_pt(tmp_path / "run" / "model.pt", "resnet20", size=16)
+    export = run_cli(os.path.join(os.path.dirname(sys.executable), "cigl-export"), str(src))
+    assert export.returncode == 0, export.stderr
+    argv = ["--dataset", "digits", "--temperature", "none", "--bootstrap", "0", "--json", "--out", str(tmp_path / "a")]
+    proc = audit(str(src.parent), *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["models"]["run"]["n"] == len(load_dataset("digits").test)
