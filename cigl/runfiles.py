@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import IO
@@ -102,13 +103,15 @@ def lock_run(out: Path) -> IO | None:
     handle = open(out / LOCK, "a")  # noqa: SIM115 (held open for the run's lifetime)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.close()
         holder = (out / LOCK).read_text().strip()
         raise InputError(
             f"another cigl-train{f' (process {holder})' if holder.isdigit() else ''} is writing to {out} right "
             "now; wait for it to finish or choose another --out"
         ) from None
+    except OSError as exc:  # a filesystem without locks (some network mounts): run unguarded
+        warnings.warn(f"cannot lock {out / LOCK} ({exc.strerror}); nothing stops a second run into {out}", stacklevel=2)
     handle.truncate(0)  # the holder's process id, for the message above
     handle.write(f"{os.getpid()}\n")
     handle.flush()

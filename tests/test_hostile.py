@@ -526,6 +526,24 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path, capsy
     assert (run / "summary.json").is_file()
 
 
+def test_a_filesystem_without_locks_only_warns(tmp_path, monkeypatch):
+    """flock failing for another reason than a holder (ENOLCK on some network mounts) must not
+    stop every training there: the run goes on unguarded, with a warning."""
+    import errno
+    import fcntl
+
+    from cigl.runfiles import lock_run
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available.*nothing stops a second run"):
+        handle = lock_run(tmp_path / "run")
+    handle.close()
+    assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+
+
 @pytest.mark.parametrize(
     "method,extra,needle",
     [
