@@ -438,6 +438,9 @@ def test_a_new_masking_on_the_same_model_ends_the_one_before():
     model = create_model("resnet20", num_classes=10)
     first = Masking(model, "cigl", density=0.1, total_steps=20)
     expected = first.weights()
+    with pytest.raises(InputError, match="density"):  # a Masking that fails its checks ends nothing
+        Masking(model, "cigl", density=2.0, total_steps=20)
+    assert not first.finalized
     second = Masking(model, "cigl", density=0.1, total_steps=20)
     assert first.finalized and not second.finalized
     assert all(torch.allclose(second.weights()[n], w * second.masks[n]) for n, w in expected.items())

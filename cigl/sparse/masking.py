@@ -95,10 +95,6 @@ class Masking:
         seed: int = 0,
     ) -> None:
         self.params = masked_parameters(model)
-        previous = _ATTACHED.get(model, lambda: None)()
-        if previous is not None and not previous.finalized:  # e.g. a notebook cell run again
-            previous.finalize()  # one Masking per model: its hook would refuse the weights moved below
-        _ATTACHED[model] = weakref.ref(self)
         if isinstance(method, str):
             from cigl.sparse import METHODS, PRESETS  # the registry imports this module
 
@@ -129,6 +125,10 @@ class Masking:
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
+        previous = _ATTACHED.get(model, lambda: None)()
+        if previous is not None and not previous.finalized:  # e.g. a notebook cell run again
+            previous.finalize()  # one Masking per model: its hook would refuse the weights moved below
+        _ATTACHED[model] = weakref.ref(self)
         self._total, self._nactive = sum(p.numel() for p in self.params.values()), -1
         # the masks: views of one flat buffer laid out as the weights, so a refresh is one pass
         self._mask_flat = torch.empty(self._total, dtype=torch.bool, device=device)
