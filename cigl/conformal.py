@@ -34,10 +34,14 @@ DEFAULT_ALPHAS = (0.1, 0.05, 0.01)
 RAPS_LAMBDA, RAPS_K_REG = 0.01, 5
 
 
-def _check(probs: np.ndarray, method: str) -> np.ndarray:
-    """Probabilities as float64 (N, K) (finite, in [0, 1], rows summing to 1: cigl.calibration)."""
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise InputError(f"conformal method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _check(probs: np.ndarray, method: str) -> np.ndarray:
+    """Probabilities as float64 (N, K) (finite, in [0, 1], rows summing to 1: cigl.calibration)."""
+    _check_method(method)
     return validate_scores(np.asarray(probs), "probs").astype(np.float64, copy=False)
 
 
@@ -47,7 +51,11 @@ def _uniforms(n: int, seed: int) -> np.ndarray:
 
 def class_scores(probs: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     """(N, K) nonconformity score of every class of every sample (one u per sample)."""
-    probs = _check(probs, method)
+    return _scores(_check(probs, method), method, seed)
+
+
+def _scores(probs: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """class_scores of probabilities already checked (`_check`)."""
     if method == "lac":
         return 1.0 - probs
     order = np.argsort(-probs, axis=1, kind="stable")
@@ -70,9 +78,11 @@ def min_samples(alpha: float) -> int:
 
 def calibrate(probs, labels, alphas=DEFAULT_ALPHAS, method: str = "aps", seed: int = 0) -> dict[float, float]:
     """alpha -> threshold q from labelled calibration data (see the module docstring)."""
-    probs, labels = validate(_check(probs, method), labels, "probs")
+    _check_method(method)
+    probs, labels = validate(np.asarray(probs), labels, "probs")
+    probs = probs.astype(np.float64, copy=False)
     n = labels.size
-    scores = np.sort(np.take_along_axis(class_scores(probs, method, seed), labels[:, None], axis=1)[:, 0])
+    scores = np.sort(np.take_along_axis(_scores(probs, method, seed), labels[:, None], axis=1)[:, 0])
     thresholds = {}
     for alpha in alphas:
         if not 0 < alpha < 1:
@@ -94,7 +104,7 @@ def prediction_sets(probs, threshold: float, method: str = "aps", seed: int = 0,
     probs = _check(probs, method)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
         raise InputError(f"threshold must be a finite number (from calibrate), got {threshold!r}")
-    sets = class_scores(probs, method, seed) <= threshold
+    sets = _scores(probs, method, seed) <= threshold
     if nonempty:
         sets[np.arange(probs.shape[0]), probs.argmax(axis=1)] = True
     return sets
