@@ -88,6 +88,11 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def is_torch_file(path: str | Path) -> bool:
+    """Whether `path` looks like a torch.save file (model.pt, a checkpoint): torch writes a zip archive."""
+    return zipfile.is_zipfile(path)
+
+
 def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
     """torch.load(weights_only=True) of a cigl file whose "format" entry is `fmt`: a file that
     needs pickle code is refused (never executed), a damaged one named as such."""
@@ -98,7 +103,7 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
         raise CheckpointError(f"{what} not found: {path}")
     with open(path, "rb") as f:
         legacy_pickle = f.read(1) == b"\x80"  # torch's pre-1.6 format: a pickle, checked by weights_only below
-    if not zipfile.is_zipfile(path) and not legacy_pickle:  # torch.save writes a zip archive
+    if not is_torch_file(path) and not legacy_pickle:
         raise CheckpointError(
             f"cannot load {path}: not a torch file (the file is corrupt or truncated, or in another format)"
         )

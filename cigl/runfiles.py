@@ -19,7 +19,6 @@ import json
 import math
 import os
 import warnings
-import zipfile
 from pathlib import Path
 from typing import IO
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from cigl.errors import CheckpointError, FormatError, InputError
 from cigl.images import MAX_SIDE
-from cigl.io import atomic_open, atomic_save_npz, atomic_torch_save, load_torch_file
+from cigl.io import atomic_open, atomic_save_npz, atomic_torch_save, is_torch_file, load_torch_file
 
 CHECKPOINT_FORMAT = "cigl-checkpoint"
 MODEL_FORMAT = "cigl-model"
@@ -73,10 +72,10 @@ def export_hint(path: Path) -> str | None:
     makes the model.onnx, when it is a torch file (model.pt, a checkpoint) or safetensors; else None."""
     with open(path, "rb") as f:
         head = f.read(9)
-    # torch.save writes a zip archive; safetensors starts with its JSON header's length, then "{"
+    # safetensors starts with its JSON header's length, then "{"
     header = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     safetensors = head[8:9] == b"{" and 0 < header <= path.stat().st_size - 8
-    kind = "a torch file" if zipfile.is_zipfile(path) else "a safetensors file" if safetensors else None
+    kind = "a torch file" if is_torch_file(path) else "a safetensors file" if safetensors else None
     if kind is None:
         return None
     model_pt = path.with_name("model.pt")

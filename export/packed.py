@@ -10,14 +10,13 @@ The header metadata (string -> string) holds `format` = "cigl-sparse", `format_v
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cigl.errors import FormatError, InputError
-from cigl.io import atomic_open
+from cigl.io import atomic_open, is_torch_file
 from cigl.packing import MASK, VALUES, pack_mask, unpack_mask
 from cigl.runfiles import mask_problem
 
@@ -145,7 +144,7 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError) as exc:
         hint = ""
-        if zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        if is_torch_file(path):
             hint = "; it is a torch file (model.pt or a checkpoint): cigl-export writes the safetensors"
         raise FormatError(f"{path} is not a valid safetensors file ({exc}){hint}") from None
     return tensors, metadata

@@ -47,7 +47,24 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, str, list[str] | None
     if kind is None or "labels" not in arrays:
         raise FormatError(f"{path} needs arrays 'labels' and 'logits' or 'probs'; it has {sorted(arrays)}")
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
-    return arrays[kind], arrays["labels"], kind, classes
+    labels = arrays["labels"]
+    if labels.dtype.kind in "US":  # class names as labels, as a CSV may hold them
+        labels = _indices_of_names(path, labels.astype(str), classes)
+    return arrays[kind], labels, kind, classes
+
+
+def _indices_of_names(path: Path, names: np.ndarray, classes: list[str] | None) -> np.ndarray:
+    """Class indices of labels given as class names, looked up in the file's `classes` array."""
+    if classes is None:
+        raise FormatError(
+            f"{path}: 'labels' holds class names but there is no 'classes' array naming the score columns; "
+            "add one or save class indices"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(names.ravel().tolist()) - index.keys())
+    if unknown:
+        raise FormatError(f"{path}: label {unknown[0]!r} is not one of the classes {', '.join(classes)}")
+    return np.vectorize(index.__getitem__, otypes=[np.int64])(names) if names.size else names.astype(np.int64)
 
 
 MAX_CSV_BYTES = 256 * 2**20

@@ -51,7 +51,7 @@ MakeRecords = Callable[[list[str], np.ndarray], list[dict]]  # (sources, probs) 
 
 def load_npy(path: Path) -> np.ndarray:
     """A .npy file's array after checking its header: the .npy format (not an .npz or pickle),
-    a plain numeric dtype, 3 or 4 dimensions, and a declared size that the file really holds
+    uint8 or float, 3 or 4 dimensions, and a declared size that the file really holds
     and that stays under MAX_ARRAY_BYTES; InputError names what is wrong otherwise."""
     try:
         with open(path, "rb") as f:
@@ -59,7 +59,7 @@ def load_npy(path: Path) -> np.ndarray:
             offset = f.tell()
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a .npy array file ({exc}); save arrays with numpy.save") from None
-    if dtype.hasobject or dtype.kind not in "uif" or len(shape) not in (3, 4):
+    if not (dtype == np.uint8 or dtype.kind == "f") or len(shape) not in (3, 4):
         raise InputError(
             f"{path}: need uint8 images (N, H, W, C) or float32 normalised (N, C, H, W), "
             f"got dtype {dtype} with shape {shape}"
@@ -74,9 +74,7 @@ def load_npy(path: Path) -> np.ndarray:
 
 def _npy_batches(predictor: Predictor, path: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
     arr = load_npy(path)
-    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
-        raise InputError(f"{path}: integer arrays must be uint8 images; normalised inputs must be float")
-    if arr.ndim == 3:
+    if arr.ndim == 3:  # one image; slices below cut the batch axis
         arr = arr[None]
     for i in range(0, len(arr), batch):  # normalised batch by batch: a float copy of all is 4x the size
         yield [f"{path}[{j}]" for j in range(i, min(i + batch, len(arr)))], predictor.as_batch(arr[i : i + batch])

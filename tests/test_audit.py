@@ -141,6 +141,24 @@ def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path, monkeyp
         load_predictions(str(numeric))
 
 
+def test_npz_class_name_labels(files, tmp_path):
+    """An .npz may hold its labels as class names, looked up in its 'classes' array as a CSV's are."""
+    from cigl.errors import CiglError
+    from cigl.serve.audit_inputs import load_predictions
+
+    _, probs, labels = files
+    names = np.array([f"digit{k}" for k in range(10)])
+    np.savez(tmp_path / "named.npz", probs=probs, labels=names[labels], classes=names)
+    loaded = load_predictions(str(tmp_path / "named.npz"))
+    assert np.array_equal(loaded.labels, labels) and loaded.classes == names.tolist()
+    np.savez(tmp_path / "nameless.npz", probs=probs, labels=names[labels])
+    with pytest.raises(CiglError, match="holds class names but there is no 'classes' array"):
+        load_predictions(str(tmp_path / "nameless.npz"))
+    np.savez(tmp_path / "stranger.npz", probs=probs[:2], labels=np.array(["digit1", "cat"]), classes=names)
+    with pytest.raises(CiglError, match="label 'cat' is not one of the classes digit0, digit1"):
+        load_predictions(str(tmp_path / "stranger.npz"))
+
+
 def test_adaptive_scheme(files, tmp_path):
     root, probs, labels = files
     proc = audit(

@@ -26,7 +26,7 @@ from cigl.models import check_model_name
 from cigl.runfiles import write_json, write_text
 from cigl.train.cli import build_parser as train_parser
 from cigl.train.cli import config_from_args
-from cigl.train.config import TrainConfig, flag, resolve
+from cigl.train.config import TrainConfig, changed_setting, flag, resolve
 
 RUNS = Path("runs/study")
 RESULTS = Path("docs/results")
@@ -133,10 +133,11 @@ def check_earlier_run(out: Path, cfg: TrainConfig) -> None:
         saved = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return  # no run there yet (or a damaged one, which cigl-train names)
-    wanted = {k: v for k, v in asdict(cfg).items() if v is not None and k != "out"}  # None: filled in by training
-    differ = [k for k, v in wanted.items() if isinstance(saved, dict) and k in saved and saved[k] != v]
-    if differ:
-        key = differ[0]
+    if not isinstance(saved, dict):
+        return
+    wanted = {k: v for k, v in asdict(cfg).items() if v is not None}  # None: filled in by training
+    key = changed_setting(saved, wanted, {"out"})
+    if key is not None:
         raise InputError(
             f"{out} was trained with {flag(key)} {saved[key]}, not {wanted[key]}: pass another --runs for "
             "these settings or delete that run"

@@ -26,6 +26,7 @@ the last step (for weight-and-mask averaging).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -37,9 +38,10 @@ from cigl.sparse.method import Method, drop_and_grow
 from cigl.sparse.schedule import cosine_drop_fraction, default_update_every, is_update_step, update_count
 
 
-def shaped_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+def shaped_views(buffer: torch.Tensor, like: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Consecutive pieces of a flat buffer as views with the shape and strides of each tensor
     in `like` (contiguous or channels_last), so foreach ops pair them element by element."""
+    like = list(like)
     pieces = torch.split(buffer, [t.numel() for t in like])
     return [torch.as_strided(piece, t.shape, t.stride()) for piece, t in zip(pieces, like, strict=True)]
 
@@ -132,7 +134,7 @@ class Masking:
         self._total, self._nactive = sum(p.numel() for p in self.params.values()), -1
         # the masks: views of one flat buffer laid out as the weights, so a refresh is one pass
         self._mask_flat = torch.empty(self._total, dtype=torch.bool, device=device)
-        self.masks = dict(zip(self.params, shaped_views(self._mask_flat, list(self.params.values())), strict=True))
+        self.masks = dict(zip(self.params, shaped_views(self._mask_flat, self.params.values()), strict=True))
         for name, mask in self.masks.items():
             mask.copy_(masks[name])
         self._refresh()
@@ -183,7 +185,7 @@ class Masking:
         self._flat = self._home(total + spare) if self.dpnum else None
         self._homes = [p.data_ptr() for p in self.params.values()]  # where the step expects the weights
         self._grad_scale = torch.empty(total + spare, device=device)  # M * scale^2, 0 where dropped
-        self._grad_views = shaped_views(self._grad_scale[:total], list(self.params.values()))
+        self._grad_views = shaped_views(self._grad_scale[:total], self.params.values())
         self._active = torch.empty(active + spare, dtype=torch.long, device=device)
         self._active[active:] = torch.arange(total, total + spare, device=device)
         self._gaps = torch.empty(spare, dtype=torch.float64, device=device)
@@ -240,7 +242,7 @@ class Masking:
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
         if self._flat is not None:  # a random mask, before finalize()
             effective = self._flat.index_fill(0, self._dropped, 0.0)[: self._total]
-            for name, view in zip(self.params, shaped_views(effective, list(self.params.values())), strict=True):
+            for name, view in zip(self.params, shaped_views(effective, self.params.values()), strict=True):
                 snap[name] = view
         return snap
 
@@ -337,17 +339,17 @@ class Masking:
         self._check_training()
         self.end_step()
         frac = cosine_drop_fraction(step, self.alpha, self.update_until)
-        like = list(self.params.values())
         new = self._mask_flat.clone()  # the new masks, laid out as the current ones
         changed = set()
-        for (name, p), layer in zip(self.params.items(), shaped_views(new, like), strict=True):
+        for (name, p), layer in zip(self.params.items(), shaped_views(new, self.params.values()), strict=True):
             n = int(frac * self.nnz[name])
             if n:
                 layer.copy_(drop_and_grow(p, self.masks[name], self.method.grow_scores(p, p.grad), n))
                 changed.add(name)
         grown = new & ~self._mask_flat
         self._moved += grown.sum()
-        for (name, p), cleared in zip(self.params.items(), shaped_views(~new | grown, like), strict=True):
+        cleared_views = shaped_views(~new | grown, self.params.values())
+        for (name, p), cleared in zip(self.params.items(), cleared_views, strict=True):
             if name in changed:  # grown and dropped weights, and their momentum, start at 0
                 p.masked_fill_(cleared, 0.0)
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")

@@ -12,7 +12,7 @@ from cigl.conformal import METHODS as CONFORMAL_METHODS
 from cigl.data import DATASETS
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.sparse.allocation import INITS
-from cigl.train.config import ALL_METHODS, DEVICES, PRODUCTS, RESUMABLE_CHANGES, TrainConfig, flag
+from cigl.train.config import ALL_METHODS, DEVICES, PRODUCTS, RESUMABLE_CHANGES, TrainConfig, changed_setting, flag
 from cigl.train.loop import train
 
 EXAMPLES = [
@@ -128,12 +128,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if "out" in given and Path(given["out"]) != run:
         raise InputError("--out and --resume name different runs; give only --resume RUN_DIR")
     saved = saved_config(run)
-    for key, value in given.items():
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value:
-            raise CheckpointError(
-                f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
-                f"not {value}; only --epochs may change on resume"
-            )
+    key = changed_setting(saved, given, RESUMABLE_CHANGES)
+    if key is not None:
+        raise CheckpointError(
+            f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
+            f"not {given[key]}; only --epochs may change on resume"
+        )
     avg_start = saved.get("avg_start")
     if isinstance(given.get("epochs"), int) and isinstance(avg_start, int) and given["epochs"] < avg_start:
         raise InputError(

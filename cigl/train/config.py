@@ -101,6 +101,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def changed_setting(saved: dict, wanted: dict, keep: set[str] = frozenset()) -> str | None:
+    """The first setting in `wanted` that a run's saved config.json holds with another value (keys
+    in `keep` may change, keys the run did not save are new defaults); None when all agree."""
+    return next((k for k, v in wanted.items() if k not in keep and k in saved and saved[k] != v), None)
+
+
 def check_number(name: str, value, low: float, high: float, kind: str) -> None:
     """`value` is None or a finite number of `kind` in [low, high]; else an InputError naming the option."""
     if value is None:
