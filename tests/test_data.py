@@ -31,6 +31,21 @@ def test_digits_splits_are_deterministic_and_disjoint():
     assert np.bincount(a.val.y).min() >= 13
 
 
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    """The shipped table is read directly (importing scikit-learn costs a run 2 s); where the
+    file is not found, load_digits gives the same table."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    expected = np.column_stack([d.data, d.target])
+    code = "import sys, cigl.data as d; t = d._digits_table(); print(t.shape, 'sklearn' in sys.modules)"
+    proc = run_cli("-c", code)
+    assert proc.returncode == 0 and proc.stdout.split() == ["(1797,", "65)", "False"], proc.stderr
+    assert np.array_equal(data._digits_table(), expected)
+    monkeypatch.setattr(data.Path, "is_file", lambda _self: False)
+    assert np.array_equal(data._digits_table(), expected)
+
+
 def test_stratified_split_partitions_the_indices():
     y = np.repeat(np.arange(5), 20)
     keep, held = data.stratified_split(y, 0.25, seed=0)
