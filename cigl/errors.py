@@ -7,12 +7,14 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., int | None])
@@ -34,6 +36,42 @@ class CheckpointError(CiglError):
     """A checkpoint that cannot be loaded or resumed from."""
 
 
+class StorageError(CiglError):
+    """A file that could not be written because of where it goes: a full disk, a quota, a
+    read-only filesystem, a file size limit."""
+
+
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free some space or choose another output folder",
+    errno.EDQUOT: "free some space or choose another output folder",
+    errno.EFBIG: "choose an output folder on another filesystem",
+    errno.EROFS: "choose an output folder on a writable filesystem",
+}
+
+
+def storage_error(exc: BaseException, path: object = None) -> StorageError | None:
+    """The StorageError for an OSError that says the disk is full, over quota, read-only or at
+    its file size limit (naming `path`, else the error's own file); None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in _STORAGE_FIXES:
+        return None
+    where = path if path is not None else exc.filename
+    target = f"cannot write {where}" if where is not None else "cannot write a file"
+    return StorageError(f"{target}: {exc.strerror}; {_STORAGE_FIXES[exc.errno]}")
+
+
+@contextmanager
+def writing(path: object) -> Iterator[None]:
+    """Turn a full disk (or read-only filesystem, `storage_error`) met inside the block into a
+    StorageError naming `path`; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        full = storage_error(exc, path)
+        if full is None:
+            raise
+        raise full from None
+
+
 def is_int_in(value: object, low: int, high: int | None = None) -> bool:
     """True for a plain integer (Python or numpy, never a bool) with low <= value <= high
     (no upper bound when high is None): the check behind every count a user gives."""
@@ -51,15 +89,19 @@ def _one_line_warning(message, *_details) -> str:
 
 
 def cli_entry(func: F) -> F:
-    """Wrap a CLI `main`: CiglError -> `error: <message>` on stderr and exit code 2."""
+    """Wrap a CLI `main`: CiglError, or an OSError that says the disk is full (or read-only,
+    `storage_error`) -> `error: <message>` on stderr and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         warnings.formatwarning = _one_line_warning
         try:
             return func(*args, **kwargs)
-        except CiglError as exc:
-            message = " ".join(str(exc).split())
+        except (CiglError, OSError) as exc:
+            problem = exc if isinstance(exc, CiglError) else storage_error(exc)
+            if problem is None:
+                raise
+            message = " ".join(str(problem).split())
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:

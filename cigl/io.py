@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cigl.errors import CheckpointError, InputError
+from cigl.errors import CheckpointError, InputError, storage_error
 
 MAX_ARRAY_BYTES = 2 * 1024**3  # the most .npy / .npz data read into memory from a user's file
 
@@ -61,15 +61,38 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    writes = None
     try:
         with os.fdopen(fd, mode) as f:
-            yield f
+            writes = _KeptWriteError(f)
+            yield writes
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = storage_error(exc, path) or storage_error(getattr(writes, "error", None), path)
+        if full is not None:
+            raise full from None
         raise
+
+
+class _KeptWriteError:
+    """The file atomic_open hands out: everything passes through to `f`, and the OSError of a
+    failed write is kept, since torch.save reports a full disk as a RuntimeError without it."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def atomic_save_npz(path: str | Path, **arrays) -> None:

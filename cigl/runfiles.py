@@ -24,7 +24,7 @@ from typing import IO
 
 import numpy as np
 
-from cigl.errors import CheckpointError, FormatError, InputError
+from cigl.errors import CheckpointError, FormatError, InputError, writing
 from cigl.images import MAX_SIDE
 from cigl.io import atomic_open, atomic_save_npz, atomic_torch_save, is_torch_file, load_torch_file
 
@@ -127,7 +127,7 @@ def write_run_start(out: Path, run_info: dict, done_epochs: int) -> None:
 
 
 def append_metrics(out: Path, row: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
+    with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -23,7 +23,7 @@ from cigl import calibration as cal
 from cigl import conformal
 from cigl.card import RECORDED_ECE_BINS
 from cigl.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from cigl.errors import ArgumentParser, InputError, cli_entry
+from cigl.errors import ArgumentParser, InputError, cli_entry, writing
 from cigl.io import check_output_dir, make_output_dir
 from cigl.serve import guarantees, report
 from cigl.serve.audit_inputs import Predictions, is_model, load_predictions, model_logits, onnx_predictions
@@ -275,22 +275,27 @@ def write_report(result: dict, out: Path, verdict: str, predictions: dict[str, P
     """Write report.json, report.md, report.html, the plots (and predictions-NAME.npz of audited
     ONNX models) into `out` all at once: everything goes to a temp dir first, then is moved in."""
     make_output_dir(out.parent)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        (tmp / "report.json").write_text(json.dumps(result, indent=2))
-        table = report.markdown_table(result["models"])
-        (tmp / "report.md").write_text("# Calibration audit\n\n" + table + (f"\n\n{verdict}" if verdict else "") + "\n")
-        pngs = report.plots(result["models"])
-        for name, png in pngs.items():
-            (tmp / name).write_bytes(png)
-        (tmp / "report.html").write_text(report.report_html(result, pngs, verdict))
-        for name, p in (predictions or {}).items():
-            np.savez(tmp / f"predictions-{name}.npz", logits=p.scores, labels=p.labels, classes=np.asarray(p.classes))
-        out.mkdir(exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            _write_files(tmp, result, verdict, predictions or {})
+            out.mkdir(exist_ok=True)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(folder: Path, result: dict, verdict: str, predictions: dict[str, Predictions]) -> None:
+    (folder / "report.json").write_text(json.dumps(result, indent=2))
+    table = report.markdown_table(result["models"])
+    (folder / "report.md").write_text("# Calibration audit\n\n" + table + (f"\n\n{verdict}" if verdict else "") + "\n")
+    pngs = report.plots(result["models"])
+    for name, png in pngs.items():
+        (folder / name).write_bytes(png)
+    (folder / "report.html").write_text(report.report_html(result, pngs, verdict))
+    for name, p in predictions.items():
+        np.savez(folder / f"predictions-{name}.npz", logits=p.scores, labels=p.labels, classes=np.asarray(p.classes))
 
 
 # --------------------------------------------------------------------------- command line

@@ -8,6 +8,7 @@ serving. Every hostile file is generated here at test time from real digits imag
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -246,6 +247,64 @@ def test_predict_out_paths(exported, digit_images, tmp_path, capsys, where):
     before = sorted(tmp_path.rglob("*"))
     assert_clean_error(run_tool(predict_main, [exported / "model.onnx", folder, "--out", out[where]], capsys))
     assert sorted(tmp_path.rglob("*")) == before
+
+
+class _DiskFullAfter(io.FileIO):
+    """A file on a disk with `room` bytes left in all: the write that would pass it fails with
+    ENOSPC, as a real full disk fails it (torch.save reports that as a RuntimeError of its own)."""
+
+    room = 0
+
+    def write(self, data):
+        if len(data) > _DiskFullAfter.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        _DiskFullAfter.room -= len(data)
+        return super().write(data)
+
+
+def _full_file(file, mode: str):
+    """open(file, mode) for writing, on the full disk."""
+    raw = io.BufferedWriter(_DiskFullAfter(file, mode.replace("b", "").replace("t", "").replace("+", "")))
+    return raw if "b" in mode else io.TextIOWrapper(raw)
+
+
+def _fill_disk(monkeypatch, disk: Path) -> None:
+    """Make the filesystem of folder `disk` full (its room: _DiskFullAfter.room)."""
+    monkeypatch.setattr("cigl.io.os.fdopen", _full_file)  # atomic_open's temp files
+    real_open = open
+
+    def open_full(file, mode="r", *args, **kwargs):  # appends and plain writes fill up the same way
+        if any(c in mode for c in "wax") and str(file).startswith(str(disk)):
+            return _full_file(file, mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_full)
+    monkeypatch.setattr("io.open", open_full)  # pathlib's write_text and write_bytes
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(exported, digit_images, tmp_path, capsys, monkeypatch):
+    """Every tool that writes: export (torch and safetensors writers), predict --out, the audit
+    report and training (checkpoints and metrics.jsonl) name the file and the fix, exit 2, and
+    leave no partial file behind."""
+    folder, _ = digit_images
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=50)
+    np.savez(tmp_path / "preds.npz", probs=probs, labels=probs.argmax(1))
+    _fill_disk(monkeypatch, tmp_path)
+    runs = {  # tool: (main, arguments, bytes left on the disk)
+        "export": (export_main, [exported / "model.pt", "--out", tmp_path / "export"], 2000),
+        "predict": (predict_main, [exported / "model.onnx", folder, "--out", tmp_path / "p.jsonl"], 100),
+        "audit": (audit_main, [tmp_path / "preds.npz", "--out", tmp_path / "audit"], 2000),
+        "train": (train_main, ["--method", "cigl", "--epochs", "1", "--out", tmp_path / "run", "--quiet"], 6000),
+    }
+    for tool, (main, args, room) in runs.items():
+        _DiskFullAfter.room = room
+        line = assert_clean_error(run_tool(main, args, capsys), "No space left on device", "free some space")
+        assert f"cannot write {tmp_path}" in line, (tool, line)
+    leftovers = {p.name for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 0}
+    assert leftovers <= {"preds.npz", ".lock", "config.json", "metrics.jsonl"}, leftovers
+    json.loads((tmp_path / "run" / "config.json").read_text())  # what training wrote before the disk filled is whole
+    [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 CARD_CASES = {
