@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from cigl.errors import FormatError, InputError
+from cigl.errors import CiglError, FormatError, InputError
 from cigl.images import class_folders, image_files, load_image, resize_images
 from cigl.io import atomic_save_npz
 
@@ -205,7 +205,7 @@ def load_image_folder(
     split = Split(np.stack(images), labels)
     try:
         atomic_save_npz(cached, x=split.x, y=split.y)
-    except (OSError, InputError) as exc:  # a cache is a speed-up: without one the next run decodes again
+    except (OSError, CiglError) as exc:  # a cache is a speed-up: without one the next run decodes again
         reason = getattr(exc, "strerror", None) or str(exc)
         warnings.warn(
             f"cannot write the image cache in {cache_dir()} ({reason}); the next run decodes the images "

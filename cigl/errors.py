@@ -56,7 +56,9 @@ def storage_error(exc: BaseException, path: object = None) -> StorageError | Non
         return None
     where = path if path is not None else exc.filename
     target = f"cannot write {where}" if where is not None else "cannot write a file"
-    return StorageError(f"{target}: {exc.strerror}; {_STORAGE_FIXES[exc.errno]}")
+    error = StorageError(f"{target}: {exc.strerror}; {_STORAGE_FIXES[exc.errno]}")
+    error.strerror = exc.strerror  # the reason alone, for callers that word their own message
+    return error
 
 
 @contextmanager

@@ -111,9 +111,10 @@ def lock_run(out: Path) -> IO | None:
         ) from None
     except OSError as exc:  # a filesystem without locks (some network mounts): run unguarded
         warnings.warn(f"cannot lock {out / LOCK} ({exc.strerror}); nothing stops a second run into {out}", stacklevel=2)
-    handle.truncate(0)  # the holder's process id, for the message above
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    with writing(out / LOCK):
+        handle.truncate(0)  # the holder's process id, for the message above
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
     return handle
 
 

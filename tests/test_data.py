@@ -1,3 +1,5 @@
+import errno
+import os
 import pickle
 import re
 import shutil
@@ -98,6 +100,15 @@ def test_cache_is_reused_and_invalidated(tmp_path, cifar_small, monkeypatch):
     with pytest.warns(UserWarning, match="cannot write the image cache .* set CIGL_CACHE to a writable folder"):
         uncached, _ = data.load_image_folder(root / "test")
     assert np.array_equal(uncached.x, rebuilt.x)
+    monkeypatch.setenv("CIGL_CACHE", str(tmp_path / "full"))  # a full disk only warns too
+
+    def full_disk(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("cigl.io.os.fsync", full_disk)
+    with pytest.warns(UserWarning, match=r"image cache .* \(No space left on device\); the next run decodes"):
+        assert np.array_equal(data.load_image_folder(root / "test")[0].x, rebuilt.x)
+    assert not list((tmp_path / "full").iterdir())  # no partial cache file
 
 
 def test_python_batches_format(tmp_path, cifar_small):
