@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import pickle
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def make_output_dir(path: str | Path) -> Path:
     return path
 
 
+_TEMP_SUFFIX = ".tmp"  # atomic_open's temp files: .NAME.<random>.tmp beside NAME
+
+
+def remove_stale_temps(folder: Path, names: Iterable[str]) -> None:
+    """Delete the temp files atomic_open left for the files `names` in `folder` when its process
+    was killed while writing them (they are never renamed into place). Only while no other
+    process writes those files."""
+    for name in names:
+        for stale in folder.glob(f".{glob.escape(name)}.*{_TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
     """A temp file next to `path`; on success it is fsynced and renamed over `path`, on any
@@ -54,7 +67,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator:
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder; give a file name")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     except OSError as exc:
         reason = "its folder does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror
         raise InputError(f"cannot write {path}: {reason}; choose another path") from None

@@ -26,8 +26,17 @@ import numpy as np
 
 from cigl.errors import CheckpointError, FormatError, InputError, writing
 from cigl.images import MAX_SIDE
-from cigl.io import atomic_open, atomic_save_npz, atomic_torch_save, is_torch_file, load_torch_file
+from cigl.io import (
+    atomic_open,
+    atomic_save_npz,
+    atomic_torch_save,
+    is_torch_file,
+    load_torch_file,
+    remove_stale_temps,
+)
 
+# what cigl-train writes into a run directory (the list above, less the lock)
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "model.pt", "summary.json", "predictions.npz")
 CHECKPOINT_FORMAT = "cigl-checkpoint"
 MODEL_FORMAT = "cigl-model"
 FORMAT_VERSION = 1
@@ -119,8 +128,10 @@ def lock_run(out: Path) -> IO | None:
 
 
 def write_run_start(out: Path, run_info: dict, done_epochs: int) -> None:
-    """config.json, and metrics.jsonl cut back to the epochs the checkpoint has done."""
+    """config.json, and metrics.jsonl cut back to the epochs the checkpoint has done; the temp
+    files of a writer killed mid-write are removed (the caller holds the run's lock)."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, RUN_FILES)
     write_json(out / "config.json", run_info)
     metrics_path = out / "metrics.jsonl"
     kept = metrics_path.read_text().splitlines()[:done_epochs] if metrics_path.exists() else []

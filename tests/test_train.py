@@ -113,9 +113,12 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, method):
     assert proc.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
     step = load_pt(out / "last.pt")["step"]
     assert 0 < step < 4 * 80
+    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"PK")  # what a kill during a checkpoint's write leaves
+    (out / ".notes.tmp").write_text("the user's")  # not cigl's: kept
     resumed = run_cli(TRAIN, "--resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_model(tmp_path / "full" / "model.pt", out / "model.pt")
+    assert [p.name for p in out.glob(".*.tmp")] == [".notes.tmp"]  # the resumed run cleared its own
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
 
