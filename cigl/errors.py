@@ -99,6 +99,9 @@ def cli_entry(func: F) -> F:
         warnings.formatwarning = _one_line_warning
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:  # stdout closed early (e.g. `cigl-export --inspect F | head`): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
         except (CiglError, OSError) as exc:
             problem = exc if isinstance(exc, CiglError) else storage_error(exc)
             if problem is None:
@@ -106,12 +109,9 @@ def cli_entry(func: F) -> F:
             message = " ".join(str(problem).split())
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-        except BrokenPipeError:  # stdout closed early (e.g. `cigl-export --inspect F | head`): not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(0) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C; training's own stop (train.interrupt) says more
+            print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+            raise SystemExit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -221,6 +222,10 @@ def test_inspect_prints_the_table(digits_export, tmp_path):
         assert "packed" in proc.stdout and "arch: resnet20" in proc.stdout and "nonzeros" in proc.stdout
     (tmp_path / "model.pt").write_bytes(src.read_bytes())
     assert_one_line_error(run_cli(EXPORT, "--inspect", str(tmp_path)), f"cigl-export {tmp_path / 'model.pt'} writes it")
+    # a reader that stops early (`cigl-export --inspect F | head -1`) is not an error
+    proc = subprocess.Popen([EXPORT, "--inspect", str(src.parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait() == 0 and proc.stderr.read() == b""
 
 
 def test_check_data_in_other_channels_and_conflicting_options(digits_export, cifar_small, tmp_path):

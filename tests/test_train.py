@@ -87,40 +87,61 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("method", ["dense", "cigl"])
-def test_kill_and_resume_gives_identical_weights(tmp_path, method):
-    args = [
-        "--method",
-        method,
-        "--epochs",
-        "4",
-        "--batch-size",
-        "16",
-        "--update-every",
-        "7",
-        "--save-every-steps",
-        "5",
-        "--quiet",
-    ]
-    full = run_cli(TRAIN, *args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
-    out = tmp_path / "killed"
+def _stop_mid_run(args: list[str], out, sig: signal.Signals) -> subprocess.Popen:
+    """Start cigl-train, send `sig` once its first checkpoint exists, wait for it to end."""
     proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True)
     wait_for_file(out / "last.pt", proc)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
-    step = load_pt(out / "last.pt")["step"]
-    assert 0 < step < 4 * 80
-    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"PK")  # what a kill during a checkpoint's write leaves
-    (out / ".notes.tmp").write_text("the user's")  # not cigl's: kept
-    resumed = run_cli(TRAIN, "--resume", str(out), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_model(tmp_path / "full" / "model.pt", out / "model.pt")
-    assert [p.name for p in out.glob(".*.tmp")] == [".notes.tmp"]  # the resumed run cleared its own
-    rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+    return proc
+
+
+@pytest.mark.parametrize(("method", "stops"), [("dense", ["SIGKILL"]), ("cigl", ["SIGKILL", "SIGINT"])])
+def test_kill_and_resume_gives_identical_weights(tmp_path, method, stops):
+    """kill -9 at any point, or Ctrl-C (the run saves the step it reached and names the resume
+    command), then --resume: the final weights are bit-identical to an uninterrupted run's."""
+    args = ["--method", method, "--epochs", "4", "--batch-size", "16", "--update-every", "7"]
+    args += ["--save-every-steps", "5", "--quiet"]
+    full = run_cli(TRAIN, *args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    for stop in stops:
+        out = tmp_path / stop
+        proc = _stop_mid_run(args, out, signal.Signals[stop])
+        assert not (out / "model.pt").exists()
+        step = load_pt(out / "last.pt")["step"]
+        assert 0 < step < 4 * 80
+        if stop == "SIGINT":  # stopped between steps, saved there: nothing is lost
+            lines = [line for line in proc.stderr.read().splitlines() if not line.startswith("warning: ")]
+            assert proc.returncode == 130 and len(lines) == 1, lines
+            assert lines[0] == f"interrupted: SIGINT at step {step} of 320; last.pt holds that step: " + (
+                f"cigl-train --resume {out} continues"
+            )
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        (out / ".last.pt.k1ll3d.tmp").write_bytes(b"PK")  # what a kill during a checkpoint's write leaves
+        (out / ".notes.tmp").write_text("the user's")  # not cigl's: kept
+        resumed = run_cli(TRAIN, "--resume", str(out), "--quiet")
+        assert resumed.returncode == 0, resumed.stderr
+        assert_same_model(tmp_path / "full" / "model.pt", out / "model.pt")
+        assert [p.name for p in out.glob(".*.tmp")] == [".notes.tmp"]  # the resumed run cleared its own
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_a_stop_request_records_signals_and_gives_them_back():
+    """SIGTERM (a scheduler's stop) is recorded like Ctrl-C, exits 143, and the first signal puts
+    the previous handlers back, so a second one acts at once."""
+    from cigl.train.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested() and signal.getsignal(signal.SIGTERM) != before
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and signal.getsignal(signal.SIGTERM) == before
+        error = stop.interrupted(7, 10, "runs/x")
+    assert error.exit_code == 143 and str(error).startswith("SIGTERM at step 7 of 10")
+    assert isinstance(error, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path):

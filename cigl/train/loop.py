@@ -51,6 +51,7 @@ from cigl.train.evaluate import (
     split_metrics,
 )
 from cigl.train.graphed import GraphedStep, graph_autocast
+from cigl.train.interrupt import StopRequest
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Run:
     eval_y: dict[str, np.ndarray] = field(default_factory=dict)
     mask_checks: int = 0  # mask updates verified identical on every process
     lock: IO | None = None  # rank 0's lock on the run directory (runfiles.lock_run)
+    stop: StopRequest | None = None  # Ctrl-C / SIGTERM seen (single-process runs)
 
     @property
     def out(self) -> Path:
@@ -128,14 +130,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     device = distributed.device_for(
         launch, cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     )
-    with distributed.process_group(launch, device):
+    with distributed.process_group(launch, device), StopRequest() if launch.world == 1 else nullcontext() as stop:
         run = setup(cfg, launch, device, resume, quiet)
+        run.stop = stop
         try:
             last_logits: dict[str, np.ndarray] = {}  # of the latest evaluation in the loop
             for epoch in range(run.step // run.steps_per_epoch, cfg.epochs):
                 last_logits = (
                     train_epoch(run, epoch, show_bar=not quiet and launch.main and sys.stderr.isatty()) or last_logits
                 )
+                stop_if_asked(run)  # the epoch's checkpoint is saved
             distributed.leave()
             return finish(run, last_logits) if launch.main else None
         finally:
@@ -443,6 +447,9 @@ def train_steps(run: Run, epoch: int, show_bar: bool) -> list[torch.Tensor]:
         if bar is not None:
             bar.update(1)
         # mid-epoch checkpoints only: an epoch's end is saved after its averaging fold and metrics
+        if b + 1 < run.steps_per_epoch and run.stop is not None and run.stop.requested():
+            checkpoint(run)
+            stop_if_asked(run)
         if cfg.save_every_steps and run.step % cfg.save_every_steps == 0 and b + 1 < run.steps_per_epoch:
             checkpoint(run)
     if bar is not None:
@@ -470,6 +477,12 @@ def epoch_row(run: Run, epoch: int, train_loss, churn_at_start) -> tuple[dict, d
     for split, split_logit in logits.items():
         row.update({f"{split}_{k}": v for k, v in split_metrics(split_logit, run.eval_y[split]).items()})
     return row, logits
+
+
+def stop_if_asked(run: Run) -> None:
+    """Raise Interrupted when Ctrl-C or SIGTERM came (train.interrupt); last.pt holds run.step."""
+    if run.stop is not None and run.stop.requested():
+        raise run.stop.interrupted(run.step, run.total_steps, run.cfg.out)
 
 
 def checkpoint(run: Run) -> None:
