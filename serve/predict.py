@@ -16,7 +16,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,30 +108,31 @@ def predict_all(
     make_records: MakeRecords,
     strict: bool,
     progress: bool,
-) -> list[dict]:
-    """Records for every input, in input order: image files are decoded one by one and run in
-    batches of `batch`, their probabilities turned into records by `make_records` (e.g.
-    Predictor.records with the chosen top-k, abstain threshold and alpha); an unreadable input
-    gets an error record (or raises with `strict`)."""
-    records: list[dict] = []
+) -> Iterator[dict]:
+    """Records for every input, in input order, as soon as they are known: image files are
+    decoded one by one and run in batches of `batch`, their probabilities turned into records by
+    `make_records` (e.g. Predictor.records with the chosen top-k, abstain threshold and alpha);
+    an unreadable input gets an error record (or raises with `strict`)."""
+    records: list[dict] = []  # in input order, since the last batch ran
     pending: list[tuple[int, np.ndarray]] = []  # (record slot, decoded image)
 
-    def flush() -> None:
-        if not pending:
-            return
-        slots = [slot for slot, _ in pending]
-        _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
-        found = make_records([records[s]["source"] for s in slots], probs)
-        for slot, record in zip(slots, found, strict=True):
-            records[slot] = record
-        pending.clear()
+    def flush() -> Iterator[dict]:
+        if pending:
+            slots = [slot for slot, _ in pending]
+            _, probs = predictor.predict(predictor.normalize(np.stack([img for _, img in pending])))
+            found = make_records([records[s]["source"] for s in slots], probs)
+            for slot, record in zip(slots, found, strict=True):
+                records[slot] = record
+            pending.clear()
+        yield from records
+        records.clear()
 
     bar = _progress(len(paths), progress)
     for path in paths:
         try:
             if path.suffix.lower() == ".npy":
-                flush()
-                records.extend(_npy_records(predictor, path, batch, make_records))
+                yield from flush()
+                yield from _npy_records(predictor, path, batch, make_records)
             else:
                 pending.append((len(records), predictor.load_image(path)))
                 records.append({"source": str(path)})
@@ -140,36 +141,49 @@ def predict_all(
                 raise
             records.append({"source": str(path), "error": str(exc)})
         if len(pending) == batch:
-            flush()
+            yield from flush()
         if bar is not None:
             bar.update(1)
-    flush()
+    yield from flush()
     if bar is not None:
         bar.close()
-    return records
 
 
-def render(records: list[dict], fmt: str) -> str:
-    if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in records)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["source", "class", "confidence", "top_k", "abstained", "prediction_set", "error"])
+CSV_COLUMNS = ["source", "class", "confidence", "top_k", "abstained", "prediction_set", "error"]
+
+
+def render(records: Iterable[dict], fmt: str) -> Iterator[str]:
+    """The text of `records` in `fmt` (jsonl: a line each; csv: a header, then a row each)."""
+    if fmt == "csv":
+        yield _csv_line(CSV_COLUMNS)
     for r in records:
+        if fmt == "jsonl":
+            yield json.dumps(r) + "\n"
+            continue
         top = ";".join(f"{c}:{p}" for c, p in r.get("top_k", []))
         found = ";".join(r.get("prediction_set", []))
-        w.writerow(
-            [
-                r["source"],
-                r.get("class", ""),
-                r.get("confidence", ""),
-                top,
-                r.get("abstained", ""),
-                found,
-                r.get("error", ""),
-            ]
-        )
+        cells = [r["source"], r.get("class", ""), r.get("confidence", ""), top, r.get("abstained", ""), found]
+        yield _csv_line([*cells, r.get("error", "")])
+
+
+def _csv_line(cells: list) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cells)
     return buf.getvalue()
+
+
+class _Tally:
+    """Counts the records streaming past on their way to the output."""
+
+    def __init__(self, records: Iterable[dict]) -> None:
+        self.records, self.total, self.failed, self.abstained = records, 0, 0, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for r in self.records:
+            self.total += 1
+            self.failed += "error" in r
+            self.abstained += bool(r.get("abstained"))
+            yield r
 
 
 def build_parser() -> ArgumentParser:
@@ -226,29 +240,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.alpha is not None:
         predictor.card.conformal_threshold(args.alpha)  # an alpha the card lacks fails before any work
     paths = expand_inputs(args.inputs)
-    records = predict_all(
-        predictor,
-        paths,
-        batch=min(args.batch_size, predictor.max_batch),
-        make_records=functools.partial(
-            predictor.records, top_k=args.top_k, abstain_below=args.abstain_below, alpha=args.alpha
-        ),
-        strict=args.strict,
-        progress=sys.stderr.isatty(),
+    tally = _Tally(
+        predict_all(
+            predictor,
+            paths,
+            batch=min(args.batch_size, predictor.max_batch),
+            make_records=functools.partial(
+                predictor.records, top_k=args.top_k, abstain_below=args.abstain_below, alpha=args.alpha
+            ),
+            strict=args.strict,
+            progress=sys.stderr.isatty(),
+        )
     )
-    text = render(records, args.format)
-    if args.out:
+    lines = render(tally, args.format)
+    if args.out:  # streamed into a temp file, renamed into place when complete
         with atomic_open(args.out, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
-    failed = sum("error" in r for r in records)
-    abstained = sum(bool(r.get("abstained")) for r in records)
+            f.writelines(lines)
+    elif args.strict:  # all or nothing: an unreadable input must leave stdout empty
+        sys.stdout.write("".join(lines))
+    else:  # each batch's records as soon as they are known
+        for line in lines:
+            sys.stdout.write(line)
     print(
-        f"{len(records) - failed} predicted, {failed} unreadable, {abstained} abstained ({predictor.provider})",
+        f"{tally.total - tally.failed} predicted, {tally.failed} unreadable, {tally.abstained} abstained "
+        f"({predictor.provider})",
         file=sys.stderr,
     )
-    return 1 if failed else 0
+    return 1 if tally.failed else 0
 
 
 if __name__ == "__main__":

@@ -105,6 +105,37 @@ def test_cigl_predict_on_real_jpegs_with_a_corrupt_file(tmp_path, cifar_small, c
     assert len(clean.stdout.splitlines()) == 11
 
 
+def test_predictions_stream_batch_by_batch(tmp_path, cifar_small, cifar_onnx):
+    """Records leave as each batch is run, in input order (an error record in its place), so
+    cigl-predict's output starts before the last image is decoded; --strict on stdout stays
+    all-or-nothing."""
+    from cigl.serve.predict import predict_all
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(cifar_small / "test" / "cat", folder)
+    files = sorted(folder.iterdir())
+    (folder / "zz-broken.jpg").write_bytes(b"not an image")
+    predictor = Predictor(cifar_onnx)
+    stream = predict_all(
+        predictor,
+        [*files[:3], folder / "zz-broken.jpg", *files[3:]],
+        batch=2,
+        make_records=predictor.records,
+        strict=True,
+        progress=False,
+    )
+    first = [next(stream), next(stream)]  # the first batch, before the broken file is reached
+    assert [r["source"] for r in first] == [str(f) for f in files[:2]] and all("class" in r for r in first)
+    with pytest.raises(InputError, match="zz-broken.jpg"):
+        list(stream)
+    inputs = [files[0], folder / "zz-broken.jpg", files[1]]
+    lenient = predict_all(predictor, inputs, batch=2, make_records=predictor.records, strict=False, progress=False)
+    assert ["error" in r for r in lenient] == [False, True, False]
+    strict = run_cli(PREDICT, str(cifar_onnx), *map(str, [*files, folder / "zz-broken.jpg"]), "--strict")
+    assert_one_line_error(strict, "zz-broken.jpg")
+    assert strict.stdout == ""
+
+
 def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
     out, _ = digits_run
     test = load_dataset("digits").test
