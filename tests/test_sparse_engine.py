@@ -436,3 +436,37 @@ def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path):
     p = Predictor(src.parent / "model.onnx", device="cpu")
     assert p.provider == "CPUExecutionProvider"
     assert isinstance(SparseEngine((src.parent / "model.onnx").read_bytes()).density, float)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="checks folder ownership")
+def test_kernel_cache_falls_back_where_the_install_is_read_only(tmp_path, monkeypatch):
+    """An installed, read-only package with no writable home (a hardened container) used to fail
+    at import ("no locator available"): the compiled kernels then go to a private cache folder,
+    never to a shared one someone else could fill, and with nowhere to write they compile each time."""
+    from numba.core import config as numba_config
+
+    from cigl.serve.sparse_engine import kernels
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(numba_config, "CACHE_DIR", "")
+    monkeypatch.setattr(kernels, "__file__", str(tmp_path / "file" / "kernels.py"))  # __pycache__ cannot be made
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernels._compile_cache()
+    assert Path(numba_config.CACHE_DIR) == tmp_path / "xdg" / "cigl" / "numba"
+
+    monkeypatch.setattr(numba_config, "CACHE_DIR", "")
+    shared = tmp_path / "shared" / "cigl" / "numba"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # writable by anyone: not used
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "shared"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert kernels._compile_cache()
+    assert Path(numba_config.CACHE_DIR) == tmp_path / "tmp" / f"cigl-numba-{os.getuid()}"
+
+    monkeypatch.setattr(numba_config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="compile in every process; set NUMBA_CACHE_DIR"):
+        assert not kernels._compile_cache()
+    assert not numba_config.CACHE_DIR

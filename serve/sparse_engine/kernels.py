@@ -21,11 +21,61 @@ do not depend on the thread count.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.extending import intrinsic
+
+
+def _writable(folder: Path, private: bool = False) -> bool:
+    """Whether files can be created in `folder` (made if missing); `private`: and it is this
+    user's alone, since numba loads its cache files with pickle (a folder in the shared temp
+    folder that someone else made could hold code)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if private and hasattr(os, "getuid"):
+            st = folder.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return False
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _compile_cache() -> bool:
+    """Whether the kernels can keep their compiled code between runs (compiling them takes
+    seconds). Numba caches beside this file; where that is read-only (an installed package in
+    a container) and NUMBA_CACHE_DIR is unset, the cache goes to the user's cache folder or a
+    private one in the temp folder, since numba's own fallback, the home folder, may be
+    unwritable too and would fail at import. With nowhere to write, they compile in every process."""
+    if numba_config.CACHE_DIR or _writable(Path(__file__).parent / "__pycache__"):
+        return True
+    user = getattr(os, "getuid", lambda: 0)()
+    for folder in (
+        lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cigl" / "numba",
+        lambda: Path(tempfile.gettempdir()) / f"cigl-numba-{user}",
+    ):
+        try:
+            path = folder()
+        except RuntimeError:  # no home folder
+            continue
+        if _writable(path, private=True):
+            numba_config.CACHE_DIR = str(path)
+            return True
+    message = "nowhere to keep the sparse kernels' compiled code: they compile in every process; set NUMBA_CACHE_DIR"
+    warnings.warn(message, stacklevel=2)
+    return False
+
+
+CACHE = _compile_cache()
 
 VEC = 8  # floats per AVX register
 MIN_JOBS = 32  # rows are split into blocks until there are this many jobs (several per thread)
@@ -237,7 +287,7 @@ def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, m
         _tile1(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, cache=CACHE, nogil=True)
 def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """`sparse_conv` for outputs shorter than a vector (a linear layer on a few images): one
     scalar sum per output, on one thread (there is too little work to share)."""
@@ -257,7 +307,7 @@ def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residua
             out[o, shift + q] = v
 
 
-@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+@njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
 def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """See the module docstring: row o's nonzeros are, in parts that each read a few planes,
     bounds[p, o] .. bounds[p, o + 1] (`part_bounds`); then, per
@@ -316,7 +366,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
                 )
 
 
-@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+@njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
 def channel_affine(x, scale, offset, mask, relu, out):
     """out[c] = (x[c] * scale[c] + offset[c]), then max(., 0) if relu, times mask (inference
     batch norm on planes whose padding must stay zero)."""
@@ -330,7 +380,7 @@ def channel_affine(x, scale, offset, mask, relu, out):
             oc[p] = v * mask[p]
 
 
-@njit(fastmath=True, parallel=True, cache=True, nogil=True)
+@njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
 def plane_means(x, n, block, count, out):
     """out[i, c] = sum(x[c, i * block : (i + 1) * block]) / count, summed in float64: global
     average pooling of planes (an image's block holds its elements and zero padding)."""
@@ -377,7 +427,7 @@ def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) 
 NO_RESIDUAL, NO_MASK = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=CACHE, nogil=True)
 def gather_phases(x, n, h, w, pad_top, pad_left, stride_h, stride_w, hq, wq, phases, out):  # noqa: PLR0913
     """Stride phases of the zero-padded input, only those in `phases` (a 1x1 stride-2 convolution
     reads one of four): with phase = phases[j] = a * stride_w + b,
