@@ -130,16 +130,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     device = distributed.device_for(
         launch, cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     )
-    with distributed.process_group(launch, device), StopRequest() if launch.world == 1 else nullcontext() as stop:
+    with distributed.process_group(launch, device):
         run = setup(cfg, launch, device, resume, quiet)
-        run.stop = stop
         try:
             last_logits: dict[str, np.ndarray] = {}  # of the latest evaluation in the loop
-            for epoch in range(run.step // run.steps_per_epoch, cfg.epochs):
-                last_logits = (
-                    train_epoch(run, epoch, show_bar=not quiet and launch.main and sys.stderr.isatty()) or last_logits
-                )
-                stop_if_asked(run)  # the epoch's checkpoint is saved
+            # while steps run, Ctrl-C and SIGTERM stop at the next step boundary with a checkpoint
+            with StopRequest() if launch.world == 1 else nullcontext() as run.stop:
+                for epoch in range(run.step // run.steps_per_epoch, cfg.epochs):
+                    show_bar = not quiet and launch.main and sys.stderr.isatty()
+                    last_logits = train_epoch(run, epoch, show_bar) or last_logits
+                    stop_if_asked(run)  # the epoch's checkpoint is saved
             distributed.leave()
             return finish(run, last_logits) if launch.main else None
         finally:
