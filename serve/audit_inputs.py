@@ -4,6 +4,7 @@ models run over labelled images (numpy, onnxruntime; no torch)."""
 from __future__ import annotations
 
 import csv
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,12 @@ def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, d
                 f"({', '.join(classes)}); unexpected: {', '.join(unknown) or 'no class folders'}"
             )
         files = [(f, classes.index(folder.name)) for folder in folders for f in expand_inputs([str(folder)])]
+        decoded = len(files) * math.prod(predictor.card.input_size)  # the audit holds them all, as uint8
+        if decoded > MAX_ARRAY_BYTES:
+            raise InputError(
+                f"{root} holds {len(files):,} images, {decoded:,} bytes decoded at the model's size, over the "
+                f"audit's limit of {MAX_ARRAY_BYTES:,}; audit a sample (e.g. a few hundred images per class)"
+            )
         images = np.stack([predictor.load_image(f) for f, _ in files])
         return images, np.array([label for _, label in files], dtype=np.int64)
     c, h, w = predictor.card.input_size

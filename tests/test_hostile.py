@@ -173,7 +173,7 @@ def test_image_bombs_give_an_error_record_and_the_good_images_still_predict(
     )
 
 
-def test_training_and_audit_refuse_a_bomb_in_an_image_folder(exported, digit_images, tmp_path, capsys):
+def test_training_and_audit_refuse_a_bomb_in_an_image_folder(exported, digit_images, tmp_path, capsys, monkeypatch):
     folder, _ = digit_images
     for split in ("train", "test"):
         for label in ("0", "1"):
@@ -187,6 +187,11 @@ def test_training_and_audit_refuse_a_bomb_in_an_image_folder(exported, digit_ima
     (tmp_path / "data" / "test" / "0" / "bomb.png").write_bytes(png_with_size(12_000, 12_000))
     audit_args = [exported / "model.onnx", "--data", tmp_path / "data" / "test", "--out", tmp_path / "audit"]
     assert_clean_error(run_tool(audit_main, audit_args, capsys), "bomb.png")
+    # the audit holds every image at the model's size: a folder beyond the bound is refused before decoding
+    (tmp_path / "data" / "test" / "0" / "bomb.png").unlink()
+    monkeypatch.setattr("cigl.serve.audit_inputs.MAX_ARRAY_BYTES", 64)  # one 8 x 8 digit
+    line = assert_clean_error(run_tool(audit_main, audit_args, capsys), "over the audit's limit of 64")
+    assert f"holds {2 * len(list(folder.iterdir()))} images" in line and not (tmp_path / "audit").exists()
 
 
 # --------------------------------------------------------------------------- cigl-predict
