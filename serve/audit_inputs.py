@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,13 @@ def _indices_of_names(path: Path, names: np.ndarray, classes: list[str] | None) 
 
 
 MAX_CSV_BYTES = 256 * 2**20
+_DECIMAL_COMMA = re.compile(r"^(\s*[-+]?\d*),(\d+(?:[eE][-+]?\d+)?\s*)$")  # 0,25 or -1,5e-3
 
 
 def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """(scores, labels, kind, classes) of a CSV: a header naming the label column and one column
-    per class; cells separated by commas, semicolons or tabs (as the header shows); a label is a
-    class index or a class column's name."""
+    per class; cells separated by commas, semicolons or tabs (as the header shows), with decimal
+    commas where the separator is not a comma; a label is a class index or a class column's name."""
     if path.stat().st_size > MAX_CSV_BYTES:  # parsed cells take about 10x the file's size in memory
         raise InputError(
             f"{path} is {path.stat().st_size:,} bytes, over the CSV limit of {MAX_CSV_BYTES:,}; "
@@ -100,6 +102,8 @@ def _load_csv(path: Path, label_column: str, kind: str) -> tuple[np.ndarray, np.
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise FormatError(f"{path}: line {number} has {len(row)} cells but the header has {len(header)}")
+        if delimiter != ",":  # spreadsheets that separate cells with ; or tabs may write 0,25 for 0.25
+            row = [_DECIMAL_COMMA.sub(r"\1.\2", cell) for cell in row]
         if not _is_number(row[li]):  # a class name as the label (a number is always an index)
             row[li] = index.get(row[li].strip(), row[li])
         try:

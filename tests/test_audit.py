@@ -124,6 +124,13 @@ def test_csv_dialects_class_name_labels_and_named_cells(files, tmp_path, monkeyp
         path.write_text("\n".join(lines) + "\n")
         loaded = load_predictions(str(path))
         assert np.array_equal(loaded.labels, labels) and np.allclose(loaded.scores, probs)
+    european = tmp_path / "european.csv"  # Excel in many locales: ; between cells, decimal commas
+    lines = ["label;" + ";".join(names)] + [
+        ";".join([str(y), *(repr(float(v)).replace(".", ",") for v in p)]) for p, y in zip(probs, labels, strict=True)
+    ]
+    european.write_text("\n".join(lines) + "\n")
+    loaded = load_predictions(str(european))
+    assert np.array_equal(loaded.labels, labels) and np.allclose(loaded.scores, probs)
     numeric = tmp_path / "numeric.csv"
     numeric.write_text("label,1,2,3\n1,0.1,0.8,0.1\n2,0.2,0.2,0.6\n")
     assert load_predictions(str(numeric)).labels.tolist() == [1, 2]  # indices, not the classes named 1 and 2
