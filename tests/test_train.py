@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,11 +145,35 @@ def test_a_stop_request_records_signals_and_gives_them_back():
     assert isinstance(error, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_resume_finds_moved_data_and_refuses_other_data(tmp_path, cifar_small):
+    """config.json keeps the data folder as an absolute path, so a resume from another working
+    directory finds it; data that moved is passed anew with --data-dir (and must be the same)."""
+    shutil.copytree(cifar_small, tmp_path / "data")
+    common = ["--model", "resnet20", "--train-per-class", "4", "--val-size", "0", "--batch-size", "20", "--quiet"]
+    first_args = ["--dataset", "cifar10", "--data-dir", "data", *common, "--epochs", "1", "--out", "run"]
+    first = run_cli(TRAIN, *first_args, cwd=tmp_path)  # paths relative to the working directory
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "data")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    gone = run_cli(TRAIN, "--resume", str(tmp_path / "run"), "--epochs", "2")
+    assert_one_line_error(gone, f"its data folder {tmp_path / 'data'} is not there", "pass --data-dir")
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            shutil.copytree(tmp_path / "moved" / split / name, other / split / name)
+    wrong = run_cli(TRAIN, "--resume", str(tmp_path / "run"), "--epochs", "2", "--data-dir", str(other))
+    assert_one_line_error(wrong, f"the data in {other} is not what the run was trained on (classes:")
+    moved = run_cli(TRAIN, "--resume", str(tmp_path / "run"), "--epochs", "2", "--data-dir", str(tmp_path / "moved"))
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "moved")
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path):
     out = tmp_path / "r"
     assert run_cli(TRAIN, "--method", "rigl", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
     proc = run_cli(TRAIN, "--resume", str(out), "--lr", "0.05")
-    assert_one_line_error(proc, "--lr 0.1, not 0.05", "only --epochs may change")
+    assert_one_line_error(proc, "--lr 0.1, not 0.05", "only --epochs, and --data-dir where the data moved, may change")
     proc = run_cli(TRAIN, "--resume", str(out), "--epochs", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -136,7 +136,7 @@ def check_earlier_run(out: Path, cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return
     wanted = {k: v for k, v in asdict(cfg).items() if v is not None}  # None: filled in by training
-    key = changed_setting(saved, wanted, {"out"})
+    key = changed_setting(saved, wanted, {"out", "data_dir"})  # the data may have moved (resume checks it)
     if key is not None:
         raise InputError(
             f"{out} was trained with {flag(key)} {saved[key]}, not {wanted[key]}: pass another --runs for "

@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<method>-s<seed>)")
     g.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (only --epochs may change)"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last.pt (only --epochs, and --data-dir where the data "
+        "moved, may change)",
     )
     g.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)")
     g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
@@ -132,7 +135,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if key is not None:
         raise CheckpointError(
             f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
-            f"not {given[key]}; only --epochs may change on resume"
+            f"not {given[key]}; only --epochs, and --data-dir where the data moved, may change on resume"
+        )
+    data_dir = saved.get("data_dir")
+    if "data_dir" not in given and isinstance(data_dir, str) and not Path(data_dir).exists():
+        raise InputError(
+            f"--resume {run}: its data folder {data_dir} is not there; pass --data-dir with where the data is now"
         )
     avg_start = saved.get("avg_start")
     if isinstance(given.get("epochs"), int) and isinstance(avg_start, int) and given["epochs"] < avg_start:

@@ -4,6 +4,7 @@ place settings are validated and the ones that depend on others filled in."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 from cigl.conformal import METHODS as CONFORMAL_METHODS
@@ -17,7 +18,7 @@ ALL_METHODS = ("dense", *PRESETS)  # dense, static, set, rigl, cigl
 AVERAGING_METHODS = ("cigl",)  # methods that average weights and masks by default (from 80% of the epochs)
 PRODUCTS = ("averaged", "final")
 DEVICES = ("auto", "cpu", "cuda")
-RESUMABLE_CHANGES = {"epochs"}
+RESUMABLE_CHANGES = {"epochs", "data_dir"}  # --data-dir: the data moved (checked to be the same data)
 
 
 @dataclass
@@ -134,6 +135,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _fill_product(cfg)
     cfg.decay_every = cfg.decay_every or max(1.0, round(0.4 * cfg.epochs, 3))
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.seed}"
+    if cfg.data_dir is not None:  # config.json must find the data again from any working directory
+        cfg.data_dir = os.path.abspath(cfg.data_dir)
     return cfg
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import sys
@@ -41,7 +42,7 @@ from cigl.pipeline import augment, epoch_order, normalize, shuffled_batches, to_
 from cigl.sparse import Masking, WeightAverage, recalibrate_bn
 from cigl.sparse.schedule import FEW_UPDATES, default_update_every
 from cigl.tables import format_table
-from cigl.train.config import TrainConfig, resolve
+from cigl.train.config import TrainConfig, changed_setting, resolve
 from cigl.train.evaluate import (
     confidence_guarantees,
     evaluate,
@@ -188,6 +189,7 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
 
     # ---- resume, then DDP (it starts by copying rank 0's weights to every rank), evaluation data
     if ckpt is not None:
+        check_same_data(run)
         resume_from(run, ckpt)
     elif launch.main:
         warn_few_updates(run, explicit_every)
@@ -309,6 +311,37 @@ def restore(ckpt: dict, path: Path, model, optimizer, masking, average, device) 
     return step
 
 
+def data_facts(run: Run) -> dict:
+    """What config.json records of the data: a resume checks that it finds the same again."""
+    return {
+        "classes": run.data.classes,
+        "n_train": run.train_x.shape[0],
+        "n_val": len(run.data.val),
+        "n_test": len(run.data.test),
+    }
+
+
+def check_same_data(run: Run) -> None:
+    """On resume (where --data-dir may name a new place for the data): the data found must be
+    what the run was trained on, as far as config.json records it."""
+    try:
+        saved = json.loads((run.out / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the command line checked it; through the Python API there may be none
+    found = data_facts(run)
+    key = changed_setting(saved, found) if isinstance(saved, dict) else None
+    if key is not None:
+        raise CheckpointError(
+            f"--resume {run.out}: the data in {run.cfg.data_dir or run.cfg.dataset} is not what the run was trained "
+            f"on ({key}: {_brief(found[key])}, not {_brief(saved[key])}); pass the --data-dir it was trained on"
+        )
+
+
+def _brief(value) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def start_run_files(run: Run) -> None:
     """config.json and metrics.jsonl (rank 0); the mask table and a line saying what runs."""
     cfg, launch = run.cfg, run.launch
@@ -317,10 +350,7 @@ def start_run_files(run: Run) -> None:
         run.lock = runfiles.lock_run(run.out)
         run_info = {
             **asdict(cfg),
-            "classes": run.data.classes,
-            "n_train": run.train_x.shape[0],
-            "n_val": len(run.data.val),
-            "n_test": len(run.data.test),
+            **data_facts(run),
             "world_size": launch.world,
             "steps_per_epoch": run.steps_per_epoch,
             "total_steps": run.total_steps,
