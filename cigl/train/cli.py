@@ -12,7 +12,16 @@ from cigl.conformal import METHODS as CONFORMAL_METHODS
 from cigl.data import DATASETS
 from cigl.errors import ArgumentParser, CheckpointError, InputError, cli_entry
 from cigl.sparse.allocation import INITS
-from cigl.train.config import ALL_METHODS, DEVICES, PRODUCTS, RESUMABLE_CHANGES, TrainConfig, changed_setting, flag
+from cigl.train.config import (
+    ALL_METHODS,
+    DEVICES,
+    PRODUCTS,
+    RESUMABLE_CHANGES,
+    RESUMABLE_NOTE,
+    TrainConfig,
+    changed_setting,
+    flag,
+)
 from cigl.train.loop import train
 
 EXAMPLES = [
@@ -111,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last.pt (only --epochs, and --data-dir where the data "
-        "moved, may change)",
+        help="continue the run in RUN_DIR from its last.pt (" + RESUMABLE_NOTE.removesuffix(" on resume") + ")",
     )
     g.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)")
     g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
@@ -134,8 +142,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     key = changed_setting(saved, given, RESUMABLE_CHANGES)
     if key is not None:
         raise CheckpointError(
-            f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
-            f"not {given[key]}; only --epochs, and --data-dir where the data moved, may change on resume"
+            f"--resume {run}: the run was started with {flag(key)} {saved[key]}, not {given[key]}; {RESUMABLE_NOTE}"
         )
     data_dir = saved.get("data_dir")
     if "data_dir" not in given and isinstance(data_dir, str) and not Path(data_dir).exists():

@@ -18,7 +18,22 @@ ALL_METHODS = ("dense", *PRESETS)  # dense, static, set, rigl, cigl
 AVERAGING_METHODS = ("cigl",)  # methods that average weights and masks by default (from 80% of the epochs)
 PRODUCTS = ("averaged", "final")
 DEVICES = ("auto", "cpu", "cuda")
-RESUMABLE_CHANGES = {"epochs", "data_dir"}  # --data-dir: the data moved (checked to be the same data)
+# what may change on resume: the length, where the data is now (checked to be the same data) and
+# how the run executes (not what it computes; a changed device or thread count is noted)
+RESUMABLE_CHANGES = {
+    "epochs",
+    "data_dir",
+    "device",
+    "threads",
+    "compile",
+    "cuda_graph",
+    "save_every_steps",
+    "eval_every",
+}
+RESUMABLE_NOTE = (
+    "only --epochs, --data-dir (data that moved) and how the run executes (--device, --threads, --compile, "
+    "--no-cuda-graph, --save-every-steps, --eval-every) may change on resume"
+)
 
 
 @dataclass

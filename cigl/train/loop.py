@@ -282,6 +282,14 @@ def resume_from(run: Run, ckpt: dict) -> None:
             f"note: the run was checkpointed by {ckpt.get('world_size', 1)} process(es) and continues on "
             f"{run.launch.world}: same global batch and schedule, but not bit-identical to an uninterrupted run"
         )
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    then = {"device": ckpt.get("device"), "threads": ckpt.get("threads"), "compile": saved.get("compile")}
+    now = execution(run)
+    if any(then[k] is not None and then[k] != now[k] for k in now):  # None: not recorded (older checkpoints)
+        run.say(
+            f"note: the run continues with {_shown(now)} (checkpointed with {_shown(then)}): "
+            "not bit-identical to an uninterrupted run"
+        )
 
 
 def restore(ckpt: dict, path: Path, model, optimizer, masking, average, device) -> int:
@@ -515,6 +523,16 @@ def stop_if_asked(run: Run) -> None:
         raise run.stop.interrupted(run.step, run.total_steps, run.cfg.out)
 
 
+def execution(run: Run) -> dict:
+    """How the run executes, which a resume may change (with a note: results are then not
+    bit-identical): the device type, torch's CPU threads, torch.compile."""
+    return {"device": run.device.type, "threads": torch.get_num_threads(), "compile": run.cfg.compile}
+
+
+def _shown(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+
 def checkpoint(run: Run) -> None:
     """last.pt (rank 0): everything needed to continue exactly where the run is."""
     if not run.launch.main:
@@ -523,6 +541,7 @@ def checkpoint(run: Run) -> None:
         run.out / "last.pt",
         config=asdict(run.cfg),
         world_size=run.launch.world,
+        **{k: v for k, v in execution(run).items() if k != "compile"},
         step=run.step,
         model=run.model.state_dict(),
         optimizer=run.optimizer.state_dict(),
