@@ -129,9 +129,10 @@ def is_torch_file(path: str | Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
+def load_torch_file(path: str | Path, fmt: str, what: str, others: dict[str, str] | None = None) -> dict:
     """torch.load(weights_only=True) of a cigl file whose "format" entry is `fmt`: a file that
-    needs pickle code is refused (never executed), a damaged one named as such."""
+    needs pickle code is refused (never executed), a damaged one named as such, and one of
+    another format gets the advice `others` holds for that format."""
     import torch
 
     path = Path(path)
@@ -156,8 +157,10 @@ def load_torch_file(path: str | Path, fmt: str, what: str) -> dict:
         raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({exc})") from None
     except Exception as exc:  # zip/EOF/runtime errors of a damaged file
         raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        raise CheckpointError(f"{path} is not a {what} (expected format {fmt!r})")
+    found = obj.get("format") if isinstance(obj, dict) else None
+    if found != fmt:
+        advice = (others or {}).get(found) if isinstance(found, str) else None
+        raise CheckpointError(f"{path} is not a {what} (expected format {fmt!r})" + (f"; {advice}" if advice else ""))
     return obj
 
 

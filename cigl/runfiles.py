@@ -205,7 +205,13 @@ def save_model_file(  # noqa: PLR0913 (keyword-only: the fields of model.pt)
 
 def load_model_file(path: Path) -> dict:
     """A model.pt, loaded safely and checked (model_file_problem); FormatError otherwise."""
-    model_file = load_torch_file(path, MODEL_FORMAT, "cigl model file (model.pt)")
+    path = Path(path)
+    finished = path.with_name("model.pt")
+    if finished.is_file():
+        checkpoint = f"it is a training checkpoint: pass {finished}, the model the run wrote"
+    else:
+        checkpoint = f"it is a training checkpoint: cigl-train --resume {path.parent} finishes the run and its model.pt"
+    model_file = load_torch_file(path, MODEL_FORMAT, "cigl model file (model.pt)", {CHECKPOINT_FORMAT: checkpoint})
     missing = [k for k in MODEL_KEYS if k not in model_file]
     if missing:
         raise FormatError(f"{path} lacks {', '.join(missing)}; export a model.pt written by cigl-train")

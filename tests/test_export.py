@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -212,6 +213,16 @@ def test_malformed_inputs_give_one_line_errors(tmp_path, digits_export):
     with pytest.raises(InputError, match="file not found"):
         cx.load_state_dict(tmp_path / "none.safetensors")
     assert_one_line_error(run_cli(EXPORT, str(src), "--opset", "13"), "--opset must be >= 17")
+
+
+def test_exporting_a_checkpoint_names_the_model_to_export(digits_export, tmp_path):
+    """last.pt is the training checkpoint: export names the run's model.pt, or how to get one."""
+    src, _ = digits_export
+    torch.save({"format": "cigl-checkpoint", "version": 1, "step": 3}, tmp_path / "last.pt")
+    unfinished = run_cli(EXPORT, str(tmp_path / "last.pt"))
+    assert_one_line_error(unfinished, f"training checkpoint: cigl-train --resume {tmp_path} finishes the run")
+    shutil.copy(src, tmp_path / "model.pt")
+    assert_one_line_error(run_cli(EXPORT, str(tmp_path / "last.pt")), f"pass {tmp_path / 'model.pt'}, the model")
 
 
 def test_inspect_prints_the_table(digits_export, tmp_path):
