@@ -1,7 +1,8 @@
 """One error hierarchy for every side of cigl (stdlib only).
 
-Command-line tools turn a `CiglError` into a one-line message on stderr and exit code 2;
-anything else is a bug and keeps its traceback.
+Command-line tools turn a `CiglError` into a one-line message on stderr and exit code 2, and so
+an OSError that says the disk is full or read-only (`storage_error`: the machine, not cigl, is at
+fault); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
