@@ -86,6 +86,13 @@ def is_int_in(value: object, low: int, high: int | None = None) -> bool:
     )
 
 
+def say_line(line: str) -> None:
+    """`line` on stderr in one write: print() writes the text and its newline separately, so the
+    processes of a torchrun launch, failing at the same moment, ran their lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _one_line_warning(message, *_details) -> str:
     """warnings.formatwarning without the file and line: one `warning: ...` line."""
     return f"warning: {message}\n"
@@ -108,10 +115,10 @@ def cli_entry(func: F) -> F:
             if problem is None:
                 raise
             message = " ".join(str(problem).split())
-            print(f"error: {message}", file=sys.stderr)
+            say_line(f"error: {message}")
             raise SystemExit(2) from None
         except KeyboardInterrupt as exc:  # Ctrl-C; training's own stop (train.interrupt) says more
-            print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+            say_line(f"interrupted: {exc}" if str(exc) else "interrupted")
             raise SystemExit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -132,5 +139,5 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=f"%(prog)s (cigl) {__version__}")
 
     def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        say_line(f"error: {message} (see {self.prog} --help)")
         raise SystemExit(2)

@@ -60,6 +60,31 @@ def assert_clean_error(result: tuple[int, str, str], *needles: str) -> str:
     return lines[0]
 
 
+def test_error_lines_are_written_whole(monkeypatch):
+    """One write per line: the processes of a torchrun launch fail at the same moment, and with
+    print's two writes (text, then newline) their lines came out run together."""
+    from cigl.errors import cli_entry
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+
+    @cli_entry
+    def fails(_argv=None):
+        raise InputError("the batch of 63 images does not split evenly")
+
+    with pytest.raises(SystemExit):
+        fails()
+    assert writes == ["error: the batch of 63 images does not split evenly\n"]
+
+
 def png_with_size(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height over a tiny, truncated body: what an image
     bomb looks like to a decoder before it allocates."""
