@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last.pt (" + RESUMABLE_NOTE.removesuffix(" on resume") + ")",
+        help=f"continue the run in RUN_DIR from its last.pt ({RESUMABLE_NOTE})",
     )
     g.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (default: each epoch only)")
     g.add_argument("--eval-every", type=int, help="evaluate val/test every N epochs (default 1)")
@@ -142,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     key = changed_setting(saved, given, RESUMABLE_CHANGES)
     if key is not None:
         raise CheckpointError(
-            f"--resume {run}: the run was started with {flag(key)} {saved[key]}, not {given[key]}; {RESUMABLE_NOTE}"
+            f"--resume {run}: the run was started with {flag(key)} {saved[key]}, "
+            f"not {given[key]}; {RESUMABLE_NOTE} on resume"
         )
     data_dir = saved.get("data_dir")
     if "data_dir" not in given and isinstance(data_dir, str) and not Path(data_dir).exists():

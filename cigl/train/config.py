@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = {
 }
 RESUMABLE_NOTE = (
     "only --epochs, --data-dir (data that moved) and how the run executes (--device, --threads, --compile, "
-    "--no-cuda-graph, --save-every-steps, --eval-every) may change on resume"
+    "--no-cuda-graph, --save-every-steps, --eval-every) may change"
 )
 
 

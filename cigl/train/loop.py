@@ -282,9 +282,8 @@ def resume_from(run: Run, ckpt: dict) -> None:
             f"note: the run was checkpointed by {ckpt.get('world_size', 1)} process(es) and continues on "
             f"{run.launch.world}: same global batch and schedule, but not bit-identical to an uninterrupted run"
         )
-    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    then = {"device": ckpt.get("device"), "threads": ckpt.get("threads"), "compile": saved.get("compile")}
     now = execution(run)
+    then = {k: ckpt.get(k) for k in now}
     if any(then[k] is not None and then[k] != now[k] for k in now):  # None: not recorded (older checkpoints)
         run.say(
             f"note: the run continues with {_shown(now)} (checkpointed with {_shown(then)}): "
@@ -485,11 +484,11 @@ def train_steps(run: Run, epoch: int, show_bar: bool) -> list[torch.Tensor]:
         if bar is not None:
             bar.update(1)
         # mid-epoch checkpoints only: an epoch's end is saved after its averaging fold and metrics
-        if b + 1 < run.steps_per_epoch and run.stop is not None and run.stop.requested():
+        stopping = run.stop is not None and run.stop.requested()
+        saving = cfg.save_every_steps and run.step % cfg.save_every_steps == 0
+        if b + 1 < run.steps_per_epoch and (stopping or saving):
             checkpoint(run)
             stop_if_asked(run)
-        if cfg.save_every_steps and run.step % cfg.save_every_steps == 0 and b + 1 < run.steps_per_epoch:
-            checkpoint(run)
     if bar is not None:
         bar.close()
     return losses
@@ -541,7 +540,7 @@ def checkpoint(run: Run) -> None:
         run.out / "last.pt",
         config=asdict(run.cfg),
         world_size=run.launch.world,
-        **{k: v for k, v in execution(run).items() if k != "compile"},
+        **execution(run),
         step=run.step,
         model=run.model.state_dict(),
         optimizer=run.optimizer.state_dict(),
