@@ -63,11 +63,25 @@ def machine() -> dict:
     return info
 
 
+def commit() -> str | None:
+    """The checkout's short commit; on a machine without the git history (a lent GPU machine gets
+    the working tree only) $CIGL_COMMIT, which benchmarks/gpu_lease.sh reads from .dev/commit."""
+    try:
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=RESULTS.parent)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except OSError:
+        pass
+    return os.environ.get("CIGL_COMMIT")
+
+
 def write_results(name: str, results: dict) -> Path:
-    """benchmarks/results/<name>.json with the machine description."""
+    """benchmarks/results/<name>.json with the commit measured and the machine description."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    write_text(path, json.dumps({"benchmark": name, "machine": machine(), **results}, indent=2) + "\n")
+    head = {"benchmark": name, "measured_at_commit": commit(), "machine": machine()}
+    write_text(path, json.dumps({**head, **results}, indent=2) + "\n")
     return path
 
 

@@ -1,12 +1,13 @@
 #!/bin/bash
 # The GPU suite on a lent GPU machine that has torch but no pip access (../shared/docs/GPU.md).
 # Here, once:  echo /.dev/ >> .git/info/exclude; mkdir -p .dev; cp ../shared/data/cifar10-jpeg.tar.xz .dev/
+# and before each lease, so the results name the commit:  git rev-parse --short HEAD > .dev/commit
 # Then run `bash benchmarks/gpu_lease.sh` on the device with `.dev` carried; results go to $OUT.
 set -o pipefail
 cd "$(dirname "$0")/.."
 ln -sfn ../export cigl/export
 ln -sfn ../serve cigl/serve
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CIGL_CACHE=/tmp/cigl-cache
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CIGL_CACHE=/tmp/cigl-cache CIGL_COMMIT=$(cat .dev/commit 2>/dev/null)
 mkdir -p ../shared/data data
 cp .dev/cifar10-jpeg.tar.xz ../shared/data/ && tar -xJf .dev/cifar10-jpeg.tar.xz -C data/ || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -123,10 +123,19 @@ def sharing(suite: Suite, epochs: int) -> None:
             proc.kill()
     times = {name: epoch_times(work / f"share-{name}") for name in procs}
     results["sharing_epoch_s"] = times
-    last = {n: t[-1] for n, t in times.items() if t}
-    if "cigl-d0.1" in last and "rigl-d0.1" in last:
-        results["sharing_cigl_over_rigl"] = last["cigl-d0.1"] / last["rigl-d0.1"]
+    results["sharing_cigl_over_rigl"] = sharing_ratios(times)
     save(results)
+
+
+def sharing_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """CigL's whole run over RigL's at each density, epochs summed. The runs start together, but
+    finish at different moments, and a last epoch run alone on the GPU says nothing of sharing."""
+    ratios = {}
+    for name, cigl in times.items():
+        rigl = times.get(name.replace("cigl", "rigl"), [])
+        if name.startswith("cigl") and len(cigl) == len(rigl) > 0:
+            ratios[name.removeprefix("cigl-")] = round(sum(cigl) / sum(rigl), 3)
+    return ratios
 
 
 def main() -> int:
