@@ -7,7 +7,9 @@ and then runs each batch on the engine picked for the nearer of those sizes: the
 when it took under AUTO_MARGIN of onnxruntime's time, onnxruntime otherwise (ties go to
 onnxruntime, so auto is not slower than it). An engine picked for neither size is dropped, so a
 model served by the sparse engine alone holds no dense weights. Weights denser than
-AUTO_MAX_DENSITY overall keep onnxruntime without timing.
+AUTO_MAX_DENSITY overall (by the model card's actual_density when it has one, before the sparse
+engine reads anything) keep onnxruntime without timing, and so does a graph the sparse engine
+does not run, quietly: only `--engine sparse` warns about that, naming the operator.
 """
 
 from __future__ import annotations
@@ -107,21 +109,33 @@ class Auto:
         return self.engines[self.small if len(x) <= SMALL_BATCH else self.large].run(x)
 
 
-def _sparse_or_note(model: bytes, source: str, required: bool, threads: int = 0):
-    """The sparse engine for `model`, or None with a one-line note when it cannot run it
-    (`required`: numba missing is an error rather than a note)."""
+def _sparse_or_none(model: bytes, source: str, asked: bool, threads: int = 0):
+    """The sparse engine for `model`, or None when it cannot run it. Asked for by name
+    (`asked`), numba missing is an error and a graph it does not run a one-line warning naming
+    the operator; for auto, which only tries it, both just leave onnxruntime (`--engine sparse`
+    says why)."""
     from cigl.serve import sparse_engine
 
     why = sparse_engine.missing()
     if why is not None:
-        if required:
+        if asked:
             raise InputError(why)
         return None
     try:
         return sparse_engine.SparseEngine(model, source=source, threads=threads)
     except sparse_engine.Unsupported as exc:
-        warnings.warn(f"sparse engine: {source} uses {exc}, which it does not run; using onnxruntime", stacklevel=2)
+        if asked:
+            warnings.warn(f"sparse engine: {source} uses {exc}, which it does not run; using onnxruntime", stacklevel=2)
         return None
+
+
+def _dense_card(metadata: dict[str, str]) -> bool:
+    """The model card says the weights are denser than auto could ever pay for (a dense run, or a
+    low sparsity): auto skips reading them as nonzeros at all."""
+    try:
+        return float(metadata.get("actual_density", "nan")) > AUTO_MAX_DENSITY
+    except ValueError:
+        return False
 
 
 def open_engine(
@@ -139,13 +153,13 @@ def open_engine(
     if engine == "sparse" and device == "cuda":
         raise InputError("the sparse engine runs on the CPU; use --device cpu or --engine onnxruntime")
     if engine == "sparse":
-        sparse = _sparse_or_note(model, source, required=True, threads=threads)
+        sparse = _sparse_or_none(model, source, asked=True, threads=threads)
         if sparse is not None:
             return sparse
     ort = OnnxRuntime(model, device=device, threads=threads, source=source)
-    if engine != "auto" or ort.name != "CPUExecutionProvider":
-        return ort  # onnxruntime asked for, the sparse engine unable to run the model, or a GPU
-    sparse = _sparse_or_note(model, source, required=False, threads=threads)
+    if engine != "auto" or ort.name != "CPUExecutionProvider" or _dense_card(ort.metadata):
+        return ort  # onnxruntime asked for, the sparse engine unable to run the model, a GPU, dense weights
+    sparse = _sparse_or_none(model, source, asked=False, threads=threads)
     shape = ort.inputs.get("images", [])[1:]
     static = len(shape) == 3 and all(isinstance(d, int) for d in shape)  # else nothing to time on
     if sparse is None or sparse.density > AUTO_MAX_DENSITY or not static:

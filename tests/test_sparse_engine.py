@@ -391,6 +391,20 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     assert proc.stdout.count("\n") == 5
 
 
+def test_auto_tries_the_sparse_engine_quietly(tmp_path, digits_models):
+    """Auto on a graph the sparse engine does not run (a MobileNet's HardSwish, a ViT) is plain
+    onnxruntime, without the warning that --engine sparse gives: the user asked for no engine."""
+    model = tmp_path / "model.onnx"
+    _with_sigmoid(digits_models["resnet20"], model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Predictor(model, device="cpu").provider == "CPUExecutionProvider"
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 8, 8), np.float32))
+    proc = run_cli(PREDICT, str(model), str(tmp_path / "x.npy"))
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 3
+    assert proc.stderr == "3 predicted, 0 unreadable, 0 abstained (CPUExecutionProvider)\n"
+
+
 def test_engine_option_end_to_end_and_its_errors(tmp_path, digits_models):
     from cigl.data import load_dataset
 
@@ -430,10 +444,16 @@ def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models):
     assert_matches(engine.run(x[:2]), ort.run(x[:2]))
 
 
-def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path):
+def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path, monkeypatch):
+    """The card's density decides before the weights are read as nonzeros (a dense ResNet-50
+    would hold all 25M of them in the engine's tables only for auto to drop them)."""
+    from cigl.serve import sparse_engine
+
     src = make_model_pt(tmp_path / "run" / "model.pt", "resnet20", density=1.0)
     assert run_cli(EXPORT, str(src)).returncode == 0
-    p = Predictor(src.parent / "model.onnx", device="cpu")
+    with monkeypatch.context() as m:
+        m.setattr(sparse_engine, "SparseEngine", None)  # calling it would fail
+        p = Predictor(src.parent / "model.onnx", device="cpu")
     assert p.provider == "CPUExecutionProvider"
     assert isinstance(SparseEngine((src.parent / "model.onnx").read_bytes()).density, float)
 
