@@ -258,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             f.writelines(lines)
     elif args.strict:  # all or nothing: an unreadable input must leave stdout empty
         sys.stdout.write("".join(lines))
-    else:  # each batch's records as soon as they are known
+    else:  # each record as soon as it is known, also into a pipe (block-buffered otherwise)
         for line in lines:
             sys.stdout.write(line)
+            sys.stdout.flush()
     print(
         f"{tally.total - tally.failed} predicted, {tally.failed} unreadable, {tally.abstained} abstained "
         f"({predictor.provider})",

@@ -1,6 +1,7 @@
 """Predictor, cigl-predict and confidence-audit on exported models (onnxruntime, no torch)."""
 
 import base64
+import io
 import json
 import os
 import re
@@ -134,6 +135,29 @@ def test_predictions_stream_batch_by_batch(tmp_path, cifar_small, cifar_onnx):
     strict = run_cli(PREDICT, str(cifar_onnx), *map(str, [*files, folder / "zz-broken.jpg"]), "--strict")
     assert_one_line_error(strict, "zz-broken.jpg")
     assert strict.stdout == ""
+
+
+class _Pipe(io.StringIO):
+    """stdout as a pipe sees it: what was flushed so far, at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_predict_flushes_each_record_into_a_pipe(tmp_path, cifar_small, cifar_onnx, monkeypatch):
+    """Piped into `tee` or a consumer, stdout is block-buffered: records must be flushed as they
+    come, or a long run shows nothing for minutes."""
+    from cigl.serve.predict import main as predict_main
+
+    pipe = _Pipe()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert predict_main([str(cifar_onnx), str(cifar_small / "test" / "cat"), "--batch-size", "3"]) == 0
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 10 and [p.count("\n") for p in pipe.flushed[:10]] == list(range(1, 11))
 
 
 def test_cigl_predict_npy_and_errors(tmp_path, digits_run):
