@@ -52,6 +52,7 @@ def test_paper_table_puts_our_wrn_rows_beside_the_paper():
     ("options", "message"),
     [
         (["--jobs", "0"], "error: --jobs must lie in 1..64, got 0"),
+        (["--minutes", "0"], "error: --minutes must be a positive number of minutes, got 0.0"),
         (["--densities", "0.1", "1.5"], "error: --density must lie in (0, 1], got 1.5"),
         (["--epochs", "0"], "error: --epochs must lie in 1..100000, got 0"),
         (["--model", "nope"], "error: unknown model 'nope'"),
@@ -71,11 +72,12 @@ def test_run_checks_the_whole_grid_before_starting(tmp_path, capsys, options, me
 def test_failed_runs_make_a_nonzero_exit(tmp_path, capsys, cifar_small):
     """Runs that fail (here: interrupted runs whose last.pt is damaged) are listed and counted."""
     runs = tmp_path / "runs"
-    for name in ("dense-s0", "rigl-d0.1-s0", "cigl-d0.1-s0"):
-        (runs / name).mkdir(parents=True)
-        (runs / name / "config.json").write_text("{}")
-        (runs / name / "last.pt").write_bytes(b"\0" * 100)
     argv = ["run", "--runs", str(runs), "--data-dir", str(cifar_small), "--per-class", "5", "--seeds", "0"]
+    for name, options in study.grid(study.build_parser().parse_args(argv)):
+        (runs / name).mkdir(parents=True)
+        saved = asdict(resolve(config_from_args(train_parser().parse_args(options))[0]))
+        (runs / name / "config.json").write_text(json.dumps(saved))
+        (runs / name / "last.pt").write_bytes(b"\0" * 100)
     assert study.main([*argv, "--jobs", "3"]) == 1
     out = capsys.readouterr().out
     assert out.count("FAILED error: ") == 3 and out.count("last.pt") >= 3
@@ -113,3 +115,29 @@ def test_run_refuses_an_earlier_run_with_other_settings(tmp_path, capsys, cifar_
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert f"{runs / 'rigl-d0.1-s0'} was trained with --train-per-class 400, not 5" in err
+
+
+def test_a_deadline_stops_runs_at_a_checkpoint_and_run_continues_them(tmp_path, capsys, cifar_small):
+    """--minutes (a job's time limit, a GPU lease): at the deadline the running run is stopped with
+    SIGTERM, so it saves the step it is on, runs not begun are not started, and the next `run`
+    continues the stopped run where it was instead of starting over."""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    shutil.copytree(cifar_small, data)
+    argv = ["run", "--runs", str(runs), "--data-dir", str(data), "--per-class", "5", "--seeds", "0"]
+    argv += ["--epochs", "2000", "--jobs", "1"]  # no run can finish
+    assert study.main([*argv, "--minutes", "0.25"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"dense-s0: {study.STOPPED}",
+        f"rigl-d0.1-s0: {study.NOT_STARTED}",
+        f"cigl-d0.1-s0: {study.NOT_STARTED}",
+        "3 of 3 runs unfinished at the deadline; run the same command again to continue",
+    ]
+    metrics = runs / "dense-s0" / "metrics.jsonl"
+    first = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert (runs / "dense-s0" / "last.pt").is_file() and first == list(range(1, len(first) + 1))
+    moved = data.rename(tmp_path / "moved")  # the next lease's machine may keep the data elsewhere
+    argv[argv.index(str(data))] = str(moved)
+    assert study.main([*argv, "--minutes", "0.15"]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == f"dense-s0: {study.STOPPED}"
+    both = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert len(both) > len(first) and both == list(range(1, len(both) + 1))  # continued, not restarted

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -94,15 +97,31 @@ def grid(args) -> list[tuple[str, list[str]]]:
     return [(name, common + opts) for name, opts in runs]
 
 
-def run_one(name: str, options: list[str], root: Path) -> str:
+STOPPED = "stopped at the --minutes deadline"
+NOT_STARTED = "not started (the --minutes deadline had passed)"
+
+
+def run_one(name: str, options: list[str], root: Path, deadline: float = math.inf) -> str:
+    """Train (or resume) one run of the grid; its status line. At `deadline` (time.monotonic())
+    the run gets SIGTERM, which makes cigl-train save last.pt at the step it is on and exit: the
+    next `run` resumes it from there."""
     out = root / name
     if (out / "summary.json").is_file():
         return f"{name}: done before"
+    if time.monotonic() >= deadline:
+        return f"{name}: {NOT_STARTED}"
     cmd = [sys.executable, "-m", "cigl.train", *options, "--out", str(out)]
-    if (out / "last.pt").is_file():
-        cmd = [sys.executable, "-m", "cigl.train", "--resume", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]  # cigl-train's one-line error
+    if (out / "last.pt").is_file():  # its settings are the run's own; the data may have moved since
+        data_dir = options[options.index("--data-dir") + 1]
+        cmd = [sys.executable, "-m", "cigl.train", "--resume", str(out), "--data-dir", data_dir, "--quiet"]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _, err = proc.communicate(timeout=None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate()
+            return f"{name}: {STOPPED}"
+    last = (err.strip().splitlines() or ["(no message)"])[-1]  # cigl-train's one-line error
     return f"{name}: " + ("ok" if proc.returncode == 0 else f"FAILED {last[:500]}")
 
 
@@ -114,6 +133,8 @@ def check_grid(args, jobs: list[tuple[str, list[str]]]) -> None:
     InputError names the first problem (one line, exit code 2) instead of every run failing alike."""
     if not 1 <= args.jobs <= MAX_JOBS:
         raise InputError(f"--jobs must lie in 1..{MAX_JOBS}, got {args.jobs}")
+    if args.minutes is not None and not 0 < args.minutes < math.inf:
+        raise InputError(f"--minutes must be a positive number of minutes, got {args.minutes}")
     if not Path(args.data_dir).is_dir():
         raise InputError(f"data folder not found: {args.data_dir}; `make data` extracts CIFAR-10 to data/cifar10")
     check_model_name(args.model)
@@ -150,14 +171,18 @@ def cmd_run(args) -> int:
     check_grid(args, jobs)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "study.json", {"runs": dict(jobs)})
-    failed = 0
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
+    failed = unfinished = 0
     with ThreadPoolExecutor(args.jobs) as pool:
-        for line in pool.map(lambda job: run_one(*job, root), jobs):
+        for line in pool.map(lambda job: run_one(*job, root, deadline), jobs):
             print(line, flush=True)
             failed += ": FAILED" in line
+            unfinished += line.endswith((STOPPED, NOT_STARTED))
     if failed:
         print(f"{failed} of {len(jobs)} runs failed; fix the cause and run again (finished runs are kept)")
-    return 1 if failed else 0
+    if unfinished:
+        print(f"{unfinished} of {len(jobs)} runs unfinished at the deadline; run the same command again to continue")
+    return 1 if failed or unfinished else 0
 
 
 def _mean_sd(values: list[float], pct: bool = True) -> str:
@@ -253,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
+    r.add_argument(
+        "--minutes",
+        type=float,
+        help="stop after M minutes (a job's time limit, a GPU lease): running runs save their step and the "
+        "next `run` continues them (default: no limit)",
+    )
     r.set_defaults(fn=cmd_run)
     rep = sub.add_parser(
         "report", help="aggregate finished runs", formatter_class=argparse.ArgumentDefaultsHelpFormatter
