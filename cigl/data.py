@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from cigl.errors import CiglError, FormatError, InputError
-from cigl.images import class_folders, image_files, load_image, resize_images
+from cigl.images import UnreadableImage, class_folders, image_files, load_image, resize_images
 from cigl.io import atomic_save_npz
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -159,8 +159,12 @@ def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[li
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
-    """uint8 (H, W, 3) by the preprocessing serving uses too (cigl.images)."""
-    return load_image(path, 3, None if image_size is None else (image_size, image_size))
+    """uint8 (H, W, 3) by the preprocessing serving uses too (cigl.images); an image that cannot
+    be read fails naming it, with the fix for a data folder."""
+    try:
+        return load_image(path, 3, None if image_size is None else (image_size, image_size))
+    except UnreadableImage as exc:
+        raise InputError(f"{exc}; replace or remove that file (a data folder holds only images)") from None
 
 
 def _content_key(files: list[Path], root: Path, image_size: int | None) -> str:

@@ -58,6 +58,10 @@ def check_preprocess(name: str, source: str) -> None:
         raise InputError(f"{source} expects image preprocessing {name!r}; this cigl implements {PREPROCESS!r}")
 
 
+class UnreadableImage(InputError):
+    """The file is no image, or a damaged one (truncated, corrupt): the caller knows the fix."""
+
+
 def load_image(source: Any, channels: int, size: tuple[int, int] | None, name: str | None = None) -> np.ndarray:
     """Decode `source` (a path, a binary file object or a PIL.Image) to uint8 (H, W, channels).
 
@@ -78,9 +82,9 @@ def load_image(source: Any, channels: int, size: tuple[int, int] | None, name: s
     except Image.DecompressionBombError:
         raise InputError(f"cannot read image {label}: {_too_large_note()}") from None
     except UnidentifiedImageError:
-        raise InputError(f"cannot read image {label}: not a decodable image file") from None
+        raise UnreadableImage(f"cannot read image {label}: not a decodable image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"cannot read image {label}: {exc}") from None
+        raise UnreadableImage(f"cannot read image {label}: {exc}") from None
 
 
 def _prepare(im, channels: int, size: tuple[int, int] | None, label: str) -> np.ndarray:

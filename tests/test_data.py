@@ -162,7 +162,7 @@ def test_corrupt_jpeg_is_named(tmp_path, cifar_small):
     shutil.copytree(cifar_small, root)
     bad = root / "train" / "cat" / "0003.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(InputError, match="cannot read image .*0003.jpg"):
+    with pytest.raises(InputError, match="cannot read image .*0003.jpg: .*; replace or remove that file"):
         data.load_dataset("cifar10", root)
     proc = run_cli(
         str(ROOT / "tools" / "train.py"),
@@ -177,6 +177,11 @@ def test_corrupt_jpeg_is_named(tmp_path, cifar_small):
     )
     assert_one_line_error(proc, "0003.jpg")
     assert not (tmp_path / "run").exists()
+    truncated = root / "train" / "cat" / "0004.jpg"  # a cut-off download
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    bad.unlink()
+    with pytest.raises(InputError, match="cannot read image .*0004.jpg: .*; replace or remove that file"):
+        data.load_dataset("cifar10", root)
 
 
 def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
