@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from cigl.errors import CiglError, FormatError, InputError
-from cigl.images import UnreadableImage, class_folders, image_files, load_image, resize_images
+from cigl.images import class_folders, folder_images, image_files, load_image, resize_images
 from cigl.io import atomic_save_npz
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -159,12 +159,8 @@ def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[li
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
-    """uint8 (H, W, 3) by the preprocessing serving uses too (cigl.images); an image that cannot
-    be read fails naming it, with the fix for a data folder."""
-    try:
-        return load_image(path, 3, None if image_size is None else (image_size, image_size))
-    except UnreadableImage as exc:
-        raise InputError(f"{exc}; replace or remove that file (a data folder holds only images)") from None
+    """uint8 (H, W, 3) by the preprocessing serving uses too (cigl.images)."""
+    return load_image(path, 3, None if image_size is None else (image_size, image_size))
 
 
 def _content_key(files: list[Path], root: Path, image_size: int | None) -> str:
@@ -199,7 +195,8 @@ def load_image_folder(
                 return Split(z["x"], z["y"]), found
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache file: decode again and replace it
-    images = [_decode(f, image_size) for f in files]
+    with folder_images():
+        images = [_decode(f, image_size) for f in files]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise InputError(

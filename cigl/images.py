@@ -18,7 +18,9 @@ same pixels when it is trained and when it is served, for any image size and mod
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,16 @@ def check_preprocess(name: str, source: str) -> None:
 
 class UnreadableImage(InputError):
     """The file is no image, or a damaged one (truncated, corrupt): the caller knows the fix."""
+
+
+@contextlib.contextmanager
+def folder_images() -> Iterator[None]:
+    """Around decoding the images of a data folder (training, the audit): an unreadable one
+    fails naming it and the fix, where a single image (predict, serve) only names it."""
+    try:
+        yield
+    except UnreadableImage as exc:
+        raise InputError(f"{exc}; replace or remove that file (a data folder holds only images)") from None
 
 
 def load_image(source: Any, channels: int, size: tuple[int, int] | None, name: str | None = None) -> np.ndarray:

@@ -24,6 +24,7 @@ from cigl import conformal
 from cigl.card import RECORDED_ECE_BINS
 from cigl.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from cigl.errors import ArgumentParser, InputError, cli_entry, writing
+from cigl.images import folder_images
 from cigl.io import check_output_dir, make_output_dir
 from cigl.serve import guarantees, report
 from cigl.serve.audit_inputs import Predictions, is_model, load_predictions, model_logits, onnx_predictions
@@ -209,7 +210,8 @@ def ood_audit(p: Predictions, folder: str) -> dict:
     files = expand_inputs([folder])
     if not files:
         raise InputError(f"--ood-data {folder} holds no images")
-    ood = np.stack([p.predictor.load_image(f) for f in files])
+    with folder_images():
+        ood = np.stack([p.predictor.load_image(f) for f in files])
     return guarantees.ood_report(served_probs(p)[0].max(axis=1), served_probs_of(p, ood).max(axis=1))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from cigl import calibration as cal
 from cigl.errors import FormatError, InputError
-from cigl.images import class_folders
+from cigl.images import class_folders, folder_images
 from cigl.io import MAX_ARRAY_BYTES, npz_declared_bytes
 from cigl.runfiles import export_hint
 from cigl.serve.predictor import Predictor
@@ -170,7 +170,8 @@ def _audit_images(predictor: Predictor, data: str | None, dataset: str | None, d
                 f"{root} holds {len(files):,} images, {decoded:,} bytes decoded at the model's size, over the "
                 f"audit's limit of {MAX_ARRAY_BYTES:,}; audit a sample (e.g. a few hundred images per class)"
             )
-        images = np.stack([predictor.load_image(f) for f, _ in files])
+        with folder_images():
+            images = np.stack([predictor.load_image(f) for f, _ in files])
         return images, np.array([label for _, label in files], dtype=np.int64)
     c, h, w = predictor.card.input_size
     split = load_dataset(dataset, data_dir, val_size=0, image_size=h if h == w else None).test  # as trained

@@ -212,6 +212,8 @@ def test_training_and_audit_refuse_a_bomb_in_an_image_folder(exported, digit_ima
     (tmp_path / "data" / "test" / "0" / "bomb.png").write_bytes(png_with_size(12_000, 12_000))
     audit_args = [exported / "model.onnx", "--data", tmp_path / "data" / "test", "--out", tmp_path / "audit"]
     assert_clean_error(run_tool(audit_main, audit_args, capsys), "bomb.png")
+    (tmp_path / "data" / "test" / "0" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    assert_clean_error(run_tool(audit_main, audit_args, capsys), "bomb.png", "replace or remove that file")
     # the audit holds every image at the model's size: a folder beyond the bound is refused before decoding
     (tmp_path / "data" / "test" / "0" / "bomb.png").unlink()
     monkeypatch.setattr("cigl.serve.audit_inputs.MAX_ARRAY_BYTES", 64)  # one 8 x 8 digit
