@@ -6,7 +6,8 @@
 4. WRN-22-2 epochs alone, dense vs CigL, and CigL with every step eager (--no-cuda-graph);
 5. five WRN-22-2 runs sharing the GPU (dense, RigL and CigL at densities 0.1 and 0.05): the
    epoch time of each while all run;
-6. with the time left, ResNet-50 dense with --compile against step 3's eager epoch.
+6. make repro-gpu's seven WRN-22-2 runs packed for 3 epochs: its estimated minutes;
+7. with the time left, ResNet-50 dense with --compile against step 3's eager epoch.
 
     python benchmarks/gpu_suite.py --data-dir data/cifar10      # results: benchmarks/results/gpu_suite.json
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, write_results  # noqa: E402
 
 SHARING = [("dense", None), ("rigl", 0.1), ("rigl", 0.05), ("cigl", 0.1), ("cigl", 0.05)]
+REPRO = [("dense", None)] + [(m, d) for d in (0.2, 0.1, 0.05) for m in ("rigl", "cigl")]  # make repro-gpu's runs
 
 
 class Budget:
@@ -105,26 +108,42 @@ def timed_runs(suite: Suite, key: str, model: str, runs: list, epochs: int, limi
         save(results)
 
 
-def sharing(suite: Suite, epochs: int) -> None:
-    """The SHARING runs at once on the one GPU; the epoch times of each while all ran."""
-    results, budget, data_dir, work = suite.results, suite.budget, suite.data_dir, suite.work
+def packed(suite: Suite, runs: list[tuple[str, float | None]], epochs: int, limit: float) -> dict[str, list[float]]:
+    """`runs` (method, density) started at once on the one GPU; the epoch times of each."""
+    budget, data_dir, work = suite.budget, suite.data_dir, suite.work
     procs = {}
-    for method, density in SHARING:
+    for method, density in runs:
         name = f"{method}-d{density}" if density else method
-        out = work / f"share-{name}"
+        out = work / f"packed{len(runs)}-{name}"
         procs[name] = subprocess.Popen(
             train_cmd(data_dir, "wrn22_2", method, density, out, epochs), cwd=ROOT, stdout=subprocess.DEVNULL
         )
-    end = time.time() + budget.limit(200)
+    end = time.time() + budget.limit(limit)
     for proc in procs.values():
         try:
             proc.wait(timeout=max(1, end - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
-    times = {name: epoch_times(work / f"share-{name}") for name in procs}
-    results["sharing_epoch_s"] = times
-    results["sharing_cigl_over_rigl"] = sharing_ratios(times)
-    save(results)
+    return {name: epoch_times(work / f"packed{len(runs)}-{name}") for name in procs}
+
+
+def sharing(suite: Suite, epochs: int) -> None:
+    """The SHARING runs at once on the one GPU; the epoch times of each while all ran."""
+    times = packed(suite, SHARING, epochs, 200)
+    suite.results["sharing_epoch_s"] = times
+    suite.results["sharing_cigl_over_rigl"] = sharing_ratios(times)
+    save(suite.results)
+
+
+def repro_estimate(suite: Suite, epochs: int) -> None:
+    """make repro-gpu's seven WRN-22-2 runs packed for a few epochs: its minutes for 250 epochs,
+    from the median epoch after the first (start-up) while all seven ran."""
+    times = packed(suite, REPRO, epochs, 150)
+    later = [t for epoch_s in times.values() for t in epoch_s[1:]]
+    suite.results["repro_gpu_epoch_s"] = times
+    if later:
+        suite.results["repro_gpu_estimate_min"] = round(250 * statistics.median(later) / 60, 1)
+    save(suite.results)
 
 
 def sharing_ratios(times: dict[str, list[float]]) -> dict[str, float]:
@@ -175,7 +194,11 @@ def main() -> int:
     if budget.left() > 40:
         sharing(suite, 3)
 
-    # 6: torch.compile against eager, ResNet-50 dense (compiling takes the first epoch)
+    # 6: make repro-gpu's seven runs packed: how long its 250 epochs would take
+    if budget.left() > 60:
+        repro_estimate(suite, 3)
+
+    # 7: torch.compile against eager, ResNet-50 dense (compiling takes the first epoch)
     if budget.left() > 90:
         timed_runs(suite, "resnet50_compile_epoch_s", "resnet50", [("dense", None, ["--compile"])], 3, 240)
 
