@@ -119,8 +119,9 @@ def run_one(name: str, options: list[str], root: Path, deadline: float = math.in
             _, err = proc.communicate(timeout=None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
-            proc.communicate()
-            return f"{name}: {STOPPED}"
+            _, err = proc.communicate()
+            if proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM):  # else it had just ended, or failed
+                return f"{name}: {STOPPED}"
     last = (err.strip().splitlines() or ["(no message)"])[-1]  # cigl-train's one-line error
     return f"{name}: " + ("ok" if proc.returncode == 0 else f"FAILED {last[:500]}")
 
