@@ -157,11 +157,11 @@ def open_engine(
         if sparse is not None:
             return sparse
     ort = OnnxRuntime(model, device=device, threads=threads, source=source)
-    if engine != "auto" or ort.name != "CPUExecutionProvider" or _dense_card(ort.metadata):
-        return ort  # onnxruntime asked for, the sparse engine unable to run the model, a GPU, dense weights
-    sparse = _sparse_or_none(model, source, asked=False, threads=threads)
     shape = ort.inputs.get("images", [])[1:]
     static = len(shape) == 3 and all(isinstance(d, int) for d in shape)  # else nothing to time on
-    if sparse is None or sparse.density > AUTO_MAX_DENSITY or not static:
+    if engine != "auto" or ort.name != "CPUExecutionProvider" or _dense_card(ort.metadata) or not static:
+        return ort  # asked for, the sparse engine unable to run the model, a GPU, dense weights, no size
+    sparse = _sparse_or_none(model, source, asked=False, threads=threads)
+    if sparse is None or sparse.density > AUTO_MAX_DENSITY:
         return ort
     return Auto(ort, sparse, tuple(shape), max_batch)
