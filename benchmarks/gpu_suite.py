@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, write_results  # noqa: E402
 
 SHARING = [("dense", None), ("rigl", 0.1), ("rigl", 0.05), ("cigl", 0.1), ("cigl", 0.05)]
-REPRO = [("dense", None)] + [(m, d) for d in (0.2, 0.1, 0.05) for m in ("rigl", "cigl")]  # make repro-gpu's runs
 
 
 class Budget:
@@ -108,42 +107,43 @@ def timed_runs(suite: Suite, key: str, model: str, runs: list, epochs: int, limi
         save(results)
 
 
-def packed(suite: Suite, runs: list[tuple[str, float | None]], epochs: int, limit: float) -> dict[str, list[float]]:
-    """`runs` (method, density) started at once on the one GPU; the epoch times of each."""
-    budget, data_dir, work = suite.budget, suite.data_dir, suite.work
+def sharing(suite: Suite, epochs: int) -> None:
+    """The SHARING runs at once on the one GPU; the epoch times of each while all ran."""
+    results, budget, data_dir, work = suite.results, suite.budget, suite.data_dir, suite.work
     procs = {}
-    for method, density in runs:
+    for method, density in SHARING:
         name = f"{method}-d{density}" if density else method
-        out = work / f"packed{len(runs)}-{name}"
+        out = work / f"share-{name}"
         procs[name] = subprocess.Popen(
             train_cmd(data_dir, "wrn22_2", method, density, out, epochs), cwd=ROOT, stdout=subprocess.DEVNULL
         )
-    end = time.time() + budget.limit(limit)
+    end = time.time() + budget.limit(200)
     for proc in procs.values():
         try:
             proc.wait(timeout=max(1, end - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
-    return {name: epoch_times(work / f"packed{len(runs)}-{name}") for name in procs}
-
-
-def sharing(suite: Suite, epochs: int) -> None:
-    """The SHARING runs at once on the one GPU; the epoch times of each while all ran."""
-    times = packed(suite, SHARING, epochs, 200)
-    suite.results["sharing_epoch_s"] = times
-    suite.results["sharing_cigl_over_rigl"] = sharing_ratios(times)
-    save(suite.results)
+    times = {name: epoch_times(work / f"share-{name}") for name in procs}
+    results["sharing_epoch_s"] = times
+    results["sharing_cigl_over_rigl"] = sharing_ratios(times)
+    save(results)
 
 
 def repro_estimate(suite: Suite, epochs: int) -> None:
-    """make repro-gpu's seven WRN-22-2 runs packed for a few epochs: its minutes for 250 epochs,
-    from the median epoch after the first (start-up) while all seven ran."""
-    times = packed(suite, REPRO, epochs, 150)
+    """make repro-gpu's grid (tools/study.py run --paper, seven WRN-22-2 runs packed) for a few
+    epochs: its minutes for 250 epochs, from the median epoch after the first (start-up)."""
+    results, budget, work = suite.results, suite.budget, suite.work / "repro"
+    cmd = [sys.executable, "tools/study.py", "run", "--paper", "--data-dir", suite.data_dir, "--model", "wrn22_2"]
+    cmd += ["--epochs", str(epochs), "--densities", "0.2", "0.1", "0.05", "--seeds", "0", "--jobs", "7"]
+    limit = budget.limit(150)  # the study stops its runs at --minutes; the timeout is a backstop
+    cmd += ["--runs", str(work), "--minutes", f"{limit / 60:.3f}"]
+    results["steps"]["repro_gpu"] = run(cmd, limit + 60)
+    times = {out.name: epoch_times(out) for out in sorted(work.glob("*-s0"))}
     later = [t for epoch_s in times.values() for t in epoch_s[1:]]
-    suite.results["repro_gpu_epoch_s"] = times
+    results["repro_gpu_epoch_s"] = times
     if later:
-        suite.results["repro_gpu_estimate_min"] = round(250 * statistics.median(later) / 60, 1)
-    save(suite.results)
+        results["repro_gpu_estimate_min"] = round(250 * statistics.median(later) / 60, 1)
+    save(results)
 
 
 def sharing_ratios(times: dict[str, list[float]]) -> dict[str, float]:
