@@ -30,7 +30,7 @@ from common import CIFAR_ARCHIVE, write_results
 
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset
 from cigl.export import cli
-from cigl.serve.engines import OnnxRuntime, open_engine, time_in_turn
+from cigl.serve.engines import SMALL_BATCH, Auto, OnnxRuntime, open_engine, time_in_turn
 from cigl.serve.sparse_engine import SparseEngine
 from cigl.testing import fake_model_file
 
@@ -57,6 +57,13 @@ def weight_bytes(engine: SparseEngine) -> dict:
     return {"engine_bytes": engine.nbytes, "dense_fp32_bytes": sum(4 * int(np.prod(w.shape)) for w in weights)}
 
 
+def picked(auto, batch: int) -> str:
+    """The engine auto runs a batch on ("onnxruntime" when it kept onnxruntime without timing)."""
+    if not isinstance(auto, Auto):
+        return "onnxruntime"
+    return auto.small if batch <= SMALL_BATCH else auto.large
+
+
 def bench_model(root: Path, arch: str, dense_ort: OnnxRuntime, dense_macs: float) -> list[dict]:
     rows = []
     for density in DENSITIES:
@@ -80,7 +87,7 @@ def bench_model(root: Path, arch: str, dense_ort: OnnxRuntime, dense_macs: float
                     "onnxruntime_on_sparse_ms": 1000 * t_ort,
                     "engine_ms": 1000 * t_engine,
                     "auto_ms": 1000 * t_auto,
-                    "auto_picks": auto.small if batch == 1 else auto.large,
+                    "auto_picks": picked(auto, batch),
                     "engine_vs_dense_onnxruntime": t_dense / t_engine,
                     "engine_vs_onnxruntime_on_sparse": t_ort / t_engine,
                     "auto_vs_dense_onnxruntime": t_dense / t_auto,

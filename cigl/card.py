@@ -47,6 +47,13 @@ def metric(metrics: dict, name: str):
     return metrics.get(OLD_METRIC_NAMES.get(name, name))
 
 
+def mask_density(masks: dict) -> float:
+    """Nonzeros / elements over the masked tensors (numpy arrays or torch tensors), 1.0 without
+    masks: a run's actual density, summary.json's and the card's one definition."""
+    numel = sum(int(np.prod(m.shape)) for m in masks.values())
+    return sum(int((m != 0).sum()) for m in masks.values()) / numel if numel else 1.0
+
+
 def write_card(model_file: dict) -> dict[str, str]:
     """The card of a loaded model.pt (cigl.runfiles): architecture, input and preprocessing,
     classes, method and its settings, densities, temperature and the run's test metrics."""
@@ -66,7 +73,8 @@ def write_card(model_file: dict) -> dict[str, str]:
         "product": summary.get("product", "final_weights"),
         "mask_updates": summary.get("mask_updates", 0),
         "target_density": summary.get("target_density", cfg.get("density", 1.0)),
-        "actual_density": summary.get("actual_density", 1.0),
+        # a model.pt without it (written by save_model_file outside a run) says what its masks hold
+        "actual_density": summary.get("actual_density", mask_density(model_file.get("masks", {}))),
         "layer_density": {r["name"]: round(r["density"], 6) for r in summary.get("layers", [])},
         "temperature": model_file.get("temperature", 1.0),
         **{f"test_{name}": metric(test, name) for name in RECORDED},

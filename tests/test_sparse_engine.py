@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, make_model_pt, run_cli
 
-from cigl.serve.engines import AUTO_MARGIN, open_engine
+from cigl.serve.engines import AUTO_MARGIN, Auto, OnnxRuntime, open_engine
 from cigl.serve.predictor import Predictor
 from cigl.serve.sparse_engine import SparseEngine
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
@@ -456,6 +456,20 @@ def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path, monke
         p = Predictor(src.parent / "model.onnx", device="cpu")
     assert p.provider == "CPUExecutionProvider"
     assert isinstance(SparseEngine((src.parent / "model.onnx").read_bytes()).density, float)
+
+
+def test_a_sparse_model_written_outside_a_run_says_its_density_and_auto_times_it(tmp_path):
+    """A model.pt whose summary lacks actual_density (save_model_file outside cigl-train) had a
+    card claiming 1.0, so auto kept onnxruntime for a 90%-sparse model without timing it: the
+    card now counts the masks."""
+    src = make_model_pt(tmp_path / "run" / "model.pt", "resnet20", density=0.1)
+    assert run_cli(EXPORT, str(src)).returncode == 0
+    model = (src.parent / "model.onnx").read_bytes()
+    ort = OnnxRuntime(model, device="cpu", threads=0, source="model")
+    engine = SparseEngine(model)
+    assert float(ort.metadata["actual_density"]) == pytest.approx(engine.density, abs=1e-6)
+    assert 0.09 < engine.density < 0.11
+    assert isinstance(open_engine(model, engine="auto", device="cpu"), Auto)
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="checks folder ownership")

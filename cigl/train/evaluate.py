@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cigl import calibration, conformal, selective
-from cigl.card import RECORDED_ECE_BINS
+from cigl.card import RECORDED_ECE_BINS, mask_density
 from cigl.pipeline import normalize
 from cigl.sparse import random_mask
 
@@ -89,7 +89,6 @@ def make_summary(cfg, masks: dict[str, torch.Tensor], target_nnz: dict[str, int]
         }
         for n, m in masks.items()
     ]
-    numel = sum(r["numel"] for r in layers)
     return {
         "method": cfg.method,
         "model": cfg.model,
@@ -97,7 +96,7 @@ def make_summary(cfg, masks: dict[str, torch.Tensor], target_nnz: dict[str, int]
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "target_density": cfg.density,
-        "actual_density": sum(r["nnz"] for r in layers) / numel if numel else 1.0,
+        "actual_density": mask_density(masks),
         "product": chosen,
         **{k: results[chosen][k] for k in ("test", "temperature", "test_calibrated")},
         **results,
