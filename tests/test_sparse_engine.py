@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, make_model_pt, run_cli
 
 from cigl.serve.engines import AUTO_MARGIN, Auto, OnnxRuntime, open_engine
 from cigl.serve.predictor import Predictor
-from cigl.serve.sparse_engine import SparseEngine
+from cigl.serve.sparse_engine import SparseEngine, kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
 from cigl.serve.sparse_engine.layout import Planes
 from cigl.serve.sparse_engine.ops import pool
@@ -129,9 +129,14 @@ CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sparse_conv_matches_torch(case, threads):
+@pytest.mark.parametrize("kind", ["rows", "quads"])
+def test_sparse_conv_matches_torch(case, threads, kind, monkeypatch):
+    """Every convolution geometry on either kernel (the density rule forced each way)."""
     import numba
 
+    from cigl.serve.sparse_engine import quads
+
+    monkeypatch.setattr(quads, "QUAD_MIN_DENSITY", 0.0 if kind == "quads" else 2.0)
     c_in, c_out, k, stride, pads, h, w = case
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(c_out, c_in, k, k, generator=gen) * (torch.rand(c_out, c_in, k, k, generator=gen) < 0.3)
@@ -146,33 +151,41 @@ def test_sparse_conv_matches_torch(case, threads):
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_allclose(out.nchw(), expected, rtol=1e-5, atol=1e-5)
+    assert {type(t) for t in conv.tables.values()} == {quads.QuadTables if kind == "quads" else kernels.RowTables}
     # padding of the output planes stays zero: the next convolution reads it
     kept = out.data.copy()
     out.grid.interior(kept)[...] = 0
     assert not kept.any()
 
 
-@pytest.mark.parametrize("length", [1, 7, 8, 13, 25, 63, 64, 65, 81, 200])
+@pytest.mark.parametrize("kind", ["rows", "quads"])
+@pytest.mark.parametrize("length", [1, 7, 8, 13, 16, 25, 63, 64, 65, 81, 95, 97, 200])
 @pytest.mark.parametrize(("epilogue", "parts"), [(True, 1), (False, 1), (True, 3)], ids=["epilogue", "plain", "parts"])
-def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
-    """The kernel against a float64 loop of its formula, for outputs shorter than a vector (scalar
-    path), tiles of every width (the last one overlapping), rows cut into parts (partial sums
-    carried between them), empty rows (the bias) and rows longer than a tile's worth of
-    nonzeros, in both job orders (block by block at the short lengths, where the tables outweigh
-    the input); nothing outside out[:, shift : shift + length] is written."""
-    from cigl.serve.sparse_engine import kernels
+def test_sparse_conv_kernels_cover_every_output_length(length, epilogue, parts, kind):
+    """Both kernels (row tables, and quad tables: four rows at a time by tap pattern) against a
+    float64 loop of their formula, for outputs shorter than a vector (scalar path), tiles of
+    every width (the last one overlapping), rows cut into parts (partial sums carried between
+    them), empty rows (the bias), rows longer than a tile's worth of nonzeros, a last quad of
+    three rows, a tap given twice in a row, and both job orders (block by block at the short
+    lengths, where the tables outweigh the input); nothing outside out[:, shift : shift +
+    length] is written."""
+    from cigl.serve.sparse_engine import kernels, quads
 
     rng = np.random.default_rng(length)
     n_planes, reach, shift = 5, 11, 3
     counts = [0, 1, 3, 9, 0, 70, 2]
     rows = np.repeat(np.arange(len(counts)), counts)
     planes = rng.integers(0, n_planes, rows.size)
-    span = kernels.WINDOW_BYTES // 4 // (-(-n_planes // parts)) - 8 * kernels.VEC  # n_planes in `parts` parts
-    order, bounds = kernels.part_bounds(rows, planes, span, len(counts))
-    assert bounds.shape == (parts, len(counts) + 1)
-    rows, planes = rows[order], planes[order].astype(np.int32)
-    offs = rng.integers(0, reach + 1, rows.size).astype(np.int32)
+    widest = 8 * kernels.VEC if kind == "rows" else quads.QUAD_VECTORS * quads.VEC
+    span = kernels.WINDOW_BYTES // 4 // (-(-n_planes // parts)) - widest  # n_planes in `parts` parts
+    offs = rng.integers(0, reach + 1, rows.size)
     vals, bias = rng.standard_normal(rows.size).astype(np.float32), rng.standard_normal(len(counts)).astype(np.float32)
+    if kind == "rows":
+        tables = kernels.row_tables(rows, planes, offs, vals, span, len(counts))
+        assert tables.bounds.shape == (parts, len(counts) + 1)
+    else:
+        tables = quads.quad_tables(rows, planes, offs, vals, span, len(counts))
+        assert tables.bounds.shape == (parts, 2, 16)
     src = rng.standard_normal((n_planes, length + reach)).astype(np.float32)
     width = shift + length + 2
     if epilogue:
@@ -181,8 +194,7 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     else:
         residual, keep = kernels.NO_RESIDUAL, kernels.NO_MASK
     out = np.full((len(counts), width), np.nan, np.float32)
-    taps, bits = kernels.pack_taps(planes, offs)
-    kernels.sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residual, keep, epilogue)
+    tables.run(src, bias, out, shift, length, residual, keep, epilogue)
     expected = np.zeros((len(counts), length))
     for o in range(len(counts)):
         expected[o] = bias[o]
@@ -193,9 +205,10 @@ def test_sparse_conv_kernel_covers_every_output_length(length, epilogue, parts):
     np.testing.assert_allclose(out[:, shift : shift + length], expected, rtol=1e-5, atol=1e-5)
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
     # a layer without output rows is a no-op, not a division by zero in the job split
-    kernels.sparse_conv(
-        src, bounds[:, :1], taps, bits, vals, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue
-    )
+    empty = kernels.row_tables(rows[:0], planes[:0], offs[:0], vals[:0], span, 0)
+    empty.run(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)
+    empty = quads.quad_tables(rows[:0], planes[:0], offs[:0], vals[:0], span, 0)
+    empty.run(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)
 
 
 def test_part_bounds_cut_rows_by_plane_groups():

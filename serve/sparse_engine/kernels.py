@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import llvmlite.ir as ir
@@ -77,47 +78,51 @@ def _compile_cache() -> bool:
 
 CACHE = _compile_cache()
 
-VEC = 8  # floats per AVX register
+
+VEC = 8  # floats per AVX register: the row kernel's vectors (16-float ones gained nothing in it on AVX-512)
 MIN_JOBS = 32  # rows are split into blocks until there are this many jobs (several per thread)
 WINDOW_BYTES = 16 * 1024  # a part's planes: a widest tile's input window across them fills half of L1
 ROWS_PER_PART = 32  # rows per job when a row has several parts (their partial sums, 8 KiB, stay in L1)
-PREFETCH_AHEAD = 2 * 8 * VEC * 4  # bytes: residual and output lines are prefetched two widest tiles ahead
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 _VECTOR = ir.VectorType(_F32, VEC)
 _ZERO = ir.Constant(_VECTOR, [0.0] * VEC)
 
 
-def _vector_at(builder, base, j: int):
-    """Pointer to the j-th vector of floats from `base` (a float pointer); loads use align 4."""
-    return builder.bitcast(builder.gep(base, [ir.Constant(_I64, j * VEC)]), _VECTOR.as_pointer())
+def _vector_at(builder, base, j: int, floats: int = VEC):
+    """Pointer to the j-th vector of `floats` floats from `base` (a float pointer); loads use align 4."""
+    return builder.bitcast(builder.gep(base, [ir.Constant(_I64, j * floats)]), ir.VectorType(_F32, floats).as_pointer())
 
 
-def _splat(builder, x):
-    v = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), x, ir.Constant(_I32, 0))
-    lanes = ir.Constant(ir.VectorType(_I32, VEC), [0] * VEC)
-    return builder.shuffle_vector(v, ir.Constant(_VECTOR, ir.Undefined), lanes)
+def _splat(builder, x, floats: int = VEC):
+    vector = ir.VectorType(_F32, floats)
+    v = builder.insert_element(ir.Constant(vector, ir.Undefined), x, ir.Constant(_I32, 0))
+    lanes = ir.Constant(ir.VectorType(_I32, floats), [0] * floats)
+    return builder.shuffle_vector(v, ir.Constant(vector, ir.Undefined), lanes)
 
 
 def _add_from(builder, values, address, op: str):
     """values (op)= the vectors at `address` when it is nonzero, else values unchanged."""
+    vector = values[0].type
     start = builder.block
     with builder.if_then(builder.icmp_signed("!=", address, ir.Constant(_I64, 0))):
         base = builder.inttoptr(address, _F32.as_pointer())
         combine = builder.fadd if op == "add" else builder.fmul
-        changed = [combine(v, builder.load(_vector_at(builder, base, j), align=4)) for j, v in enumerate(values)]
+        changed = [
+            combine(v, builder.load(_vector_at(builder, base, j, vector.count), align=4)) for j, v in enumerate(values)
+        ]
         then = builder.block
     merged = []
     for old, new in zip(values, changed, strict=True):
-        phi = builder.phi(_VECTOR)
+        phi = builder.phi(vector)
         phi.add_incoming(new, then)
         phi.add_incoming(old, start)
         merged.append(phi)
     return merged
 
 
-def _prefetch_ahead(builder, address, write: int) -> None:
-    """Prefetch the cache lines of a widest tile PREFETCH_AHEAD bytes past `address` (if nonzero).
+def _prefetch_ahead(builder, address, write: int, tile_bytes: int = 8 * VEC * 4) -> None:
+    """Prefetch the cache lines of a tile (by default a widest one) two tiles past `address` (if nonzero).
     A thread walks a row's tiles in order, but across a block of rows: dozens of residual and
     output streams, more than the hardware prefetchers follow. Reading the residual stalled a
     16-channel layer by a third; prefetching it and the output lines made such a layer 1.6x
@@ -127,8 +132,8 @@ def _prefetch_ahead(builder, address, write: int) -> None:
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0"
     )
     with builder.if_then(builder.icmp_signed("!=", address, ir.Constant(_I64, 0))):
-        for line in range(0, 8 * VEC * 4, 64):
-            at = builder.inttoptr(builder.add(address, ir.Constant(_I64, PREFETCH_AHEAD + line)), i8p)
+        for line in range(0, tile_bytes, 64):
+            at = builder.inttoptr(builder.add(address, ir.Constant(_I64, 2 * tile_bytes + line)), i8p)
             builder.call(fn, [at, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
@@ -403,24 +408,55 @@ def pack_taps(planes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.i
     return ((planes.astype(np.int64) << bits) | offsets).astype(np.int32), np.int64(bits)
 
 
-def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, bounds) for nonzeros in `rows` reading `planes`, with offsets below `span`. Part p
-    is the p-th group of the planes read whose windows (a widest tile plus span floats each)
-    fit WINDOW_BYTES, the groups as even as can be (a last part of one plane would cost a row a
-    partial-sum pass for one nonzero: 64 planes in parts of 63 and 1 ran 1.2x slower than
-    32 and 32); `order` sorts the nonzeros by part, then row, then plane, and row o's nonzeros
-    in part p are bounds[p, o] .. bounds[p, o + 1]. Wide layers read hundreds of planes per tile;
-    from L1 in parts of a few dozen, the kernel runs up to 1.6x faster than from L2 in one pass.
-    Part-major, a block of rows reads its part of the tables as one run of memory (deep layers
-    of small images stream their tables from memory on every run)."""
+def plane_parts(planes: np.ndarray, span: int, width: int) -> tuple[np.ndarray, int]:
+    """(part of each nonzero, parts): the planes read (`planes`, per nonzero) in groups whose
+    windows (a tile of `width` floats plus `span`) fit WINDOW_BYTES, the groups as even as can
+    be (a last part of one plane would cost a row a partial-sum pass for one nonzero: 64 planes
+    in parts of 63 and 1 ran 1.2x slower than 32 and 32). Wide layers read hundreds of planes
+    per tile; from L1 in parts of a few dozen, the kernel runs up to 1.6x faster than from L2."""
     used = np.unique(planes)  # planes no nonzero reads take no room (a shared gather holds such)
     count = max(1, used.size)
-    size = -(-count // -(-count // max(1, WINDOW_BYTES // (4 * (8 * VEC + span)))))  # as even as can be
-    parts, part = -(-count // size), np.searchsorted(used, planes) // size
+    size = -(-count // -(-count // max(1, WINDOW_BYTES // (4 * (width + span)))))  # as even as can be
+    return np.searchsorted(used, planes) // size, -(-count // size)
+
+
+def part_bounds(rows: np.ndarray, planes: np.ndarray, span: int, out_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds) for nonzeros in `rows` reading `planes`, with offsets below `span`, in the
+    parts of `plane_parts` for the widest tile: `order` sorts the nonzeros by part, then row,
+    then plane, and row o's nonzeros in part p are bounds[p, o] .. bounds[p, o + 1].
+    Part-major, a block of rows reads its part of the tables as one run of memory (deep layers
+    of small images stream their tables from memory on every run)."""
+    part, parts = plane_parts(planes, span, 8 * VEC)
     order = np.lexsort((planes, rows, part))
     key = part.astype(np.int64) * out_rows + rows
     targets = np.arange(parts)[:, None] * out_rows + np.arange(out_rows + 1)[None, :]
     return order, np.searchsorted(key[order], targets).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RowTables:
+    """A layer's nonzeros as sparse_conv reads them: row o's in part p are bounds[p, o] ..
+    bounds[p, o + 1] (part_bounds), each a tap (pack_taps) and a value."""
+
+    bounds: np.ndarray  # int64 (parts, rows + 1)
+    taps: np.ndarray  # int32
+    bits: np.int64
+    vals: np.ndarray  # float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.bounds.nbytes + self.taps.nbytes + self.vals.nbytes
+
+    def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
+        sparse_conv(src, self.bounds, self.taps, self.bits, self.vals, bias, out, shift, length, residual, mask, relu)
+
+
+def row_tables(
+    rows: np.ndarray, planes: np.ndarray, offsets: np.ndarray, values: np.ndarray, span: int, out_rows: int
+) -> RowTables:
+    """RowTables of nonzeros (row, plane, offset, value), offsets below `span`."""
+    order, bounds = part_bounds(rows, planes, span, out_rows)
+    return RowTables(bounds, *pack_taps(planes[order], offsets[order]), values[order])
 
 
 # the residual and mask arguments of sparse_conv that switch those steps off (empty: never written)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cigl.packing import unpack_mask
-from cigl.serve.sparse_engine import kernels
+from cigl.serve.sparse_engine import kernels, quads
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 from cigl.serve.sparse_engine.ops import padded
 
@@ -58,12 +58,12 @@ class SparseWeight:
         shape = self.shape if len(self.shape) == 4 else (*self.shape, 1, 1)
         return np.unravel_index(self.index, shape)
 
-    def tables(self, plane: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The kernel's (bounds int64, taps int32, bits, vals float32) for the per-nonzero `plane`
-        and `offset` (kernels.pack_taps): row o's nonzeros in part p (a few planes), sorted by
-        plane, are bounds[p, o] .. bounds[p, o + 1] (kernels.part_bounds)."""
-        order, bounds = kernels.part_bounds(self.taps()[0], plane, int(offset.max(initial=0)) + 1, self.shape[0])
-        return bounds, *kernels.pack_taps(plane[order], offset[order]), self.values[order]
+    def tables(self, plane: np.ndarray, offset: np.ndarray) -> kernels.RowTables | quads.QuadTables:
+        """The kernel's tables for the per-nonzero `plane` and `offset`: quad tables (four rows
+        at a time) from QUAD_MIN_DENSITY up, where rows share most taps; row tables below."""
+        rows, span = self.taps()[0], int(offset.max(initial=0)) + 1
+        make = quads.quad_tables if self.density >= quads.QUAD_MIN_DENSITY else kernels.row_tables
+        return make(rows, plane, offset, self.values, span, self.shape[0])
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class _Plan:
     """Everything a convolution's call needs for one input geometry, worked out once: the
     kernel tables, the output grid and where the kernel reads and writes."""
 
-    tables: tuple[np.ndarray, ...]
+    tables: kernels.RowTables | quads.QuadTables
     out_grid: Grid
     shift: int  # the kernel writes output position q at shift + q
     length: int  # output positions per plane the kernel computes
@@ -116,12 +116,12 @@ class Conv:
 
     def __post_init__(self):
         self.plans: dict[tuple[int, int, int], _Plan] = {}  # per input (n, h, w)
-        self.tables: dict[tuple, tuple[np.ndarray, ...]] = {}  # per input (h, w) and phase planes read
+        self.tables: dict[tuple, kernels.RowTables | quads.QuadTables] = {}  # per input (h, w) and phase planes read
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the nonzeros, the bias and the kernel tables built so far."""
-        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for t in self.tables.values() for a in t)
+        return self.weight.nbytes + self.bias.nbytes + sum(t.nbytes for t in self.tables.values())
 
     @property
     def direct(self) -> bool:
@@ -244,7 +244,7 @@ class Conv:
 
     def _kernel(self, src: np.ndarray, out: np.ndarray, plan: _Plan, residual: Planes | None, relu: bool) -> None:
         res = residual.data if residual is not None else kernels.NO_RESIDUAL
-        kernels.sparse_conv(src, *plan.tables, self.bias, out, plan.shift, plan.length, res, plan.mask, relu)
+        plan.tables.run(src, self.bias, out, plan.shift, plan.length, res, plan.mask, relu)
 
 
 @dataclass
@@ -260,13 +260,13 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + self.bias.nbytes + sum(a.nbytes for a in self.tables)
+        return self.weight.nbytes + self.bias.nbytes + self.tables.nbytes
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         src = np.ascontiguousarray(x.T, dtype=np.float32)
         out = np.empty((self.weight.shape[0], n), np.float32)
-        kernels.sparse_conv(src, *self.tables, self.bias, out, 0, n, kernels.NO_RESIDUAL, kernels.NO_MASK, False)
+        self.tables.run(src, self.bias, out, 0, n, kernels.NO_RESIDUAL, kernels.NO_MASK, False)
         return out.T
 
 
