@@ -292,6 +292,19 @@ def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, m
         _tile1(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
 
 
+@njit(inline="always")
+def finish(v, residual, o, at, mask, relu):
+    """One output's epilogue: + residual[o, at] (if residual has rows), max(., 0) (if relu),
+    * mask[at] (if mask is non-empty)."""
+    if residual.shape[0] > 0:
+        v += residual[o, at]
+    if relu:
+        v = max(v, 0.0)
+    if mask.shape[0] > 0:
+        v *= mask[at]
+    return v
+
+
 @njit(fastmath=True, cache=CACHE, nogil=True)
 def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """`sparse_conv` for outputs shorter than a vector (a linear layer on a few images): one
@@ -303,13 +316,7 @@ def _short_rows(src, bounds, taps, bits, vals, bias, out, shift, length, residua
             for part in range(bounds.shape[0]):
                 for k in range(bounds[part, o], bounds[part, o + 1]):
                     v += vals[k] * src[taps[k] >> bits, (taps[k] & low) + q]
-            if residual.shape[0] > 0:
-                v += residual[o, shift + q]
-            if relu:
-                v = max(v, 0.0)
-            if mask.shape[0] > 0:
-                v *= mask[shift + q]
-            out[o, shift + q] = v
+            out[o, shift + q] = finish(v, residual, o, shift + q, mask, relu)
 
 
 @njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)

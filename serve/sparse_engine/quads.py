@@ -41,6 +41,7 @@ from cigl.serve.sparse_engine.kernels import (
     _prefetch_ahead,
     _splat,
     _vector_at,
+    finish,
     pack_taps,
     plane_parts,
 )
@@ -213,16 +214,8 @@ def _short_quads(src, bounds, starts, taps, bits, vals, bias, out, shift, length
             sums[r, :] = bias[g * QUAD + r]
         _quad_sums(src, bounds, starts, taps, bits, vals, g, sums)
         for r in range(min(QUAD, rows - g * QUAD)):
-            o = g * QUAD + r
             for q in range(length):
-                v = sums[r, q]
-                if residual.shape[0] > 0:
-                    v += residual[o, shift + q]
-                if relu:
-                    v = max(v, 0.0)
-                if mask.shape[0] > 0:
-                    v *= mask[shift + q]
-                out[o, shift + q] = v
+                out[g * QUAD + r, shift + q] = finish(sums[r, q], residual, g * QUAD + r, shift + q, mask, relu)
 
 
 @njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
