@@ -34,16 +34,19 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
 
 def machine() -> dict:
     """CPU model, core count and library versions, so a result file says where it came from."""
-    cpu = platform.processor() or ""
+    first: dict[str, str] = {}  # each /proc/cpuinfo key's value for the first core
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            first.setdefault(key, value)
     except OSError:
         pass
+    flags = set(first.get("flags", "").split())
     info = {
-        "cpu": cpu,
+        "cpu": first.get("model name") or platform.processor(),
+        # AMD family 25 is Zen 3 (model 1) or Zen 4 (model 17): the same name, other kernels' speed
+        "cpu_family_model": f"{first.get('cpu family', '?')}/{first.get('model', '?')}",
+        "simd": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "",
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
