@@ -7,7 +7,8 @@ the nonzero weights only, so a 90%-sparse layer does a tenth of the multiply-add
 It reads the exported model.onnx (packed weights stay packed: no dense copy of a sparse layer is
 made), runs on numba kernels (the `sparse` extra: pip install 'cigl[sparse]'), and raises
 Unsupported for graphs it does not cover; cigl.serve.engines then falls back to onnxruntime.
-Layout: layout.py; kernels: kernels.py; graph reading and fusion: graph.py.
+Layout: layout.py; kernels: kernels.py (one row at a time) and quads.py (four rows of a denser
+layer at a time); graph reading and fusion: graph.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The sparse engine's compiled kernels (numba, with one hand-written LLVM loop; fp32).
 
-`sparse_conv` is one sparse-weight x dense-activation kernel for every convolution and linear
-layer. An activation is a set of flat *planes* (one per input channel, or per channel and stride
-phase); output position q of row o is
+`sparse_conv` is the sparse-weight x dense-activation kernel for convolutions and linear layers
+(`quads.quad_conv` takes the denser ones, four rows at a time, on the same layout). An
+activation is a set of flat *planes* (one per input channel, or per channel and stride phase);
+output position q of row o is
 
     out[o, shift + q] = bias[o] + sum_k vals[k] * src[plane_k, offset_k + q]      (k in row o)
 
