@@ -60,13 +60,21 @@ def test_shuffled_batches_are_seeded_full_and_cover_the_set():
 
 def test_one_snapshot_average_scores_like_the_final_weights(tmp_path):
     """Averaging one snapshot without a random mask gives the final weights back: only the
-    recomputed batch-norm statistics differ, and they must not cost accuracy."""
-    summary = train(
-        TrainConfig(method="rigl", epochs=5, avg_start=5, batch_size=64, out=str(tmp_path / "run")), quiet=True
-    )
+    recomputed batch-norm statistics differ, and they must not cost accuracy beyond noise. (The
+    accuracy gap itself is a few test images either way: at most 1 of 359 on the Zen 3 VMs, -3 on
+    a Zen 4, whose float kernels train another model; hence NOISE, not one image.)"""
+    run = tmp_path / "run"
+    summary = train(TrainConfig(method="rigl", epochs=5, avg_start=5, batch_size=64, out=str(run)), quiet=True)
     assert summary["product"] == "averaged"
+    averaged = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    final = torch.load(run / "last.pt", weights_only=True)["model"]
+    statistics = {n for n in final if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert statistics and set(averaged) == set(final)
+    for name in set(final) - statistics:
+        assert torch.equal(averaged[name], final[name]), name
+    assert all(not torch.equal(averaged[n], final[n]) for n in statistics if n.endswith("running_var"))
     assert summary["averaged"]["test"]["accuracy"] > 0.85
-    assert abs(summary["averaged"]["test"]["accuracy"] - summary["final_weights"]["test"]["accuracy"]) <= 0.005
+    assert summary["averaged"]["test"]["accuracy"] >= summary["final_weights"]["test"]["accuracy"] - NOISE
 
 
 def test_default_schedule_makes_masks_move_and_reports_it(tmp_path):
