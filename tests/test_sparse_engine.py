@@ -211,6 +211,25 @@ def test_sparse_conv_kernels_cover_every_output_length(length, epilogue, parts, 
     empty.run(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)
 
 
+def test_layers_from_quad_min_density_run_on_quads():
+    """The documented rule: a layer whose weight density reaches QUAD_MIN_DENSITY (0.12 with
+    AVX-512, 0.45 with AVX2) runs on quad tiles, a sparser one on rows; both give torch's result."""
+    from cigl.serve.sparse_engine import quads
+
+    assert (0.12 if quads.VEC == 16 else 0.45) == quads.QUAD_MIN_DENSITY
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    for density in (quads.QUAD_MIN_DENSITY + 0.05, quads.QUAD_MIN_DENSITY - 0.05):
+        weight = torch.randn(8, 16, 3, 3, generator=gen) * (torch.rand(8, 16, 3, 3, generator=gen) < density)
+        conv = Conv(SparseWeight.from_dense(weight.numpy()), np.zeros(8, np.float32), (1, 1), (1, 1, 1, 1))
+        out = conv(Planes.from_nchw(x.numpy()))
+        expected = torch.nn.functional.conv2d(x, weight, padding=1).numpy()
+        np.testing.assert_allclose(out.nchw(), expected, rtol=1e-5, atol=1e-5)
+        kind = quads.QuadTables if conv.weight.density >= quads.QUAD_MIN_DENSITY else kernels.RowTables
+        assert [type(t) for t in conv.tables.values()] == [kind]
+        assert kind is (quads.QuadTables if density > quads.QUAD_MIN_DENSITY else kernels.RowTables)
+
+
 def test_part_bounds_cut_rows_by_plane_groups():
     """Nonzeros sorted by group of the planes they read (a part: at most as many as fit the
     window, the parts as even as can be), then row, then plane; a row's nonzeros in a part are
