@@ -8,7 +8,11 @@ For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL alloca
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
 onnxruntime's threads never spin; the engines run in turn, one run each per round (in a fresh
 seeded order, each round opened by an untimed run: serve.engines.time_in_turn), and the
-median of the rounds is reported, so drift in this shared machine's speed reaches all alike.
+median of the rounds counts, so drift in this shared machine's speed within a minute reaches all
+alike. Its speed also drifts from minute to minute, the sparse engine's more than onnxruntime's
+(ResNet-20 at density 0.1: 2.0x to 2.7x in runs minutes apart), so --passes (default 3) times
+every model that many times, one pass over all models after the other: a row reports each
+engine's median time over the passes, the median of the passes' ratios, and every pass's ratio.
 Also written: the per-step profile of each sparse model, the FLOP-reduction limit (dense /
 sparse multiply-adds) and the weight bytes held.
 Goals (issue 18): >= 2.5x at density 0.1, >= 3.5x at 0.05 (batch 64); >= 1.3x at batch 1.
@@ -19,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +42,8 @@ from cigl.testing import fake_model_file
 
 ARCHS = ("resnet20", "wrn22_2", "resnet18")
 DENSITIES = (0.1, 0.05)
+BATCHES = (64, 1)
+ROUNDS = {64: 9, 1: 40}  # timed rounds per pass (milliseconds each at batch 1: noise needs more)
 PAUSE = 0.2  # seconds between rounds
 
 
@@ -64,61 +72,91 @@ def picked(auto, batch: int) -> str:
     return auto.small if batch <= SMALL_BATCH else auto.large
 
 
-def bench_model(root: Path, arch: str, dense_ort: OnnxRuntime, dense_macs: float) -> list[dict]:
-    rows = []
+@dataclass
+class Case:
+    """One sparse model and the engines timed on it (dense onnxruntime shared by its architecture)."""
+
+    arch: str
+    density: float
+    engines: dict  # dense, ort (onnxruntime on the sparse model), engine, auto
+    auto: object
+    limit: float  # FLOP-reduction limit
+    sparse_macs: float  # per image
+    profile: list[dict]
+    weight_bytes: dict
+
+
+def prepare(root: Path, arch: str) -> list[Case]:
+    """Export `arch` dense and at each density, open the engines and profile the sparse engine."""
+    dense = export(root, arch, 1.0)
+    dense_macs = sum(p["macs_per_image"] for p in SparseEngine(dense).profile(np.zeros((1, 3, 32, 32), np.float32)))
+    dense_ort = OnnxRuntime(dense, device="cpu", threads=0, source=arch)
+    cases = []
     for density in DENSITIES:
         model = export(root, arch, density)
-        sparse_ort = OnnxRuntime(model, device="cpu", threads=0, source=arch)
         engine = SparseEngine(model)
         auto = open_engine(model, engine="auto", device="cpu")
         profile = engine.profile(np.zeros((64, 3, 32, 32), np.float32))
         sparse_macs = sum(p["macs_per_image"] for p in profile)
-        engines = {"dense": dense_ort, "ort": sparse_ort, "engine": engine, "auto": auto}
-        for batch in (64, 1):
-            x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-            t = time_in_turn(engines, x, rounds=40 if batch == 1 else 9, pause=PAUSE)
-            t_dense, t_ort, t_engine, t_auto = t["dense"], t["ort"], t["engine"], t["auto"]
-            rows.append(
-                {
-                    "arch": arch,
-                    "density": density,
-                    "batch": batch,
-                    "dense_onnxruntime_ms": 1000 * t_dense,
-                    "onnxruntime_on_sparse_ms": 1000 * t_ort,
-                    "engine_ms": 1000 * t_engine,
-                    "auto_ms": 1000 * t_auto,
-                    "auto_picks": picked(auto, batch),
-                    "engine_vs_dense_onnxruntime": t_dense / t_engine,
-                    "engine_vs_onnxruntime_on_sparse": t_ort / t_engine,
-                    "auto_vs_dense_onnxruntime": t_dense / t_auto,
-                    "flop_reduction_limit": dense_macs / sparse_macs,
-                    "engine_gmacs_per_s": sparse_macs * batch / t_engine / 1e9,
-                }
-            )
-            print(
-                f"{arch:9s} density {density:<5} batch {batch:2d}: dense ORT {1000 * t_dense:7.2f} ms, "
-                f"ORT on sparse {1000 * t_ort:7.2f} ms, engine {1000 * t_engine:7.2f} ms "
-                f"({t_dense / t_engine:.2f}x; limit {dense_macs / sparse_macs:.1f}x), auto {rows[-1]['auto_picks']}",
-                flush=True,
-            )
-        rows[-1]["profile_batch64"] = profile
-        rows[-1].update(weight_bytes(engine))
-    return rows
+        ort = OnnxRuntime(model, device="cpu", threads=0, source=arch)
+        engines = {"dense": dense_ort, "ort": ort, "engine": engine, "auto": auto}
+        cases.append(
+            Case(arch, density, engines, auto, dense_macs / sparse_macs, sparse_macs, profile, weight_bytes(engine))
+        )
+    return cases
+
+
+def summarise(case: Case, batch: int, passes: list[dict[str, float]]) -> dict:
+    """A results row: each engine's median time over the passes, and the ratios (medians of the
+    passes' ratios, and the engine's ratio in every pass: how much the minute mattered)."""
+    ms = {name: 1000 * statistics.median(t[name] for t in passes) for name in passes[0]}
+    ratio = {name: statistics.median(t["dense"] / t[name] for t in passes) for name in ("engine", "auto")}
+    return {
+        "arch": case.arch,
+        "density": case.density,
+        "batch": batch,
+        "dense_onnxruntime_ms": ms["dense"],
+        "onnxruntime_on_sparse_ms": ms["ort"],
+        "engine_ms": ms["engine"],
+        "auto_ms": ms["auto"],
+        "auto_picks": picked(case.auto, batch),
+        "engine_vs_dense_onnxruntime": ratio["engine"],
+        "engine_vs_dense_onnxruntime_passes": [t["dense"] / t["engine"] for t in passes],
+        "engine_vs_onnxruntime_on_sparse": statistics.median(t["ort"] / t["engine"] for t in passes),
+        "auto_vs_dense_onnxruntime": ratio["auto"],
+        "flop_reduction_limit": case.limit,
+        "engine_gmacs_per_s": case.sparse_macs * batch / (ms["engine"] / 1000) / 1e9,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS))
+    parser.add_argument("--passes", type=int, default=3, help="timing passes over all models (default 3)")
     args = parser.parse_args()
-    rows = []
+    if not 1 <= args.passes <= 20:
+        parser.error("--passes must be 1..20")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for arch in args.archs:
-            dense = export(root, arch, 1.0)
-            profile = SparseEngine(dense).profile(np.zeros((1, 3, 32, 32), np.float32))
-            dense_macs = sum(p["macs_per_image"] for p in profile)
-            rows += bench_model(root, arch, OnnxRuntime(dense, device="cpu", threads=0, source=arch), dense_macs)
-    path = write_results("sparse_inference", {"rows": rows})
+        cases = [case for arch in args.archs for case in prepare(Path(tmp), arch)]
+        times: dict[tuple[int, int], list[dict[str, float]]] = {}
+        for n in range(args.passes):  # passes minutes apart: this shared machine's speed drifts by the minute
+            for i, case in enumerate(cases):
+                for batch in BATCHES:
+                    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+                    t = time_in_turn(case.engines, x, rounds=ROUNDS[batch], pause=PAUSE)
+                    times.setdefault((i, batch), []).append(t)
+                    print(
+                        f"pass {n + 1}: {case.arch:9s} density {case.density:<5} batch {batch:2d}: "
+                        f"dense ORT {1000 * t['dense']:7.2f} ms, ORT on sparse {1000 * t['ort']:7.2f} ms, "
+                        f"engine {1000 * t['engine']:7.2f} ms ({t['dense'] / t['engine']:.2f}x; "
+                        f"limit {case.limit:.1f}x), auto {picked(case.auto, batch)}",
+                        flush=True,
+                    )
+    rows = []
+    for i, case in enumerate(cases):
+        rows += [summarise(case, batch, times[i, batch]) for batch in BATCHES]
+        rows[-1] |= {"profile_batch64": case.profile, **case.weight_bytes}
+    path = write_results("sparse_inference", {"passes": args.passes, "rows": rows})
     print(f"wrote {path}")
 
 
