@@ -87,7 +87,6 @@ ROWS_PER_PART = 32  # rows per job when a row has several parts (their partial s
 
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 _VECTOR = ir.VectorType(_F32, VEC)
-_ZERO = ir.Constant(_VECTOR, [0.0] * VEC)
 
 
 def _vector_at(builder, base, j: int, floats: int = VEC):
@@ -122,8 +121,8 @@ def _add_from(builder, values, address, op: str):
     return merged
 
 
-def _prefetch_ahead(builder, address, write: int, tile_bytes: int = 8 * VEC * 4) -> None:
-    """Prefetch the cache lines of a tile (by default a widest one) two tiles past `address` (if nonzero).
+def _prefetch_ahead(builder, address, write: int, tile_bytes: int) -> None:
+    """Prefetch the cache lines of a tile of `tile_bytes` two such tiles past `address` (if nonzero).
     A thread walks a row's tiles in order, but across a block of rows: dozens of residual and
     output streams, more than the hardware prefetchers follow. Reading the residual stalled a
     16-channel layer by a third; prefetching it and the output lines made such a layer 1.6x
@@ -136,6 +135,22 @@ def _prefetch_ahead(builder, address, write: int, tile_bytes: int = 8 * VEC * 4)
         for line in range(0, tile_bytes, 64):
             at = builder.inttoptr(builder.add(address, ir.Constant(_I64, 2 * tile_bytes + line)), i8p)
             builder.call(fn, [at, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _store_tile(builder, values: list, dst, res, mask, relu, prefetch_bytes: int) -> None:
+    """A tile's epilogue, one row: + the residual at `res` (if nonzero), ReLU (if `relu`), * the
+    mask at `mask` (if nonzero), then one store at `dst`; the residual and output lines
+    `prefetch_bytes` wide, two such spans ahead, are prefetched for the row's next tiles."""
+    vector = values[0].type
+    zero = ir.Constant(vector, [0.0] * vector.count)
+    _prefetch_ahead(builder, res, 0, prefetch_bytes)
+    _prefetch_ahead(builder, dst, 1, prefetch_bytes)
+    values = _add_from(builder, values, res, "add")
+    values = [builder.select(relu, builder.select(builder.fcmp_ordered(">", v, zero), v, zero), v) for v in values]
+    values = _add_from(builder, values, mask, "mul")
+    out = builder.inttoptr(dst, _F32.as_pointer())
+    for j, v in enumerate(values):
+        builder.store(v, _vector_at(builder, out, j, vector.count), align=4)
 
 
 def _tile_loop(vectors: int):
@@ -198,17 +213,8 @@ def _tile_loop(vectors: int):
                 a.add_incoming(s, body)
             builder.branch(head)
 
-            builder.position_at_end(done)  # epilogue: residual, ReLU, mask, one store
-            _prefetch_ahead(builder, res, 0)
-            _prefetch_ahead(builder, dst, 1)
-            values = _add_from(builder, acc, res, "add")
-            values = [
-                builder.select(relu, builder.select(builder.fcmp_ordered(">", v, _ZERO), v, _ZERO), v) for v in values
-            ]
-            values = _add_from(builder, values, mask, "mul")
-            out = builder.inttoptr(dst, f32p)
-            for j, v in enumerate(values):
-                builder.store(v, _vector_at(builder, out, j), align=4)
+            builder.position_at_end(done)
+            _store_tile(builder, acc, dst, res, mask, relu, 8 * VEC * 4)
             return _context.get_dummy_value()
 
         return sig, codegen
@@ -294,6 +300,24 @@ def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, m
 
 
 @njit(inline="always")
+def job_blocks(units, tiles, parts, cap):
+    """(units per block, blocks): a layer's rows (or quads of rows) are split into blocks until
+    tiles x blocks reaches MIN_JOBS (several jobs per thread); with several parts, at most `cap`
+    units a block, so the block's partial sums stay in L1 beside the part's window."""
+    per_block = -(-units // min(units, max(1, -(-MIN_JOBS // tiles))))
+    if parts > 1:
+        per_block = min(per_block, cap)
+    return per_block, -(-units // per_block)
+
+
+@njit(inline="always")
+def job_place(job, tiles, blocks, by_block):
+    """(tile, block) of a job: block by block (a block's tables come from memory once for all its
+    tiles) or tile by tile (the tile's input window is reused by every block)."""
+    return (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
+
+
+@njit(inline="always")
 def finish(v, residual, o, at, mask, relu):
     """One output's epilogue: + residual[o, at] (if residual has rows), max(., 0) (if relu),
     * mask[at] (if mask is non-empty)."""
@@ -334,10 +358,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     vectors = _tile_vectors(length)
     width = vectors * VEC
     tiles = (length + width - 1) // width
-    per_block = -(-rows // min(rows, max(1, -(-MIN_JOBS // tiles))))
-    if parts > 1:  # the partial sums of a block's rows stay in L1 beside the part's window
-        per_block = min(per_block, ROWS_PER_PART)
-    blocks = -(-rows // per_block)
+    per_block, blocks = job_blocks(rows, tiles, parts, ROWS_PER_PART)
     src_at, ld = _address(src), src.shape[1]
     taps_at, vals_at = _address(taps), _address(vals)
     out_at, out_ld = _address(out), out.shape[1]
@@ -349,7 +370,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     nonzeros = bounds[parts - 1, rows] - bounds[0, 0]
     by_block = nonzeros * (taps.itemsize + vals.itemsize) > src.size * src.itemsize
     for job in prange(tiles * blocks):
-        tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
+        tile, block = job_place(job, tiles, blocks, by_block)
         q = min(tile * width, length - width)  # the last tile overlaps the one before
         first = block * per_block
         at = shift + q

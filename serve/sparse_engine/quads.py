@@ -34,14 +34,15 @@ from cigl.serve.sparse_engine.kernels import (
     _I32,
     _I64,
     CACHE,
-    MIN_JOBS,
     ROWS_PER_PART,
     _add_from,
     _address,
-    _prefetch_ahead,
     _splat,
+    _store_tile,
     _vector_at,
     finish,
+    job_blocks,
+    job_place,
     pack_taps,
     plane_parts,
 )
@@ -60,7 +61,6 @@ def _vector_floats() -> int:
 
 VEC = _vector_floats()
 _VECTOR = ir.VectorType(_F32, VEC)
-_ZERO = ir.Constant(_VECTOR, [0.0] * VEC)
 QUAD = 4  # rows a quad tile computes together (15 patterns)
 QUAD_VECTORS = 6 if VEC == 16 else 3  # per row: 4 x this many accumulators and the inputs fill the registers
 # the weight density from which a layer runs on quads: measured layer by layer in ResNet-20, WRN-22-2
@@ -119,20 +119,13 @@ def _pattern_loop(builder, pattern: int, acc: list, k, tables: dict, vectors: in
 
 
 def _store_rows(builder, acc: list, dst, step, res, mask, relu, lanes) -> None:
-    """Each row r < lanes: + residual (res + r * step), ReLU, * mask, stored at dst + r * step."""
+    """Each row r < lanes: the row kernel's epilogue with the residual at res + r * step, stored
+    at dst + r * step."""
     tile_bytes = len(acc[0]) * VEC * 4
     for lane in range(QUAD):
         with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, lane), lanes)):
             res_at, dst_at = _lane_address(builder, res, step, lane), _lane_address(builder, dst, step, lane)
-            _prefetch_ahead(builder, res_at, 0, tile_bytes)
-            _prefetch_ahead(builder, dst_at, 1, tile_bytes)
-            values = _add_from(builder, acc[lane], res_at, "add")
-            positive = [builder.select(builder.fcmp_ordered(">", v, _ZERO), v, _ZERO) for v in values]
-            values = [builder.select(relu, p, v) for p, v in zip(positive, values, strict=True)]
-            values = _add_from(builder, values, mask, "mul")
-            out = builder.inttoptr(dst_at, _F32.as_pointer())
-            for j, v in enumerate(values):
-                builder.store(v, _vector_at(builder, out, j, VEC), align=4)
+            _store_tile(builder, acc[lane], dst_at, res_at, mask, relu, tile_bytes)
 
 
 def _quad_loop(vectors: int):
@@ -235,10 +228,7 @@ def quad_conv(src, bounds, starts, taps, bits, vals, bias, out, shift, length, r
     wide = length >= QUAD_VECTORS * VEC
     width = QUAD_VECTORS * VEC if wide else VEC
     tiles = (length + width - 1) // width
-    per_block = -(-quads // min(quads, max(1, -(-MIN_JOBS // tiles))))
-    if parts > 1:  # the partial sums of a block's rows stay in L1 beside the part's window
-        per_block = min(per_block, ROWS_PER_PART // QUAD)
-    blocks = -(-quads // per_block)
+    per_block, blocks = job_blocks(quads, tiles, parts, ROWS_PER_PART // QUAD)
     src_at, ld = _address(src), src.shape[1]
     taps_at, vals_at, bounds_at, bias_at = _address(taps), _address(vals), _address(bounds), _address(bias)
     zeros = np.zeros(QUAD, np.float32)  # the bias of every part after the first
@@ -248,7 +238,7 @@ def quad_conv(src, bounds, starts, taps, bits, vals, bias, out, shift, length, r
     mask_at = _address(mask) if has_mask else 0
     by_block = (taps.size + vals.size) * 4 > src.size * 4  # as in sparse_conv
     for job in prange(tiles * blocks):
-        tile, block = (job % tiles, job // tiles) if by_block else (job // blocks, job % blocks)
+        tile, block = job_place(job, tiles, blocks, by_block)
         q = min(tile * width, length - width)  # the last tile overlaps the one before
         first, at = block * per_block, shift + q
         keep = mask_at + 4 * at if has_mask else 0
