@@ -216,23 +216,25 @@ def _short_quads(src, bounds, starts, taps, bits, vals, bias, out, shift, length
 def quad_conv(src, bounds, starts, taps, bits, vals, bias, out, shift, length, residual, mask, relu):  # noqa: PLR0913
     """`kernels.sparse_conv` on quad tables (`quad_tables`): quad g's taps in part p, pattern by
     pattern, are bounds[p, g, 0] .. bounds[p, g, 15] and its weights start at vals[starts[p, g]];
-    bias has a multiple of QUAD entries. Tiles are QUAD_VECTORS vectors wide (one vector when
-    the output is shorter than that, scalar below a vector)."""
+    Tiles are QUAD_VECTORS vectors wide (one vector when the output is shorter than that, scalar
+    below a vector)."""
     parts, quads, rows = bounds.shape[0], bounds.shape[1], out.shape[0]
     has_res, has_mask = residual.shape[0] > 0, mask.shape[0] > 0
     if quads == 0 or rows == 0:
         return
+    biases = np.zeros(quads * QUAD, np.float32)  # a quad reads four, the last one too
+    for r in range(rows):
+        biases[r] = bias[r]
     if length < VEC:
-        _short_quads(src, bounds, starts, taps, bits, vals, bias, out, shift, length, residual, mask, relu)
+        _short_quads(src, bounds, starts, taps, bits, vals, biases, out, shift, length, residual, mask, relu)
         return
     wide = length >= QUAD_VECTORS * VEC
     width = QUAD_VECTORS * VEC if wide else VEC
     tiles = (length + width - 1) // width
     per_block, blocks = job_blocks(quads, tiles, parts, ROWS_PER_PART // QUAD)
     src_at, ld = _address(src), src.shape[1]
-    taps_at, vals_at, bounds_at, bias_at = _address(taps), _address(vals), _address(bounds), _address(bias)
+    taps_at, vals_at, bounds_at = _address(taps), _address(vals), _address(bounds)
     zeros = np.zeros(QUAD, np.float32)  # the bias of every part after the first
-    zeros_at = _address(zeros)
     out_at, out_ld = _address(out), out.shape[1]
     res_at = _address(residual) if has_res else 0  # its rows as long as out's (QuadTables.run)
     mask_at = _address(mask) if has_mask else 0
@@ -258,7 +260,9 @@ def quad_conv(src, bounds, starts, taps, bits, vals, bias, out, shift, length, r
                     vals_at + 4 * starts[part, g],
                     bounds_at + 8 * (part * quads + g) * (1 << QUAD),
                     ld,
-                    bias_at + 4 * r0 if part == 0 else zeros_at,
+                    # addresses of this function's own arrays are taken where they are used: numba
+                    # frees an array after its last use, and an address taken earlier would dangle
+                    _address(biases) + 4 * r0 if part == 0 else _address(zeros),
                     sums if part > 0 else 0,
                     res_at + 4 * (r0 * out_ld + at) if final and has_res else 0,
                     keep if final else 0,
@@ -286,26 +290,11 @@ class QuadTables:
         return self.bounds.nbytes + self.starts.nbytes + self.taps.nbytes + self.vals.nbytes
 
     def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
-        """quad_conv with the bias padded to whole quads; a residual's rows are as long as out's."""
+        """quad_conv; a residual's rows are as long as out's."""
         if residual.shape[0] and residual.shape != out.shape:
             raise ValueError(f"a residual of shape {residual.shape} for an output of shape {out.shape}")
-        padded = np.zeros(self.bounds.shape[1] * QUAD, np.float32)
-        padded[: bias.size] = bias
-        quad_conv(
-            src,
-            self.bounds,
-            self.starts,
-            self.taps,
-            self.bits,
-            self.vals,
-            padded,
-            out,
-            shift,
-            length,
-            residual,
-            mask,
-            relu,
-        )
+        args = (self.bounds, self.starts, self.taps, self.bits, self.vals)
+        quad_conv(src, *args, bias, out, shift, length, residual, mask, relu)
 
 
 def quad_tables(
