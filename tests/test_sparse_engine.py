@@ -282,8 +282,10 @@ def test_strided_conv_gathers_only_the_phases_its_nonzeros_read(taps):
 def test_readers_of_a_shared_gather_match_torch(monkeypatch, h, w):
     """After a 3x3 stride-2 convolution gathers an input's stride phases, a 1x1 stride-2
     convolution and an option-A subsampling of the same input read them instead of gathering
-    again, on even and odd sizes, and still give torch's and numpy's results."""
+    again, on even and odd sizes, and still give torch's and numpy's results; the subsampling
+    zeroes its zero channels in a reused buffer that held other values."""
     from cigl.serve.sparse_engine import kernels
+    from cigl.serve.sparse_engine.layout import BufferPool
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, h, w, generator=gen)
@@ -301,7 +303,15 @@ def test_readers_of_a_shared_gather_match_torch(monkeypatch, h, w):
     torch_conv = torch.nn.functional.conv2d
     np.testing.assert_allclose(out3, torch_conv(x, w3, b3, stride=2, padding=1).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out1, torch_conv(x, w1, b1, stride=2).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(subsampled, np.pad(x.numpy()[:, :, ::2, ::2], [(0, 0), (1, 2), (0, 0), (0, 0)]))
+    expected = np.pad(x.numpy()[:, :, ::2, ::2], [(0, 0), (1, 2), (0, 0), (0, 0)])
+    np.testing.assert_array_equal(subsampled, expected)
+    pool = BufferPool()
+    stale = sub(planes, pool)
+    stale.grid.interior(stale.data)[...] = 7.0  # a buffer handed back holds old values (its padding zero)
+    pool.give(stale.data, planes=True)
+    again = sub(planes, pool)
+    assert again.data is stale.data
+    np.testing.assert_array_equal(again.nchw(), expected)
 
 
 @pytest.mark.parametrize(
@@ -381,7 +391,15 @@ def test_option_a_shortcut_is_one_step_on_planes(digits_models):
 
 
 def test_linear_and_pooling_match_torch():
+    from cigl.serve.sparse_engine import kernels
+
     gen = torch.Generator().manual_seed(1)
+    # global average pooling of planes: per image, the sum of its block (elements and zero padding)
+    planes = Planes.from_nchw(torch.randn(5, 3, 7, 6, generator=gen).numpy() + 2.0)
+    means = np.empty((5, 3), np.float32)
+    g = planes.grid
+    kernels.plane_means(planes.data, g.n, g.block, g.h * g.w, means)
+    np.testing.assert_allclose(means, planes.nchw().astype(np.float64).mean(axis=(2, 3)), rtol=1e-6)
     weight = torch.randn(10, 64, generator=gen) * (torch.rand(10, 64, generator=gen) < 0.2)
     bias, x = torch.randn(10, generator=gen), torch.randn(5, 64, generator=gen)
     out = Linear(SparseWeight.from_dense(weight.numpy()), bias.numpy())(x.numpy())

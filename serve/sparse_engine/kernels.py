@@ -414,15 +414,31 @@ def channel_affine(x, scale, offset, mask, relu, out):
             oc[p] = v * mask[p]
 
 
+@njit(parallel=True, cache=CACHE, nogil=True)
+def place_channels(src, out, before, at, count):
+    """out[before + c, at : at + count] = src[c, :count], and every other channel of out zero: a
+    copy with zero channels around it (an option-A shortcut's), one channel per job. The rest
+    of the copied channels' planes is left as it is (their zero padding)."""
+    for c in prange(out.shape[0]):
+        k = c - before
+        if 0 <= k < src.shape[0]:
+            out[c, at : at + count] = src[k, :count]
+        else:
+            out[c, :] = 0.0
+
+
 @njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
 def plane_means(x, n, block, count, out):
     """out[i, c] = sum(x[c, i * block : (i + 1) * block]) / count, summed in float64: global
-    average pooling of planes (an image's block holds its elements and zero padding)."""
+    average pooling of planes (an image's block holds its elements and zero padding). The sum runs
+    over a 1-D view with a zero-based index, which LLVM vectorises (on x[c, p] it did not: 3-7x
+    slower)."""
     for c in prange(x.shape[0]):
+        plane = x[c]
         for i in range(n):
-            s = 0.0
-            for p in range(i * block, (i + 1) * block):
-                s += x[c, p]
+            s, start = np.float64(0.0), i * block
+            for p in range(block):
+                s += np.float64(plane[start + p])
             out[i, c] = s / count
 
 

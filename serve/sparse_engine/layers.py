@@ -289,18 +289,17 @@ class Subsample:
         ho, wo = -(-(g.h - a) // sh), -(-(g.w - b) // sw)
         og = Grid(g.n, ho, wo)
         out = Planes.empty(self.before + channels + self.after, og, pool)
-        out.data[: self.before] = 0.0
-        out.data[self.before + channels :] = 0.0
-        body = out.data[self.before : self.before + channels]
         for phases, src in (x.phases or {}).items():  # the block's strided convolution gathered it already
             origins = phases.origins()
             if phases.stride == (sh, sw) and phases.grid == (ho + 1, wo + 1) and (a, b) in origins:
                 j = origins.index((a, b))
                 # phase position k holds element k - (row + 1) of the output layout, padding included
-                body[:, og.row + 1 : og.row + 1 + g.n * og.block] = src[
-                    j * channels : (j + 1) * channels, : g.n * og.block
-                ]
+                part = src[j * channels : (j + 1) * channels]
+                kernels.place_channels(part, out.data, self.before, og.row + 1, g.n * og.block)
                 return out
+        out.data[: self.before] = 0.0
+        out.data[self.before + channels :] = 0.0
+        body = out.data[self.before : self.before + channels]
         phase = np.array([a * sw + b], np.int64)
         kernels.gather_phases(x.data, g.n, g.h, g.w, sh, sw, sh, sw, ho + 1, wo + 1, phase, body)
         return out
