@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -93,6 +94,36 @@ def make_run(model_name: str, method: str, x: torch.Tensor, y: torch.Tensor, gra
     )
 
 
+def _scheduled_step(model, masking, x, y, _idx, optimizer, step) -> torch.Tensor:
+    """The step a GraphedStep captures, its mask update's host part left to the replay's caller."""
+    return train_step(model, optimizer, masking, x, y, step, graph_autocast, scheduled=True)
+
+
+def update_seconds(model, opt, x, y, amp, graphed: bool) -> tuple[float, float]:
+    """(the mask-update step, its drop and grow alone) in seconds, for a CigL masking of `model`:
+    the step (dense gradient, drop and grow in every layer, no SGD) eager, or (graphed) replayed
+    from a graph of its own after the host's part of the update, as the trainer does; the drop
+    and grow alone on the gradient the last step left, eager."""
+    cuda = x.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    idx = torch.arange(x.shape[0], device=x.device)
+    upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_until=10**9)
+    graph = None
+    if graphed:
+        graph = GraphedStep(functools.partial(_scheduled_step, model, upd, x, y), opt, 128, upd.schedule_update)
+
+    def update_step() -> None:
+        if graph is None or graph.step(idx, 0.01, 1, update=True) is None:
+            train_step(model, opt, upd, x, y, 1, amp)
+
+    if graph is not None:
+        update_step(), update_step()  # eagerly once, then the capture
+        if True not in graph.graphs:
+            raise RuntimeError("the mask-update step could not be captured as a CUDA graph")
+    update_s = median_time(lambda: (update_step(), sync()), 5 if graphed else 3)
+    return update_s, median_time(lambda: (upd.update(1, opt), sync()), 3)
+
+
 def step_ratio(device: torch.device, model_name: str, pairs: int = 25, graphed: bool = False) -> dict:
     """Dense and CigL steps on the same batch, interleaved one by one (order alternating) so
     that machine noise hits both alike; the ratio is the median of the per-pair ratios.
@@ -130,13 +161,8 @@ def step_ratio(device: torch.device, model_name: str, pairs: int = 25, graphed: 
     if graphed and any(r[3].graph is None for r in runs.values()):
         raise RuntimeError("the step could not be captured as a CUDA graph")
     book = median_time(lambda: (masking.begin_step(), masking.mask_gradients(), masking.end_step(), sync()), 20)
-    # the mask-update step (drop/grow in every layer, optimiser step skipped), amortised over dT=100
     model, opt, *_ = runs["cigl"]
-    upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_until=10**9)
-    update_s = median_time(lambda: (train_step(model, opt, upd, x, y, 1, amp), sync()), 3)
-    # of which the drop and grow itself (a topk pair per layer, the masks refreshed), on the
-    # dense gradient the last step left: what a faster update would have to cut
-    drop_grow_s = median_time(lambda: (upd.update(1, opt), sync()), 3)
+    update_s, drop_grow_s = update_seconds(model, opt, x, y, amp, graphed)
     ratio = ratios[len(ratios) // 2]
     return {
         "device": str(device),

@@ -41,10 +41,11 @@ def test_masking_keeps_density_on_cuda():
 @cuda
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
 @pytest.mark.parametrize("method", ["dense", "static", "set", "rigl", "cigl"])
-def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
+def test_training_steps_and_mask_updates_never_synchronise(method, graphed):
     """The whole step as the trainer runs it (gather, augment, normalise, forward, backward,
-    masking, SGD), eager and replayed as a CUDA graph, raises under CUDA's sync debug mode
-    "error" if anything waits for the GPU."""
+    masking, SGD), and the mask-update step (drop and grow in every layer), eager and replayed as
+    CUDA graphs, raise under CUDA's sync debug mode "error" if anything waits for the GPU. (Up
+    to commit ac16192 a mask update read its active positions back with torch.nonzero.)"""
     from functools import partial
 
     from cigl.models import create_model
@@ -58,7 +59,7 @@ def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     masking = None
     if method != "dense":
-        masking = Masking(model, method, density=0.1, update_every=1000, update_until=10_000)
+        masking = Masking(model, method, density=0.1, update_every=2, update_until=10_000)
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device="cuda")
     labels = torch.randint(0, 10, (512,), device="cuda")
     order = torch.randperm(512, device="cuda")
@@ -66,30 +67,89 @@ def test_training_steps_between_mask_updates_never_synchronise(method, graphed):
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def body(idx, optimizer, i, amp=amp):
+    def body(idx, optimizer, i, amp=amp, scheduled=False):
         x = normalize(augment(images[idx], 4, True), (0.5,) * 3, (0.25,) * 3).contiguous(
             memory_format=torch.channels_last
         )
-        return train_step(model, optimizer, masking, x, labels[idx], i, amp)
+        return train_step(model, optimizer, masking, x, labels[idx], i, amp, scheduled)
 
-    graph = GraphedStep(partial(body, amp=graph_autocast), opt, 64) if graphed else None
+    graph = None
+    if graphed:
+        schedule = masking.schedule_update if masking is not None else None
+        graph = GraphedStep(partial(body, amp=graph_autocast, scheduled=True), opt, 64, schedule)
 
     def step(i):
         idx = order[(i % 8) * 64 : (i % 8 + 1) * 64]
-        loss = graph.step(idx, 0.1, i) if graph is not None else None
+        update = masking is not None and masking.is_update_step(i)
+        loss = graph.step(idx, 0.1, i, update) if graph is not None else None
         return body(idx, opt, i) if loss is None else loss
 
-    for i in range(1, WARMUP + 3 if graphed else 2):  # warm-up: allocations, cuDNN, optimiser state, capture
+    # warm-up: allocations, cuDNN, optimiser state, and both captures (odd steps are SGD steps,
+    # even ones mask updates: WARMUP eager SGD steps and one eager update before them)
+    warm = 2 * WARMUP + 3 if graphed else 3
+    for i in range(1, warm):
         step(i)
-    assert graph is None or graph.graph is not None
+    if graph is not None:
+        assert graph.graph is not None and (True in graph.graphs) == (method in ("set", "rigl", "cigl"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in range(WARMUP + 3, WARMUP + 13):
+        for i in range(warm, warm + 10):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@cuda
+def test_a_mask_update_replayed_from_a_cuda_graph_exchanges_what_an_eager_one_does():
+    """Masking.exchange captured once, at one share, and replayed after schedule_update at
+    later steps (other shares, new weights, gradients and momentum in the same tensors): the
+    masks, weights, momentum and the random mask's active positions equal those of an eager
+    update of a twin from the same state."""
+    from cigl.models import create_model
+    from cigl.sparse import Masking
+
+    def twin():
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=10).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        masking = Masking(model, "cigl", density=0.1, update_every=1, update_until=1000)
+        for p in masking.params.values():
+            p.grad = torch.zeros_like(p)
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return masking, opt
+
+    def fill(masking, opt, seed):  # as training leaves them, in place (the graph reads these tensors)
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in masking.params.items():
+                mask = masking.masks[name]
+                p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * mask)
+                p.grad.copy_(torch.randn(p.shape, device="cuda", generator=gen))
+                opt.state[p]["momentum_buffer"].copy_(torch.randn(p.shape, device="cuda", generator=gen) * mask)
+
+    (graphed, g_opt), (eager, e_opt) = twin(), twin()
+    for masking, opt in ((graphed, g_opt), (eager, e_opt)):
+        fill(masking, opt, 0)
+        masking.update(1, opt)  # the graphed twin's doubles as the warm-up before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.exchange(g_opt)
+    for step, seed in ((300, 1), (700, 2), (740, 3)):
+        fill(graphed, g_opt, seed)
+        fill(eager, e_opt, seed)
+        graphed.schedule_update(step)
+        graph.replay()
+        eager.update(step, e_opt)
+        torch.cuda.synchronize()
+        for name, p in graphed.params.items():
+            q = eager.params[name]
+            assert torch.equal(graphed.masks[name], eager.masks[name]), (step, name)
+            assert torch.equal(p, q) and torch.equal(
+                g_opt.state[p]["momentum_buffer"], e_opt.state[q]["momentum_buffer"]
+            )
+        assert torch.equal(graphed._active, eager._active) and graphed.churn() == eager.churn()
 
 
 @cuda
@@ -145,7 +205,7 @@ def test_cuda_graph_trains_as_the_eager_step_does(tmp_path, capsys, method):
         runs[graphed] = train(cfg, quiet=True)
         rows = [json.loads(line) for line in (tmp_path / str(graphed) / "metrics.jsonl").read_text().splitlines()]
         runs[graphed]["losses"] = [r["train_loss"] for r in rows]
-    assert "CUDA graph capture failed" not in capsys.readouterr().err
+    assert "CUDA graph capture" not in capsys.readouterr().err
     graphed, eager = runs[True], runs[False]
     assert graphed["losses"] == pytest.approx(eager["losses"], rel=0.05), (graphed["losses"], eager["losses"])
     acc = {k: r["final_weights"]["test"]["accuracy"] for k, r in runs.items()}

@@ -345,6 +345,57 @@ def _bookkeeping_seen(masking):
     return seen
 
 
+def _update_reference(masking, step, opt):
+    """The mask update as written up to commit ac16192, layer by layer with host-side counts:
+    int(share * nnz) dropped by topk of |w|, as many grown by topk of the scores."""
+    share = cosine_drop_fraction(step, masking.alpha, masking.update_until)
+    masks = {}
+    for name, p in masking.params.items():
+        n, m = int(share * masking.nnz[name]), masking.masks[name].reshape(-1).clone()
+        if n:
+            m[torch.topk(torch.where(m, p.detach().abs().reshape(-1), torch.inf), n, largest=False).indices] = False
+            m[torch.topk(torch.where(m, -torch.inf, p.grad.abs().reshape(-1)), n).indices] = True
+        masks[name] = m.view(p.shape)
+    return masks
+
+
+@pytest.mark.parametrize("dpnum", [10, None])
+def test_mask_updates_trace_as_one_graph_and_exchange_what_topk_did(dpnum):
+    """A mask update (drop and grow in every layer, momentum cleared, the random mask's active
+    positions refreshed) has no host-device synchronisation and nothing of data-dependent
+    shape, so a CUDA graph can capture the update step too: torch.compile(fullgraph=True)
+    traces it whole on the CPU (it broke at torch.nonzero up to commit ac16192), and the traced
+    and eager updates make the masks that per-layer topk with host-side counts made, weights
+    and momentum zero outside them, over updates whose share falls as the schedule says."""
+    results = []
+    for compiled in (False, True):
+        _, opt, masking = _masking("rigl", dpnum=dpnum, density=0.2)
+        torch._dynamo.reset()
+        update = torch.compile(masking.update, fullgraph=True, backend="eager") if compiled else masking.update
+        seen = []
+        torch.manual_seed(0)  # random weights, gradients and momentum: no ties for topk to break either way
+        for step in (1, 250, 700):
+            for name, p in masking.params.items():
+                with torch.no_grad():  # as training leaves them: grown weights have moved off 0
+                    p.copy_(torch.randn_like(p) * masking.masks[name])
+                p.grad = torch.randn_like(p)
+                opt.state[p]["momentum_buffer"] = torch.randn_like(p) * masking.masks[name]
+            expected = _update_reference(masking, step, opt)
+            update(step, opt)
+            for name, p in masking.params.items():
+                assert torch.equal(masking.masks[name], expected[name]), (step, name)
+                assert (
+                    not p[~masking.masks[name]].any()
+                    and not opt.state[p]["momentum_buffer"][~masking.masks[name]].any()
+                )
+            seen.append({n: m.clone() for n, m in masking.masks.items()})
+        assert masking.updates == 3 and masking.density() == pytest.approx(0.2, abs=1e-3)
+        if dpnum:  # the active positions the random mask draws from: those of the new masks
+            assert torch.equal(masking._active[: masking._nactive], torch.nonzero(masking._mask_flat).squeeze(1))
+        results.append(seen)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(*results, strict=True) for n in a)
+
+
 def test_bookkeeping_drops_restores_and_masks_gradients():
     """Dropped weights come back unchanged after the step, their gradients are zero, the rest of
     the support gets scale^2 * grad, and about 1/DPNUM of the active weights drop."""

@@ -337,19 +337,24 @@ def test_graph_sgd_steps_exactly_as_torch_sgd():
 
 def test_graph_capture_failure_falls_back_to_eager_with_one_note(capsys):
     """A step that cannot be captured (here: no CUDA at all) trains on eagerly after a one-line
-    note, and capture is not retried."""
+    note, and capture is not retried; mask-update steps likewise, apart (their graph is
+    captured at the second one, after the host's part of the update), and without a schedule
+    they are never captured, with no note."""
     from cigl.train.graphed import WARMUP, GraphedStep
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: capture would not fail")
     model = torch.nn.Linear(3, 2)
-    graph = GraphedStep(lambda idx, opt, step: None, torch.optim.SGD(model.parameters(), lr=0.1), batch=4)
+    scheduled = []
+    graph = GraphedStep(lambda idx, opt, step: None, torch.optim.SGD(model.parameters(), lr=0.1), 4, scheduled.append)
     idx = torch.arange(4)
     assert [graph.step(idx, 0.1, s) for s in range(WARMUP + 3)] == [None] * (WARMUP + 3)
+    assert [graph.step(idx, 0.1, s, update=True) for s in range(3)] == [None] * 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(err) == 1
-        and err[0].startswith("note: CUDA graph capture failed (")
-        and err[0].endswith("training without it")
-    )
-    assert graph.failed and graph.graph is None
+    assert len(err) == 2 and all(line.endswith("it runs eagerly") for line in err)
+    assert err[0].startswith("note: CUDA graph capture of the step failed (")
+    assert err[1].startswith("note: CUDA graph capture of the mask-update step failed (")
+    assert graph.failed == {False: True, True: True} and graph.graph is None and not scheduled
+    plain = GraphedStep(lambda idx, opt, step: None, torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    assert [plain.step(idx, 0.1, s, update=True) for s in range(3)] == [None] * 3
+    assert not capsys.readouterr().err

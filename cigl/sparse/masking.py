@@ -120,12 +120,15 @@ class Masking:
         self.updates = 0  # mask updates made so far
         device = next(iter(self.params.values())).device
         self._moved = torch.zeros((), dtype=torch.long, device=device)  # weights grown by them (no host sync)
+        self._share = torch.zeros((), dtype=torch.float64, device=device)  # of each layer, exchanged by the next update
         if dpnum is not None:
             random_mask.check_dpnum(dpnum)
         self.dpnum = dpnum
         self.scale = random_mask.scale(dpnum) if dpnum else 1.0
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.nnz = layer_nnz(shapes, density, init)
+        # the most weights an update exchanges in a layer: the share never exceeds alpha
+        self._most = {name: int(alpha * nnz) for name, nnz in self.nnz.items()}
         masks = random_masks(self.params, self.nnz, torch.Generator().manual_seed(seed))
         previous = _ATTACHED.get(model, lambda: None)()
         if previous is not None and not previous.finalized:  # e.g. a notebook cell run again
@@ -193,11 +196,17 @@ class Masking:
         self._kept = torch.empty(spare, dtype=dtype, device=device)
         self._forget_dropped()
 
-    def _refresh(self) -> None:
+    def _refresh(self, count: int | None = None) -> None:
         """Rebuild the gradient multiplier and the active positions after a mask change (in
         place: a captured CUDA graph reads them). Only the random mask's draw reads the active
-        positions, so without one there is nothing to find (and no host sync)."""
-        active = torch.nonzero(self._mask_flat).squeeze(1) if self.dpnum else None  # flat positions
+        positions, so without one there is nothing to find (and no host sync). `count`: the
+        number of active entries when it is known (drop and grow keeps it): they are then
+        found in a tensor of that size, with no host sync either."""
+        active = None
+        if self.dpnum:  # flat positions
+            mask = self._mask_flat
+            active = torch.nonzero(mask) if count is None else torch.nonzero_static(mask, size=count)
+            active = active.squeeze(1)
         count = 0 if active is None else active.numel()
         if count != self._nactive:
             self._allocate(count)
@@ -335,29 +344,45 @@ class Masking:
     @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Drop and grow in every layer from the dense gradient in p.grad; new and dropped
-        weights (and their momentum) become 0. The optimiser step is skipped, as in the reference."""
+        weights (and their momentum) become 0. The optimiser step is skipped, as in the reference.
+        `schedule_update(step)` then `exchange(optimizer)`."""
+        self.schedule_update(step)
+        self.exchange(optimizer)
+
+    def schedule_update(self, step: int) -> None:
+        """The host's part of the mask update at `step`: count it and put its share of each layer
+        (the cosine schedule) on the device, where `exchange` reads it. A CUDA graph that
+        captured `exchange` replays after this has run."""
         self._check_training()
+        self._share.fill_(cosine_drop_fraction(step, self.alpha, self.update_until))
+        self.updates += 1
+
+    @torch.no_grad()
+    def exchange(self, optimizer: torch.optim.Optimizer) -> None:
+        """The device's part of the mask update `schedule_update` set up: in each layer,
+        floor(share * nnz) weights dropped and as many grown (`drop_and_grow` with a tensor
+        count), the momentum of both cleared, the masks refreshed. No host-device
+        synchronisation and nothing of data-dependent shape: a CUDA graph captures it."""
         self.end_step()
-        frac = cosine_drop_fraction(step, self.alpha, self.update_until)
         new = self._mask_flat.clone()  # the new masks, laid out as the current ones
-        changed = set()
         for (name, p), layer in zip(self.params.items(), shaped_views(new, self.params.values()), strict=True):
-            n = int(frac * self.nnz[name])
-            if n:
-                layer.copy_(drop_and_grow(p, self.masks[name], self.method.grow_scores(p, p.grad), n))
-                changed.add(name)
+            if self._most[name]:
+                n = torch.floor(self._share * self.nnz[name])  # as int(share * nnz) in Python
+                scores = self.method.grow_scores(p, p.grad)
+                layer.copy_(drop_and_grow(p, self.masks[name], scores, n, self._most[name]))
         grown = new & ~self._mask_flat
         self._moved += grown.sum()
         cleared_views = shaped_views(~new | grown, self.params.values())
         for (name, p), cleared in zip(self.params.items(), cleared_views, strict=True):
-            if name in changed:  # grown and dropped weights, and their momentum, start at 0
+            # grown and dropped weights, and their momentum, start at 0 (the rest outside the
+            # masks is 0 already: no gradient reaches it)
+            if self._most[name]:
                 p.masked_fill_(cleared, 0.0)
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.masked_fill_(cleared, 0.0)
         self._mask_flat.copy_(new)
-        self.updates += 1
-        self._refresh()
+        self._refresh(self._nactive)  # drop and grow keeps the number of active weights
         self._forget_dropped()
 
     def _forget_dropped(self) -> None:

@@ -74,7 +74,7 @@ class Run:
     average: WeightAverage | None
     step: int = 0
     net: nn.Module | None = None  # the model, or its DDP wrapper under torchrun
-    graph: GraphedStep | None = None  # CUDA: the non-update step as a replayed CUDA graph
+    graph: GraphedStep | None = None  # CUDA: the step (and the mask-update step) as replayed CUDA graphs
     eval_x: dict[str, torch.Tensor] = field(default_factory=dict)  # no val split with --val-size 0
     eval_y: dict[str, np.ndarray] = field(default_factory=dict)
     mask_checks: int = 0  # mask updates verified identical on every process
@@ -208,7 +208,8 @@ def setup(cfg: TrainConfig, launch, device: torch.device, resume: bool, quiet: b
     if cfg.compile:
         run.net = CompiledOrEager(run.net)
     elif cfg.cuda_graph and device.type == "cuda" and launch.world == 1:
-        run.graph = GraphedStep(functools.partial(graphed_body, run), optimizer, batch)
+        schedule = run.masking.schedule_update if run.masking is not None else None
+        run.graph = GraphedStep(functools.partial(graphed_body, run), optimizer, batch, schedule)
     for split, part in (("val", data.val), ("test", data.test)):
         if len(part):
             run.eval_x[split], labels = to_device(part, device)
@@ -403,16 +404,19 @@ def batch_inputs(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def graphed_body(run: Run, idx: torch.Tensor, optimizer, step: int) -> torch.Tensor:
-    """The step GraphedStep captures: the batch at `idx` and train_step under graph_autocast."""
+    """The steps GraphedStep captures: the batch at `idx` and train_step under graph_autocast
+    (a mask update's host part is GraphedStep's, before each replay)."""
     x, y = batch_inputs(run, idx)
-    return train_step(run.model, optimizer, run.masking, x, y, step, graph_autocast)
+    return train_step(run.model, optimizer, run.masking, x, y, step, graph_autocast, scheduled=True)
 
 
-def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
+def train_step(model, optimizer, masking, x, y, step, amp, scheduled: bool = False) -> torch.Tensor:
     """One SGD step. With masking: the random mask is drawn before the forward pass, and on a
     mask-update step the masks change from the dense gradient and, as in the reference, the
     optimiser step is skipped. Under torchrun `model` is the DDP wrapper: the gradient is then
-    the global batch's, so every rank updates weights and masks alike."""
+    the global batch's, so every rank updates weights and masks alike. `scheduled`: the mask
+    update's host part (Masking.schedule_update) ran before, so this step is only device work
+    (what a CUDA graph captures)."""
     optimizer.zero_grad(set_to_none=True)
     if masking is not None:
         masking.begin_step()
@@ -420,7 +424,10 @@ def train_step(model, optimizer, masking, x, y, step, amp) -> torch.Tensor:
         loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     if masking is not None and masking.is_update_step(step):
-        masking.update(step, optimizer)
+        if scheduled:
+            masking.exchange(optimizer)
+        else:
+            masking.update(step, optimizer)
         return loss.detach()
     if masking is not None:
         masking.mask_gradients()
@@ -470,8 +477,8 @@ def train_steps(run: Run, epoch: int, show_bar: bool) -> list[torch.Tensor]:
         idx = order[b * run.batch : (b + 1) * run.batch]
         lr = lr_at(cfg, run.step, run.steps_per_epoch)
         updates_masks = run.masking is not None and run.masking.is_update_step(run.step)
-        loss = run.graph.step(idx, lr, run.step) if run.graph is not None and not updates_masks else None
-        if loss is None:  # eagerly: on CPU, under torchrun, on mask-update steps, while the graph warms up
+        loss = run.graph.step(idx, lr, run.step, updates_masks) if run.graph is not None else None
+        if loss is None:  # eagerly: on CPU, under torchrun, while a graph warms up
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             x, y = batch_inputs(run, idx)
