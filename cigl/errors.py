@@ -125,8 +125,9 @@ def cli_entry(func: F) -> F:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2), `--version`
-    and `examples` (command lines shown at the end of --help)."""
+    """argparse with one-line usage errors (`error: ... (see --help)`, exit code 2; in a torchrun
+    launch said by rank 0 only, not once per process), `--version` and `examples` (command
+    lines shown at the end of --help)."""
 
     def __init__(self, *args, examples: list[str] | None = None, **kwargs) -> None:
         if examples:
@@ -139,5 +140,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=f"%(prog)s (cigl) {__version__}")
 
     def error(self, message: str):  # type: ignore[override]
-        say_line(f"error: {message} (see {self.prog} --help)")
+        # under torchrun every process parses the same command line and fails alike: rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            say_line(f"error: {message} (see {self.prog} --help)")
         raise SystemExit(2)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -224,6 +225,20 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     assert not (tmp_path / "x" / "last.pt").exists()
 
 
+def test_a_usage_error_under_torchrun_is_said_once(monkeypatch, capsys):
+    """Every process of a torchrun launch parses the same command line: rank 0 says what is
+    wrong, the others exit 2 without repeating it."""
+    from cigl.train.cli import build_parser
+
+    for rank, said in (("0", True), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args(["--epochs", "many"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert ("invalid int value: 'many'" in err and err.count("\n") == 1) == said and (said or not err)
+
+
 def test_cigl_train_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "cigl-train")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
@@ -302,6 +317,75 @@ def test_compile_trains_and_a_failing_compile_falls_back(tmp_path, monkeypatch, 
     assert fallback["final_weights"]["test"]["accuracy"] == pytest.approx(
         eager["final_weights"]["test"]["accuracy"], abs=1e-9
     )
+
+
+class _Replayed:
+    """A stand-in for a captured CUDA graph on the CPU: replay() runs the recorded body again
+    and writes its loss where the capture's output was."""
+
+    def __init__(self, body):
+        self.body, self.loss = body, torch.zeros(())
+
+    def replay(self):
+        self.loss.copy_(self.body())
+
+
+def _loop_with_graphs(graphed: bool, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """24 steps of ResNet-20 with RigL masks (an update every 3rd step), through GraphedStep or
+    all eager: (masking, model, which steps were replayed). Eager steps use GraphSGD too, so
+    both loops do the same arithmetic (torch's SGD rounds differently, and a last-bit
+    difference can flip a mask update's choice between near-equal weights)."""
+    from contextlib import nullcontext
+
+    from cigl.models import create_model
+    from cigl.sparse import Masking
+    from cigl.train import train_step
+    from cigl.train.graphed import GraphedStep, GraphSGD
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, image_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    masking = Masking(model, "rigl", density=0.2, update_every=3, update_until=40)
+
+    def body(idx, optimizer, step, scheduled=False):
+        return train_step(model, optimizer, masking, x[idx], y[idx], step, nullcontext, scheduled)
+
+    graph = GraphedStep(partial(body, scheduled=True), opt, 16, masking.schedule_update) if graphed else None
+    sgd = GraphSGD(opt, torch.tensor(0.1))
+    replayed = []
+    for step in range(1, 25):
+        idx = torch.arange(16) + (step % 2) * 16
+        torch.manual_seed(step)
+        loss = graph.step(idx, 0.1, step, masking.is_update_step(step)) if graph is not None else None
+        replayed.append(loss is not None)
+        if loss is None:
+            body(idx, sgd, step)
+    return masking, model, replayed
+
+
+def test_graphed_steps_and_mask_updates_train_as_eager_steps_do(monkeypatch):
+    """GraphedStep's orchestration, on the CPU with a stand-in graph that re-runs its body at
+    each replay: SGD steps replay after WARMUP eager ones, mask-update steps after one eager
+    update, each replay of an update after schedule_update (counted once, at that step's share),
+    the captured body doing only the device part (train_step(scheduled=True)). Masks, update
+    count and weights then match a loop of eager train_step calls."""
+    from cigl.train.graphed import WARMUP, GraphedStep, GraphSGD
+
+    def capture(self, step, update=False):
+        sgd = GraphSGD(self.optimizer, self.lr)
+        fake = _Replayed(partial(self.body, self.idx, sgd, step))
+        self.graphs[update], self.losses[update] = fake, fake.loss
+
+    monkeypatch.setattr(GraphedStep, "capture", capture)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    eager, eager_model, _ = _loop_with_graphs(False, x, y)
+    graphed, graphed_model, replayed = _loop_with_graphs(True, x, y)
+    updates = [s for s in range(1, 25) if eager.is_update_step(s)]  # 3, 6, ..., 24
+    eager_steps = [s for s in range(1, 25) if s not in updates][:WARMUP] + updates[:1]
+    assert replayed == [s not in eager_steps for s in range(1, 25)]
+    assert graphed.updates == eager.updates == len(updates)
+    assert all(torch.equal(graphed.masks[n], eager.masks[n]) for n in eager.masks)
+    assert all(torch.equal(a, b) for a, b in zip(graphed_model.parameters(), eager_model.parameters(), strict=True))
 
 
 def test_graph_sgd_steps_exactly_as_torch_sgd():
