@@ -138,24 +138,32 @@ def _digits() -> tuple[Split, Split, list[str]]:
 
 
 def _list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(files, labels, class names) of an ImageFolder tree. With `classes` (the training
+    classes), the folders may be a subset of them, labelled by name: a held-out split of a small
+    dataset can lack a class (a warning says which); a folder training lacks is refused."""
     if not root.is_dir():
         raise InputError(f"folder not found: {root} (expected one subfolder per class)")
     found = [p.name for p in class_folders(root)]
     if not found:
         raise InputError(f"no class folders in {root}: put the images of each class in {root}/<class>/")
-    if classes is not None and found != classes:
+    names = found if classes is None else classes
+    unknown = [name for name in found if name not in names]
+    if unknown:
         raise InputError(
-            f"class folders of {root} ({', '.join(found)}) differ from the training classes "
-            f"({', '.join(classes)}); train/ and test/ need the same class folders"
+            f"class folders of {root} that the training data lacks: {', '.join(unknown)} (training classes: "
+            f"{', '.join(names)}); remove them, or add them to the training folder and train again"
         )
+    if len(found) < len(names):
+        missing = ", ".join(name for name in names if name not in found)
+        warnings.warn(f"{root} has no images of class {missing}; its metrics cover the other classes", stacklevel=3)
     files, labels = [], []
-    for label, name in enumerate(found):
+    for name in found:
         images = image_files(root / name)
         if not images:
             raise InputError(f"class folder {root / name} has no images; add images or remove the folder")
         files += images
-        labels += [label] * len(images)
-    return files, np.asarray(labels, dtype=np.int64), found
+        labels += [names.index(name)] * len(images)
+    return files, np.asarray(labels, dtype=np.int64), names
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
@@ -163,8 +171,10 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
     return load_image(path, 3, None if image_size is None else (image_size, image_size))
 
 
-def _content_key(files: list[Path], root: Path, image_size: int | None) -> str:
-    h = hashlib.sha256(f"cigl-images-v{_CACHE_VERSION}|{image_size}".encode())
+def _content_key(files: list[Path], root: Path, image_size: int | None, names: list[str]) -> str:
+    """The cache key of a decoded folder: its files' paths and bytes, the image size, and the
+    class names its labels index (a test/ folder lacking a class is labelled by train/'s)."""
+    h = hashlib.sha256(f"cigl-images-v{_CACHE_VERSION}|{image_size}|{chr(10).join(names)}".encode())
     for f in files:
         h.update(str(f.relative_to(root)).encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
@@ -187,7 +197,7 @@ def load_image_folder(
 ) -> tuple[Split, list[str]]:
     """Decode every image of an ImageFolder tree (cached by content) into a uint8 Split."""
     files, labels, found = _list_image_folder(root, classes)
-    key = _content_key(files, root, image_size)
+    key = _content_key(files, root, image_size, found)
     cached = cache_dir() / f"images-{key}.npz"
     if cached.is_file():
         try:

@@ -221,6 +221,34 @@ def test_empty_class_folder_and_missing_folder(tmp_path, cifar_small):
         data.load_dataset("imagefolder", empty)
 
 
+def test_a_held_out_split_may_lack_a_class_but_not_add_one(tmp_path, cifar_small, monkeypatch):
+    """test/ (or val/) without a training class is labelled by train/'s class names, with a
+    warning naming the class; the cached decode of the same folder under other class names is
+    not reused; a class folder training lacks is refused, naming it."""
+    monkeypatch.setenv("CIGL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "c"
+    shutil.copytree(cifar_small, root)
+    full = data.load_dataset("imagefolder", root)
+    shutil.rmtree(root / "test" / "bird")
+    with pytest.warns(UserWarning, match=re.escape(f"{root / 'test'} has no images of class bird")):
+        lacking = data.load_dataset("imagefolder", root)
+    assert lacking.classes == full.classes and "bird" in lacking.classes
+    kept = full.test.y != full.classes.index("bird")
+    np.testing.assert_array_equal(lacking.test.y, full.test.y[kept])
+    np.testing.assert_array_equal(lacking.test.x, full.test.x[kept])
+    # the same test/ files, labelled by a train/ without "airplane": other labels, not the cache's
+    shutil.rmtree(root / "train" / "airplane")
+    shutil.rmtree(root / "test" / "airplane")
+    with pytest.warns(UserWarning, match="no images of class bird"):
+        fewer = data.load_dataset("imagefolder", root)
+    assert fewer.classes == [c for c in full.classes if c != "airplane"]
+    assert [fewer.classes[i] for i in fewer.test.y] == [full.classes[i] for i in full.test.y[kept & (full.test.y != 0)]]
+    (root / "test" / "zebra").mkdir()
+    shutil.copy(next((root / "test" / "cat").iterdir()), root / "test" / "zebra")
+    with pytest.raises(InputError, match=r"test that the training data lacks: zebra .*add them to the training folder"):
+        data.load_dataset("imagefolder", root)
+
+
 def test_mixed_sizes_need_image_size(tmp_path, cifar_small):
     from PIL import Image
 
