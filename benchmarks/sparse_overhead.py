@@ -28,7 +28,7 @@ from common import median_time, write_results
 from cigl.models import create_model
 from cigl.sparse import METHODS, Masking
 from cigl.train import train_step
-from cigl.train.graphed import GraphedStep, graph_autocast
+from cigl.train.graphed import UPDATE_WARMUP, GraphedStep, graph_autocast
 
 DPNUM = 100
 
@@ -117,7 +117,8 @@ def update_seconds(model, opt, x, y, amp, graphed: bool) -> tuple[float, float]:
             train_step(model, opt, upd, x, y, 1, amp)
 
     if graph is not None:
-        update_step(), update_step()  # eagerly once, then the capture
+        for _ in range(UPDATE_WARMUP + 1):  # eagerly, then the capture
+            update_step()
         if True not in graph.graphs:
             raise RuntimeError("the mask-update step could not be captured as a CUDA graph")
     update_s = median_time(lambda: (update_step(), sync()), 5 if graphed else 3)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 WARMUP = 3  # eager steps before the capture
+UPDATE_WARMUP = 1  # eager mask-update steps before theirs (the SGD steps' warm-up set the rest up)
 
 # bf16 autocast for a captured step: with its cache of cast weights, the casts would be made once
 # at capture, in memory the replays do not refresh
@@ -94,7 +95,8 @@ class GraphedStep:
         self.idx = torch.zeros(batch, dtype=torch.long, device=device)
         self.lr = torch.zeros((), device=device)
         # per kind of step (False: an SGD step, True: a mask update): its graph and loss output,
-        # the steps run eagerly before its capture, and whether capturing it failed
+        # the steps run eagerly before its capture, and whether it runs eagerly for good (its
+        # capture failed, or for mask updates: there is no schedule to run before a replay)
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.losses: dict[bool, torch.Tensor] = {}
         self.eager = {False: 0, True: 0}
@@ -109,7 +111,7 @@ class GraphedStep:
         if self.failed[update]:
             return None
         if update not in self.graphs:
-            if self.eager[update] < (1 if update else WARMUP):
+            if self.eager[update] < (UPDATE_WARMUP if update else WARMUP):
                 self.eager[update] += 1
                 return None
             self.capture(step, update)
