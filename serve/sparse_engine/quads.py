@@ -185,7 +185,9 @@ _quad_wide, _quad1 = _quad_loop(QUAD_VECTORS), _quad_loop(1)
 
 @njit(fastmath=True, cache=CACHE, nogil=True)
 def _quad_sums(src, bounds, starts, taps, bits, vals, g, sums):
-    """sums[r, :] += the taps of quad g over every part, for the rows r of their patterns."""
+    """sums[r, :] += the taps of quad g over every part, for the rows r of their patterns
+    (element by element: a slice expression allocated a temporary per tap, 30 us for a
+    10 x 64 classifier on one image)."""
     low, length = (1 << bits) - 1, sums.shape[1]
     for part in range(bounds.shape[0]):
         k = starts[part, g]
@@ -194,7 +196,9 @@ def _quad_sums(src, bounds, starts, taps, bits, vals, g, sums):
                 plane, offset = taps[t] >> bits, taps[t] & low
                 for r in range(QUAD):
                     if pattern >> r & 1:
-                        sums[r] += vals[k] * src[plane, offset : offset + length]
+                        w = vals[k]
+                        for q in range(length):
+                            sums[r, q] += w * src[plane, offset + q]
                         k += 1
 
 
