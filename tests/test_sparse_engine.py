@@ -84,6 +84,31 @@ def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
 
 
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core: every run is on one thread")
+def test_a_small_run_takes_one_thread_unless_threads_are_given(digits_models, monkeypatch):
+    """With threads 0 a run of fewer than SERIAL_MACS multiply-adds runs on one thread (waking
+    an idle worker costs more than it saves), a larger one on every core; the count is made on
+    the first run at an input size (all cores), and an explicit thread count always holds."""
+    import numba
+
+    from cigl.serve import sparse_engine
+
+    model = Path(digits_models["resnet20"]).read_bytes()
+    engine, two = SparseEngine(model), SparseEngine(model, threads=2)
+    x = np.random.default_rng(0).standard_normal((8, *next(iter(engine.inputs.values()))[1:])).astype(np.float32)
+    per_image = sum(step["macs_per_image"] for step in engine.profile(x[:1]))
+    assert per_image > 100_000  # a ResNet-20 on 8x8 digits at density 0.1
+    monkeypatch.setattr(sparse_engine, "SERIAL_MACS", 4 * per_image)
+    cores = numba.config.NUMBA_NUM_THREADS
+    engine, threads = SparseEngine(model), {}
+    for batch in (2, 2, 3, 4, 8, 2):
+        logits, _ = engine.run(x[:batch])
+        threads.setdefault(batch, []).append(numba.get_num_threads())
+        np.testing.assert_allclose(logits, two.run(x[:batch])[0], rtol=0, atol=0)  # same sums either way
+        assert numba.get_num_threads() == 2
+    assert threads == {2: [cores, 1, 1], 3: [1], 4: [cores], 8: [cores]}
+
+
 CIFAR_CASES = [("resnet20", 32), ("wrn22_2", 32), ("resnet18", 32), ("resnet18", 72), ("resnet10t", 32)]
 
 

@@ -22,6 +22,11 @@ from cigl.serve.sparse_engine.graph import Unsupported
 
 __all__ = ["SparseEngine", "Unsupported", "missing"]
 
+# a run of fewer multiply-adds than this (about a millisecond on one core) runs on one thread when
+# the thread count is the engine's choice: waking an idle worker thread costs more than it saves
+SERIAL_MACS = 32_000_000
+_SHAPES = 16  # input sizes whose multiply-adds an engine remembers
+
 
 def missing() -> str | None:
     """None when the engine can run here, else why not."""
@@ -40,7 +45,13 @@ def _dims(value_info) -> list:
 
 class SparseEngine:
     """The engine's program for one serialised ONNX model. `metadata`, `inputs` and `outputs`
-    (name -> shape) describe the graph as onnxruntime would; runs are serialised by a lock."""
+    (name -> shape) describe the graph as onnxruntime would; runs are serialised by a lock.
+
+    `threads` 0 (the default) uses every core, except for a run of fewer than SERIAL_MACS
+    multiply-adds (a batch-1 ResNet-20 or WRN-22-2 at 90% sparsity), which runs on one: numba's
+    worker threads sleep a millisecond after a run, and on a 2-core VM waking one took 0.4 ms
+    to over 10 ms, more than such a run takes alone. A run's multiply-adds are counted on the
+    first run at its input size (that run uses every core)."""
 
     name = "sparse"
 
@@ -65,6 +76,7 @@ class SparseEngine:
         self.outputs = {o.name: _dims(o) for o in proto.graph.output}
         self.program = Program(proto)
         self.threads = threads
+        self._macs: dict[tuple[int, ...], int] = {}  # per image, by input size (C, H, W)
         self._lock = threading.Lock()  # numba's workqueue threading layer is not re-entrant
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,9 +84,17 @@ class SparseEngine:
         with self._lock:
             import numba
 
+            size = tuple(images.shape[1:])
+            macs, cores = self._macs.get(size), numba.config.NUMBA_NUM_THREADS
+            threads = min(self.threads, cores) if self.threads else cores
+            if not self.threads and macs is not None and macs * len(images) < SERIAL_MACS:
+                threads = 1
             # numba's thread count is global: set it on every run, or another engine's would stay
-            numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
-            out = self.program.run(images)
+            numba.set_num_threads(threads)
+            trace = [] if macs is None and len(self._macs) < _SHAPES else None
+            out = self.program.run(images, trace)
+            if trace is not None:
+                self._macs[size] = sum(self.program.macs_per_image(trace))
         return out["logits"], out["probs"]
 
     @property

@@ -402,6 +402,10 @@ class Program:
                         self.pool.give(done.data, planes=True)
         return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
 
+    def macs_per_image(self, trace: list) -> list[int]:
+        """Each step's multiply-adds per image, from a traced run: its nonzeros x output pixels."""
+        return [s.nonzeros * pixels for s, (_, pixels) in zip(self.steps, trace, strict=True)]
+
     def profile(self, images: np.ndarray, repeats: int = 3) -> list[dict]:
         """Per step, the best of `repeats` timed runs (after one warm-up run)."""
         self.run(images)
@@ -414,7 +418,7 @@ class Program:
                 "step": "+".join([s.kind, *s.fused]),
                 "name": s.name,
                 "seconds": min(r[i][0] for r in runs),
-                "macs_per_image": s.nonzeros * runs[0][i][1],
+                "macs_per_image": macs,
             }
-            for i, s in enumerate(self.steps)
+            for i, (s, macs) in enumerate(zip(self.steps, self.macs_per_image(runs[0]), strict=True))
         ]
