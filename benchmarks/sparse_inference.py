@@ -6,10 +6,14 @@ For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL alloca
   - onnxruntime on the sparse model (it densifies the weights at load),
   - the sparse engine, and what --engine auto picks.
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
-onnxruntime's threads never spin; the engines run in turn, one run each per round (in a fresh
-seeded order, each round opened by an untimed run: serve.engines.time_in_turn), and the
-median of the rounds counts, so drift in this shared machine's speed within a minute reaches all
-alike. Its speed also drifts from minute to minute, the sparse engine's more than onnxruntime's
+onnxruntime's threads never spin; each of the last three runs in turn with dense onnxruntime, one run
+each per round (in a fresh seeded order, each round opened by an untimed run:
+serve.engines.time_in_turn), as auto times them at load, and the median of the rounds counts, so
+drift in this shared machine's speed within a minute reaches both alike. Pairs, not all four in
+one turn: a sparse engine run just before another keeps numba's worker thread awake for it, and
+that thread's spin after a run takes a core from onnxruntime (batch-1 ResNet-20 at density 0.1
+on two threads: 1.3x in a turn of four, 0.2-0.9x paired with dense onnxruntime alone).
+The machine's speed also drifts from minute to minute, the sparse engine's more than onnxruntime's
 (ResNet-20 at density 0.1: 2.0x to 2.7x in runs minutes apart), so --passes (default 3) times
 every model that many times, one pass over all models after the other: a row reports each
 engine's median time over the passes, the median of the passes' ratios, and every pass's ratio.
@@ -106,11 +110,24 @@ def prepare(root: Path, arch: str) -> list[Case]:
     return cases
 
 
-def summarise(case: Case, batch: int, passes: list[dict[str, float]]) -> dict:
-    """A results row: each engine's median time over the passes, and the ratios (medians of the
-    passes' ratios, and the engine's ratio in every pass: how much the minute mattered)."""
-    ms = {name: 1000 * statistics.median(t[name] for t in passes) for name in passes[0]}
-    ratio = {name: statistics.median(t["dense"] / t[name] for t in passes) for name in ("engine", "auto")}
+PAIRED = ("ort", "engine", "auto")  # each timed in turn with dense onnxruntime
+
+
+def time_pass(case: Case, x: np.ndarray) -> dict[str, tuple[float, float]]:
+    """name -> (dense onnxruntime's seconds, its seconds), each pair timed in turn on its own."""
+    dense, rounds = case.engines["dense"], ROUNDS[len(x)]
+    pairs = {name: time_in_turn({"dense": dense, name: case.engines[name]}, x, rounds, PAUSE) for name in PAIRED}
+    return {name: (t["dense"], t[name]) for name, t in pairs.items()}
+
+
+def summarise(case: Case, batch: int, passes: list[dict[str, tuple[float, float]]]) -> dict:
+    """A results row: each engine's median time over the passes (dense onnxruntime's over its
+    three pairings), and the ratios (medians of the passes' ratios, and the engine's ratio in
+    every pass: how much the minute mattered)."""
+    ms = {name: 1000 * statistics.median(t[name][1] for t in passes) for name in PAIRED}
+    ms["dense"] = 1000 * statistics.median(t[name][0] for t in passes for name in PAIRED)
+    ratios = {name: [t[name][0] / t[name][1] for t in passes] for name in PAIRED}
+    ratio = {name: statistics.median(r) for name, r in ratios.items()}
     return {
         "arch": case.arch,
         "density": case.density,
@@ -121,8 +138,8 @@ def summarise(case: Case, batch: int, passes: list[dict[str, float]]) -> dict:
         "auto_ms": ms["auto"],
         "auto_picks": picked(case.auto, batch),
         "engine_vs_dense_onnxruntime": ratio["engine"],
-        "engine_vs_dense_onnxruntime_passes": [t["dense"] / t["engine"] for t in passes],
-        "engine_vs_onnxruntime_on_sparse": statistics.median(t["ort"] / t["engine"] for t in passes),
+        "engine_vs_dense_onnxruntime_passes": ratios["engine"],
+        "engine_vs_onnxruntime_on_sparse": ms["ort"] / ms["engine"],
         "auto_vs_dense_onnxruntime": ratio["auto"],
         "flop_reduction_limit": case.limit,
         "engine_gmacs_per_s": case.sparse_macs * batch / (ms["engine"] / 1000) / 1e9,
@@ -138,17 +155,18 @@ def main() -> None:
         parser.error("--passes must be 1..20")
     with tempfile.TemporaryDirectory() as tmp:
         cases = [case for arch in args.archs for case in prepare(Path(tmp), arch)]
-        times: dict[tuple[int, int], list[dict[str, float]]] = {}
+        times: dict[tuple[int, int], list[dict[str, tuple[float, float]]]] = {}
         for n in range(args.passes):  # passes minutes apart: this shared machine's speed drifts by the minute
             for i, case in enumerate(cases):
                 for batch in BATCHES:
                     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-                    t = time_in_turn(case.engines, x, rounds=ROUNDS[batch], pause=PAUSE)
+                    t = time_pass(case, x)
                     times.setdefault((i, batch), []).append(t)
+                    (dense, ort), (base, engine) = t["ort"], t["engine"]
                     print(
                         f"pass {n + 1}: {case.arch:9s} density {case.density:<5} batch {batch:2d}: "
-                        f"dense ORT {1000 * t['dense']:7.2f} ms, ORT on sparse {1000 * t['ort']:7.2f} ms, "
-                        f"engine {1000 * t['engine']:7.2f} ms ({t['dense'] / t['engine']:.2f}x; "
+                        f"ORT on sparse {1000 * ort:7.2f} ms (dense {1000 * dense:7.2f}), "
+                        f"engine {1000 * engine:7.2f} ms (dense {1000 * base:7.2f}; {base / engine:.2f}x, "
                         f"limit {case.limit:.1f}x), auto {picked(case.auto, batch)}",
                         flush=True,
                     )

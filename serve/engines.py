@@ -2,7 +2,8 @@
 
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
 shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, in
-turn, on a batch of 1 and a batch of AUTO_BATCH zeros (compute does not depend on the values),
+turn, on a batch of 1 (with AUTO_PAUSE between rounds, as single requests arrive) and a batch of
+AUTO_BATCH zeros (compute does not depend on the values),
 and then runs each batch on the engine picked for the nearer of those sizes: the sparse engine
 when it took under AUTO_MARGIN of onnxruntime's time, onnxruntime otherwise (ties go to
 onnxruntime, so auto is not slower than it). An engine picked for neither size is dropped, so a
@@ -29,6 +30,10 @@ SMALL_BATCH = 4
 AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxruntime without timing
 AUTO_MARGIN = 0.95  # the sparse engine must take at most this share of onnxruntime's time to be picked
 AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
+# seconds between the batch-1 rounds: single images come one by one, each to caches the last one's
+# gap has left cold, which slowed the sparse engine (1.7x) more than onnxruntime (1.2x); back to
+# back, auto picked the sparse engine for models it then served slower than onnxruntime
+AUTO_PAUSE = 0.02
 
 
 class OnnxRuntime:
@@ -91,7 +96,7 @@ class Auto:
         self.seconds: dict[int, dict[str, float]] = {}
         for batch in sorted({1, min(AUTO_BATCH, max_batch)}):
             x = np.zeros((batch, *input_size), np.float32)
-            self.seconds[batch] = time_in_turn(engines, x, rounds=AUTO_ROUNDS[batch == 1])
+            self.seconds[batch] = time_in_turn(engines, x, AUTO_ROUNDS[batch == 1], AUTO_PAUSE * (batch == 1))
         fastest = {
             batch: "sparse" if t["sparse"] < AUTO_MARGIN * t["onnxruntime"] else "onnxruntime"
             for batch, t in self.seconds.items()

@@ -502,10 +502,23 @@ def test_engine_option_end_to_end_and_its_errors(tmp_path, digits_models):
     assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
 
 
-def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models):
+def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monkeypatch):
+    """Batch 1 is timed with a pause between rounds (single requests find cold caches), the
+    large batch back to back."""
+    from cigl.serve import engines
+
     with open(digits_models["resnet20"], "rb") as f:
         model = f.read()
+    timed, time_in_turn = {}, engines.time_in_turn
+
+    def recording(pair, x, rounds, pause=0.0):
+        timed[len(x)] = (rounds, pause)
+        return time_in_turn(pair, x, rounds, pause)
+
+    monkeypatch.setattr(engines, "time_in_turn", recording)
     engine = open_engine(model, engine="auto", device="cpu")
+    monkeypatch.undo()
+    assert timed == {1: (engines.AUTO_ROUNDS[1], engines.AUTO_PAUSE), 16: (engines.AUTO_ROUNDS[0], 0.0)}
     assert set(engine.seconds) == {1, 16}
     for timing in engine.seconds.values():
         assert set(timing) == {"onnxruntime", "sparse"} and all(t > 0 for t in timing.values())
