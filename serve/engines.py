@@ -5,7 +5,7 @@ shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines onc
 turn, on a batch of 1 (with AUTO_PAUSE between rounds, as single requests arrive) and a batch of
 AUTO_BATCH zeros (compute does not depend on the values),
 and then runs each batch on the engine picked for the nearer of those sizes: the sparse engine
-when it took under AUTO_MARGIN of onnxruntime's time, onnxruntime otherwise (ties go to
+when it took under AUTO_MARGIN of onnxruntime's time (a stricter share at batch 1), onnxruntime otherwise (ties go to
 onnxruntime, so auto is not slower than it). An engine picked for neither size is dropped, so a
 model served by the sparse engine alone holds no dense weights. Weights denser than
 AUTO_MAX_DENSITY overall (by the model card's actual_density when it has one, before the sparse
@@ -28,7 +28,10 @@ ENGINES = ("auto", "onnxruntime", "sparse")
 AUTO_BATCH = 16  # the large batch auto times; batches of SMALL_BATCH or fewer follow the batch-1 timing
 SMALL_BATCH = 4
 AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxruntime without timing
-AUTO_MARGIN = 0.95  # the sparse engine must take at most this share of onnxruntime's time to be picked
+# the share of onnxruntime's time the sparse engine must take at most to be picked, at AUTO_BATCH and
+# at batch 1: single runs vary by +-15% with the gap before them (the benchmark's batch-1 passes), so
+# batch 1 asks for a clear win: at 0.95, batch-1 WRN-22-2 at density 0.1 was picked and ran 0.92x
+AUTO_MARGIN = (0.95, 0.8)
 AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
 # seconds between the batch-1 rounds: single images come one by one, each to caches the last one's
 # gap has left cold, which slowed the sparse engine (1.7x) more than onnxruntime (1.2x); back to
@@ -98,7 +101,7 @@ class Auto:
             x = np.zeros((batch, *input_size), np.float32)
             self.seconds[batch] = time_in_turn(engines, x, AUTO_ROUNDS[batch == 1], AUTO_PAUSE * (batch == 1))
         fastest = {
-            batch: "sparse" if t["sparse"] < AUTO_MARGIN * t["onnxruntime"] else "onnxruntime"
+            batch: "sparse" if t["sparse"] < AUTO_MARGIN[batch == 1] * t["onnxruntime"] else "onnxruntime"
             for batch, t in self.seconds.items()
         }
         self.small, self.large = fastest[1], fastest[max(fastest)]

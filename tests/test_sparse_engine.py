@@ -524,7 +524,9 @@ def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monk
         assert set(timing) == {"onnxruntime", "sparse"} and all(t > 0 for t in timing.values())
     # the sparse engine is picked only when clearly faster: ties keep onnxruntime
     t = engine.seconds[1]
-    assert engine.small == ("sparse" if t["sparse"] < AUTO_MARGIN * t["onnxruntime"] else "onnxruntime")
+    assert engine.small == ("sparse" if t["sparse"] < AUTO_MARGIN[1] * t["onnxruntime"] else "onnxruntime")
+    t = engine.seconds[16]
+    assert engine.large == ("sparse" if t["sparse"] < AUTO_MARGIN[0] * t["onnxruntime"] else "onnxruntime")
     assert set(engine.engines) == {engine.small, engine.large}
     x = np.random.default_rng(0).standard_normal((20, 1, 8, 8)).astype(np.float32)
     ort = open_engine(model, engine="onnxruntime", device="cpu")
