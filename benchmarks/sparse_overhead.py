@@ -90,7 +90,7 @@ def make_run(model_name: str, method: str, x: torch.Tensor, y: torch.Tensor, gra
         model,
         opt,
         masking,
-        GraphedStep(lambda _idx, o, s: train_step(model, o, masking, x, y, s, graph_autocast), opt, 128),
+        GraphedStep(lambda _idx, o, s: train_step(model, o, masking, x, y, s, graph_autocast), opt, len(x)),
     )
 
 
@@ -110,7 +110,7 @@ def update_seconds(model, opt, x, y, amp, graphed: bool) -> tuple[float, float]:
     upd = Masking(model, METHODS["rigl"], density=0.1, dpnum=DPNUM, update_every=1, update_until=10**9)
     graph = None
     if graphed:
-        graph = GraphedStep(functools.partial(_scheduled_step, model, upd, x, y), opt, 128, upd.schedule_update)
+        graph = GraphedStep(functools.partial(_scheduled_step, model, upd, x, y), opt, len(x), upd.schedule_update)
 
     def update_step() -> None:
         if graph is None or graph.step(idx, 0.01, 1, update=True) is None:

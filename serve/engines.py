@@ -3,9 +3,9 @@
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
 shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, in
 turn, on a batch of 1 (with AUTO_PAUSE between rounds, as single requests arrive) and a batch of
-AUTO_BATCH zeros (compute does not depend on the values),
-and then runs each batch on the engine picked for the nearer of those sizes: the sparse engine
-when it took under AUTO_MARGIN of onnxruntime's time (a stricter share at batch 1), onnxruntime otherwise (ties go to
+AUTO_BATCH zeros (compute does not depend on the values), and then runs each batch on the engine
+picked for the nearer of those sizes: the sparse engine when it took under AUTO_MARGIN of
+onnxruntime's time (a stricter share at batch 1), onnxruntime otherwise (ties go to
 onnxruntime, so auto is not slower than it). An engine picked for neither size is dropped, so a
 model served by the sparse engine alone holds no dense weights. Weights denser than
 AUTO_MAX_DENSITY overall (by the model card's actual_density when it has one, before the sparse

@@ -86,9 +86,12 @@ class SparseEngine:
 
             size = tuple(images.shape[1:])
             macs, cores = self._macs.get(size), numba.config.NUMBA_NUM_THREADS
-            threads = min(self.threads, cores) if self.threads else cores
-            if not self.threads and macs is not None and macs * len(images) < SERIAL_MACS:
+            if self.threads:
+                threads = min(self.threads, cores)
+            elif macs is not None and macs * len(images) < SERIAL_MACS:
                 threads = 1
+            else:
+                threads = cores
             # numba's thread count is global: set it on every run, or another engine's would stay
             numba.set_num_threads(threads)
             trace = [] if macs is None and len(self._macs) < _SHAPES else None
