@@ -109,13 +109,22 @@ def test_a_small_run_takes_one_thread_unless_threads_are_given(digits_models, mo
     assert threads == {2: [cores, 1, 1], 3: [1], 4: [cores], 8: [cores]}
 
 
-CIFAR_CASES = [("resnet20", 32), ("wrn22_2", 32), ("resnet18", 32), ("resnet18", 72), ("resnet10t", 32)]
+CIFAR_CASES = [
+    ("resnet20", 32),
+    ("wrn22_2", 32),
+    ("resnet18", 32),
+    ("resnet18", 72),
+    ("resnet10t", 32),
+    ("seresnet18", 32),
+]
 
 
 @pytest.mark.parametrize(("arch", "size"), CIFAR_CASES)
 def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch, size):
     """Exported ERK-sparse models on real CIFAR-10 test JPEGs. Above 64 pixels timm's ResNet-18
-    keeps its 7x7 stride-2 stem and max pool; resnet10t has a deep stem and average-pool shortcuts."""
+    keeps its 7x7 stride-2 stem and max pool; resnet10t has a deep stem and average-pool shortcuts;
+    seresnet18 a squeeze-and-excitation gate in every block (ReduceMean, 1x1 convolutions,
+    Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU)."""
     from cigl.data import CIFAR10_CLASSES
 
     src = make_model_pt(
@@ -136,8 +145,9 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     x = ort.normalize(np.stack([ort.load_image(f) for f in files]))
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
-    kinds = {s.kind for s in sparse.engine.program.steps}
+    kinds = {"+".join([s.kind, *s.fused]) for s in sparse.engine.program.steps}
     assert ("MaxPool" in kinds) == (size > 64 or arch == "resnet10t")
+    assert ("Mul+Add+Relu" in kinds) == (arch == "seresnet18")
 
 
 CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width)
@@ -441,11 +451,98 @@ def test_linear_and_pooling_match_torch():
             np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-7)
 
 
-def _with_sigmoid(src: str, dst) -> None:
-    """The model with its first Relu swapped for a Sigmoid (an op the engine does not run)."""
+@pytest.mark.parametrize(
+    ("attrs", "axes"),
+    [
+        ({}, [2, 3]),
+        ({"keepdims": 0}, [1]),
+        ({}, [-1, -2]),
+        ({"keepdims": 0}, None),
+        ({"noop_with_empty_axes": 1}, None),
+    ],
+)
+def test_reduce_mean_and_sigmoid_match_the_onnx_reference(attrs, axes):
+    """The numpy ops of a squeeze-and-excitation gate against onnx's reference implementation
+    (opset 18: ReduceMean's axes are an input); Sigmoid with no overflow warning at +-100."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from cigl.serve.sparse_engine.ops import OPS
+
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 5)).astype(np.float32) * 30
+    x[0, 0, 0, :3] = [-100, 100, 0]
+    inputs = ["x"] + (["axes"] * (axes is not None))
+    nodes = [helper.make_node("ReduceMean", inputs, ["m"], **attrs), helper.make_node("Sigmoid", ["x"], ["s"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("m", "s")],
+        [helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)] if axes is not None else [],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with np.errstate(over="ignore", invalid="ignore"):  # the reference's own Sigmoid overflows at -100
+        mean, sigmoid = ReferenceEvaluator(model).run(None, {"x": x})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got_mean = OPS["ReduceMean"]([x, None if axes is None else np.array(axes)], attrs)[0]
+        got_sigmoid = OPS["Sigmoid"]([x], {})[0]
+    assert got_mean.shape == mean.shape and got_sigmoid.dtype == np.float32
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_sigmoid, sigmoid, rtol=1e-6, atol=1e-7)
+
+
+def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkeypatch):
+    """Conv -> (global mean -> Sigmoid) gate -> Mul -> Add (block input) -> Relu, as a hand-made
+    ONNX graph: the Mul takes the Add and Relu and runs on planes; a Mul by a constant
+    1 x C x 1 x 1 scale with the same Add and Relu runs in numpy. Both match onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cigl.serve.sparse_engine.graph import Program
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4, 6, 5)).astype(np.float32)
+    weight = (rng.standard_normal((4, 4, 3, 3)) * (rng.random((4, 4, 3, 3)) < 0.4)).astype(np.float32)
+    scale = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Sigmoid", ["p"], ["g"]),
+        helper.make_node("Mul", ["c", "g"], ["m"]),
+        helper.make_node("Add", ["m", "x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["gated"]),
+        helper.make_node("Conv", ["x", "w"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Mul", ["scale", "r2"], ["m2"]),
+        helper.make_node("Add", ["x", "m2"], ["a2"]),
+        helper.make_node("Relu", ["a2"], ["scaled"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("gated", "scaled")],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "scale")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    program = Program(model)
+    kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
+    assert kinds.count("Mul+Add+Relu") == 2
+    passes = []
+    monkeypatch.setattr(kernels, "scale_channels", lambda *a, run=kernels.scale_channels: passes.append(a) or run(*a))
+    got = program.run(x)
+    assert len(passes) == 1  # the gate; the constant scale ran in numpy
+    ort = OnnxRuntime(model.SerializeToString(), device="cpu", threads=1, source="g")
+    expected = dict(zip(("gated", "scaled"), ort.session.run(None, {"x": x}), strict=True))
+    for name in ("gated", "scaled"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def _with_hardswish(src: str, dst) -> None:
+    """The model with its first Relu swapped for a HardSwish (an op the engine does not run)."""
     model = onnx.load(src)
     first = next(n for n in model.graph.node if n.op_type == "Relu")
-    first.op_type = "Sigmoid"
+    first.op_type = "HardSwish"
     onnx.save(model, str(dst))
 
 
@@ -453,8 +550,8 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     from cigl.data import load_dataset
 
     model = tmp_path / "model.onnx"
-    _with_sigmoid(digits_models["resnet20"], model)
-    with pytest.warns(UserWarning, match="uses operator Sigmoid, which it does not run; using onnxruntime"):
+    _with_hardswish(digits_models["resnet20"], model)
+    with pytest.warns(UserWarning, match="uses operator HardSwish, which it does not run; using onnxruntime"):
         p = Predictor(model, device="cpu", engine="sparse")
     assert p.provider == "CPUExecutionProvider"
     images = load_dataset("digits").test.x[:5]
@@ -462,7 +559,8 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     proc = run_cli(PREDICT, str(model), str(tmp_path / "x.npy"), "--engine", "sparse")
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if "sparse engine" in line]
-    assert notes == [f"warning: sparse engine: {model} uses operator Sigmoid, which it does not run; using onnxruntime"]
+    note = f"warning: sparse engine: {model} uses operator HardSwish, which it does not run; using onnxruntime"
+    assert notes == [note]
     assert proc.stdout.count("\n") == 5
 
 
@@ -470,7 +568,7 @@ def test_auto_tries_the_sparse_engine_quietly(tmp_path, digits_models):
     """Auto on a graph the sparse engine does not run (a MobileNet's HardSwish, a ViT) is plain
     onnxruntime, without the warning that --engine sparse gives: the user asked for no engine."""
     model = tmp_path / "model.onnx"
-    _with_sigmoid(digits_models["resnet20"], model)
+    _with_hardswish(digits_models["resnet20"], model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Predictor(model, device="cpu").provider == "CPUExecutionProvider"

@@ -4,8 +4,9 @@ Packed weights (values + bit mask + the unpack subgraph of cigl.export.onnx_expo
 their nonzeros; the unpack subgraph itself never runs, so no dense copy of a sparse layer exists.
 Nodes whose inputs are all constants are folded at load with the numpy ops. Convolutions (and
 Gemm) become kernel calls in the padded-plane layout, taking a following residual Add and ReLU
-(Conv -> Add -> Relu, Conv -> Relu) and a batch norm's ReLU into the same pass; the rest runs
-as numpy. A graph with any other operator, or a convolution the kernels do not cover, raises
+(Conv -> Add -> Relu, Conv -> Relu) and a batch norm's ReLU into the same pass; so does the
+per-channel Mul of a squeeze-and-excitation gate (activation x sigmoid(...) of shape N x C x 1 x 1).
+The rest runs as numpy. A graph with any other operator, or a convolution the kernels do not cover, raises
 Unsupported naming it.
 """
 
@@ -24,7 +25,9 @@ from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
 from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
-from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine
+from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine, reduce_axes
+
+EPILOGUE_KINDS = ("Conv", "Mul")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
 
 
 class Unsupported(Exception):
@@ -70,10 +73,43 @@ def _add_values(a: Value, b: Value) -> Value:
     return as_array(a) + as_array(b)
 
 
+def _spatial_means(x: Value) -> np.ndarray:
+    """(N, C, 1, 1) means over height and width of a 4-D activation: global average pooling."""
+    if isinstance(x, Planes):
+        g = x.grid
+        out = np.empty((g.n, x.data.shape[0]), np.float32)
+        kernels.plane_means(x.data, g.n, g.block, g.h * g.w, out)
+        return out[:, :, None, None]
+    return x.mean(axis=(2, 3), keepdims=True)
+
+
 def _relu_values(x: Value) -> Value:
     if isinstance(x, Planes):
         return Planes(np.maximum(x.data, 0), x.grid)
     return np.maximum(x, 0)
+
+
+def _gate_planes(x: Value, gate: Value, residual: Value | None, relu: bool, pool: BufferPool) -> Planes | None:
+    """x * gate (+ residual, ReLU) in planes when x is in planes, gate is N x C x 1 x 1 for x's
+    images and channels and the residual has x's shape; else None."""
+    if not isinstance(x, Planes):
+        return None
+    channels, g = x.data.shape[0], x.grid
+    gate = as_array(gate)
+    if gate.shape != (g.n, channels, 1, 1):
+        return None
+    res = kernels.NO_RESIDUAL
+    if residual is not None:
+        if not isinstance(residual, Planes) and np.shape(residual) != (g.n, channels, g.h, g.w):
+            return None
+        residual = as_planes(residual)
+        if residual.grid != g or residual.data.shape != x.data.shape:
+            return None
+        res = residual.data
+    out = Planes.empty(channels, g, pool)
+    gate = np.ascontiguousarray(gate.reshape(g.n, channels), np.float32)
+    kernels.scale_channels(x.data, gate, g.block, res, mask(g), relu, out.data)
+    return out
 
 
 def _packed_weights(graph) -> dict[str, SparseWeight]:
@@ -175,6 +211,8 @@ class Program:
             "BatchNormalization": self._batch_norm,
             "Gemm": self._gemm,
             "GlobalAveragePool": self._global_average_pool,
+            "ReduceMean": self._reduce_mean,
+            "Mul": self._mul,
             "Pad": self._pad,
             "Slice": self._slice,
         }.get(node.op_type)
@@ -277,7 +315,7 @@ class Program:
 
         def run(x, residual=None, relu=False):
             planes = as_planes(x)
-            out = conv(planes, residual, relu, self.pool)
+            out = conv(planes, None if residual is None else as_planes(residual), relu, self.pool)
             if planes is not x:  # converted here: nothing else reads it
                 self.pool.give_phases(planes)
             return out
@@ -292,13 +330,13 @@ class Program:
         return None
 
     def _residual(self, node, _a, uses) -> bool:
-        """Conv -> Add: the other operand becomes the convolution's residual. It must exist
-        before the convolution runs, so of two convolutions the later one takes it; two
-        activations in planes are added in place of the generic numpy Add."""
+        """Conv (or Mul) -> Add: the other operand becomes the step's residual. It must exist
+        before the step runs, so of two such steps the later one takes it; two activations in
+        planes are added in place of the generic numpy Add."""
         if len(node.input) != 2 or any(i in self.consts for i in node.input):
             return False
         order = {s.output: i for i, s in enumerate(self.steps)}
-        pairs = [(c, o) for c, o in (node.input, node.input[::-1]) if self._fusable(c, uses, ("Conv",))]
+        pairs = [(c, o) for c, o in (node.input, node.input[::-1]) if self._fusable(c, uses, EPILOGUE_KINDS)]
         pairs = [(c, o) for c, o in pairs if not self.producer[c].fused]
         if not pairs:
             self._push(Step("Add", list(node.input), node.output[0], _add_values, node.name))
@@ -310,7 +348,7 @@ class Program:
             self.steps.append(step)
         run = step.run
         step.inputs = [*step.inputs, other]
-        step.run = lambda x, r, run=run, relu=False: run(x, as_planes(r), relu)
+        step.run = lambda *values, run=run, relu=False: run(*values[:-1], residual=values[-1], relu=relu)
         step.fused.append("Add")
         self._rename(step, node.output[0])
         return True
@@ -323,7 +361,7 @@ class Program:
         self.producer[output] = step
 
     def _relu(self, node, _a, uses) -> bool:
-        step = self._fusable(node.input[0], uses, ("Conv", "BatchNormalization"))
+        step = self._fusable(node.input[0], uses, (*EPILOGUE_KINDS, "BatchNormalization"))
         if step is None or "Relu" in step.fused:
             self._push(Step("Relu", [node.input[0]], node.output[0], _relu_values, node.name))
             return True
@@ -370,15 +408,43 @@ class Program:
         return True
 
     def _global_average_pool(self, node, _a, _uses) -> bool:
-        def run(x):
-            if isinstance(x, Planes):
-                g = x.grid
-                out = np.empty((g.n, x.data.shape[0]), np.float32)
-                kernels.plane_means(x.data, g.n, g.block, g.h * g.w, out)
-                return out[:, :, None, None]
-            return x.mean(axis=(2, 3), keepdims=True)
+        self._push(Step("GlobalAveragePool", [node.input[0]], node.output[0], _spatial_means, node.name))
+        return True
 
-        self._push(Step("GlobalAveragePool", [node.input[0]], node.output[0], run, node.name))
+    def _reduce_mean(self, node, a, _uses) -> bool:
+        """The mean over height and width with kept dimensions (a squeeze-and-excitation block's
+        pooling) is global average pooling on planes; any other ReduceMean runs in numpy."""
+        if len(node.input) > 1 and node.input[1] and node.input[1] not in self.consts:
+            return False
+        axes = reduce_axes([None, self.consts.get(node.input[1]) if len(node.input) > 1 else None], a)
+        if axes is None or sorted(axes) not in ([2, 3], [-2, -1]) or not a.get("keepdims", 1):
+            return False
+        numpy_run = self._numpy_op(node, a)
+
+        def run(x):
+            return _spatial_means(x) if isinstance(x, Planes) else numpy_run(x)
+
+        self._push(Step("ReduceMean", [node.input[0]], node.output[0], run, node.name))
+        return True
+
+    def _mul(self, node, a, _uses) -> bool:
+        """Mul, with a residual Add and ReLU after it fused in. An activation in planes times a
+        run-time N x C x 1 x 1 gate (squeeze-and-excitation) is one pass on planes; anything
+        else (the classifier's temperature, other shapes) runs in numpy."""
+        numpy_run, pool = self._numpy_op(node, a), self.pool
+
+        def run(*values, residual=None, relu=False):
+            if len(values) == 2:
+                for x, gate in (values, values[::-1]):
+                    out = _gate_planes(x, gate, residual, relu, pool)
+                    if out is not None:
+                        return out
+            y = numpy_run(*values)
+            if residual is not None:
+                y = y + as_array(residual)
+            return np.maximum(y, 0) if relu else y
+
+        self._push(Step("Mul", self._runtime_inputs(node), node.output[0], run, node.name))
         return True
 
     # ---------------------------------------------------------------- running

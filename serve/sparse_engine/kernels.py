@@ -414,6 +414,26 @@ def channel_affine(x, scale, offset, mask, relu, out):
             oc[p] = v * mask[p]
 
 
+@njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
+def scale_channels(x, gate, block, residual, mask, relu, out):
+    """out[c, i * block + p] = x[c, i * block + p] * gate[i, c] for image i, then + residual
+    (if it has rows), max(., 0) if relu, and 0 where mask is 0 (padding; the tail after the last
+    image too): a squeeze-and-excitation gate applied on planes."""
+    n, has_res = gate.shape[0], residual.shape[0] > 0
+    for c in prange(x.shape[0]):
+        xc, oc = x[c], out[c]
+        for i in range(n):
+            g = gate[i, c]
+            for p in range(i * block, (i + 1) * block):
+                v = xc[p] * g
+                if has_res:
+                    v += residual[c, p]
+                if relu:
+                    v = max(v, 0.0)
+                oc[p] = v if mask[p] != 0 else 0.0
+        oc[n * block :] = 0.0
+
+
 @njit(parallel=True, cache=CACHE, nogil=True)
 def place_channels(src, out, before, at, count):
     """out[before + c, at : at + count] = src[c, :count], and every other channel of out zero: a

@@ -1,6 +1,7 @@
 """numpy implementations of the ONNX operators the engine runs outside its kernels: shape
 arithmetic folded at load (the Pad amounts of an option-A shortcut) and the cheap tensor ops
-around the convolutions (pooling, flatten, the classifier's Mul and Softmax, slicing).
+around the convolutions (pooling, flatten, the classifier's Mul and Softmax, slicing, the
+squeeze-and-excitation gate's ReduceMean and Sigmoid).
 
 Each op is f(inputs, attrs) -> list of outputs, following the ONNX operator specification for the
 opsets torch exports (13-21); anything else is reported as unsupported by the graph reader.
@@ -180,6 +181,30 @@ def _softmax(x, a):
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return [e]
+
+
+@op("Sigmoid")
+def _sigmoid(x, _attrs):
+    """1 / (1 + e^-x), from e^-|x| so no exponent overflows for large |x|."""
+    e = np.exp(-np.abs(x[0]))
+    return [np.where(x[0] >= 0, 1 / (1 + e), e / (1 + e)).astype(x[0].dtype)]
+
+
+def reduce_axes(x: list, a: dict) -> tuple[int, ...] | None:
+    """ReduceMean's axes: the attribute (opset < 18) or the second input (18+); None: every axis
+    (no axes given, unless noop_with_empty_axes), () with noop_with_empty_axes: none."""
+    axes = a.get("axes") if len(x) < 2 or x[1] is None else x[1]
+    if axes is None or len(axes) == 0:
+        return () if a.get("noop_with_empty_axes", 0) else None
+    return tuple(int(i) for i in axes)
+
+
+@op("ReduceMean")
+def _reduce_mean(x, a):
+    axes = reduce_axes(x, a)
+    if axes == ():
+        return [x[0]]
+    return [np.mean(x[0], axis=axes, keepdims=bool(a.get("keepdims", 1)), dtype=np.float64).astype(x[0].dtype)]
 
 
 @op("GlobalAveragePool")
