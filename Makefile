@@ -93,8 +93,7 @@ repro-paper: install data
 # onto one GPU. Restartable: finished runs are skipped, interrupted ones resume (SEED=1 ... for more seeds;
 # MINUTES=7 stops them at a checkpoint after 7 minutes, e.g. before a lease ends).
 repro-gpu: install data
-	$(BIN)/python tools/study.py run --paper --data-dir $(DATA) --model wrn22_2 --epochs 250 \
-	  --densities 0.2 0.1 0.05 --seeds $(SEED) --jobs 7 --runs runs/paper-wrn22_2 $(if $(MINUTES),--minutes $(MINUTES))
+	$(BIN)/python tools/study.py run --repro-gpu --data-dir $(DATA) --seeds $(SEED) $(if $(MINUTES),--minutes $(MINUTES))
 	$(BIN)/python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2  # + paper_comparison.md
 
 # on a lent GPU machine: the CUDA tests, the CUDA benchmark rows, epoch timings (benchmarks/results/gpu_suite.json)

@@ -30,8 +30,8 @@ if [ "${1:-suite}" = repro ]; then
   runs=runs/paper-wrn22_2
   mkdir -p $runs
   for f in .dev/paper-runs/*.tar.xz; do tar -xJf "$f" -C $runs || exit 2; done
-  python3 tools/study.py run --paper --data-dir data/cifar10 --model wrn22_2 --epochs 250 \
-    --densities 0.2 0.1 0.05 --seeds "${SEED:-0}" --jobs 7 --runs $runs --minutes "${MINUTES:-7}" 2>&1 | tee "$OUT/study.log"
+  python3 tools/study.py run --repro-gpu --data-dir data/cifar10 --seeds "${SEED:-0}" --runs $runs \
+    --minutes "${MINUTES:-7}" 2>&1 | tee "$OUT/study.log"
   for d in $runs/*/; do  # seven archives and the log: the 8 files a lease gives back
     tar -cJf "$OUT/$(basename "$d").tar.xz" -C $runs --exclude=.lock --exclude='.*.tmp' "$(basename "$d")"
   done

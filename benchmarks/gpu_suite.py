@@ -130,11 +130,11 @@ def sharing(suite: Suite, epochs: int) -> None:
 
 
 def repro_estimate(suite: Suite, epochs: int) -> None:
-    """make repro-gpu's grid (tools/study.py run --paper, seven WRN-22-2 runs packed) for a few
+    """make repro-gpu's grid (tools/study.py run --repro-gpu, seven WRN-22-2 runs packed) for a few
     epochs: its minutes for 250 epochs, from the median epoch after the first (start-up)."""
     results, budget, work = suite.results, suite.budget, suite.work / "repro"
-    cmd = [sys.executable, "tools/study.py", "run", "--paper", "--data-dir", suite.data_dir, "--model", "wrn22_2"]
-    cmd += ["--epochs", str(epochs), "--densities", "0.2", "0.1", "0.05", "--seeds", "0", "--jobs", "7"]
+    cmd = [sys.executable, "tools/study.py", "run", "--repro-gpu", "--data-dir", suite.data_dir]
+    cmd += ["--epochs", str(epochs), "--seeds", "0"]
     limit = budget.limit(150)  # the study stops its runs at --minutes; the timeout is a backstop
     cmd += ["--runs", str(work), "--minutes", f"{limit / 60:.3f}"]
     results["steps"]["repro_gpu"] = run(cmd, limit + 60)

@@ -48,6 +48,20 @@ def test_paper_table_puts_our_wrn_rows_beside_the_paper():
     assert len(lines) == 4  # RigL+W-DP and dense rows have no paper counterpart here
 
 
+def test_repro_gpu_is_the_papers_seven_run_grid_and_later_options_override_it():
+    """make repro-gpu, the GPU lease script and the GPU suite all name the grid as --repro-gpu."""
+    args = study.build_parser().parse_args(["run", "--repro-gpu", "--seeds", "1"])
+    settings = (args.model, args.epochs, args.jobs, args.runs, args.paper)
+    assert settings == ("wrn22_2", 250, 7, "runs/paper-wrn22_2", True)
+    runs = dict(study.grid(args))
+    assert list(runs) == ["dense-s1"] + [f"{m}-d{d}-s1" for d in (0.2, 0.1, 0.05) for m in ("rigl", "cigl")]
+    cigl = runs["cigl-d0.05-s1"]
+    assert cigl[cigl.index("--avg-start") + 1] == "200" and "--val-size" in cigl and "--train-per-class" not in cigl
+    shorter = study.build_parser().parse_args(["run", "--repro-gpu", "--epochs", "3", "--runs", "elsewhere"])
+    assert (shorter.epochs, shorter.runs, shorter.model) == (3, "elsewhere", "wrn22_2")
+    assert not hasattr(study.build_parser().parse_args(["run"]), "repro_gpu")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -264,6 +264,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+# make repro-gpu's grid, the paper's WRN-22-2 CIFAR-10 protocol: Dense, RigL and CigL at sparsity
+# 80/90/95%, 250 epochs, the reference's recipe, all seven runs of a seed packed onto one GPU
+REPRO_GPU = {
+    "paper": True,
+    "model": "wrn22_2",
+    "epochs": 250,
+    "densities": [0.2, 0.1, 0.05],
+    "jobs": 7,
+    "runs": "runs/paper-wrn22_2",
+}
+
+
+class _Preset(argparse.Action):
+    """A flag that sets several options at once where it stands: options after it override them."""
+
+    def __init__(self, option_strings, dest, preset: dict, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+        self.preset = preset
+
+    def __call__(self, _parser, namespace, _values, _option=None):
+        for name, value in self.preset.items():
+            setattr(namespace, name, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -279,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
+    settings = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in REPRO_GPU.items())
+    r.add_argument(
+        "--repro-gpu",
+        action=_Preset,
+        preset=REPRO_GPU,
+        default=argparse.SUPPRESS,
+        help=f"make repro-gpu's grid: {settings.replace('--paper True', '--paper')} (options after it override these)",
+    )
     r.add_argument(
         "--minutes",
         type=float,
