@@ -116,6 +116,9 @@ CIFAR_CASES = [
     ("resnet18", 72),
     ("resnet10t", 32),
     ("seresnet18", 32),
+    ("resnet50", 32),
+    ("densenet121", 32),
+    ("repvgg_a0", 32),
 ]
 
 
@@ -124,7 +127,9 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     """Exported ERK-sparse models on real CIFAR-10 test JPEGs. Above 64 pixels timm's ResNet-18
     keeps its 7x7 stride-2 stem and max pool; resnet10t has a deep stem and average-pool shortcuts;
     seresnet18 a squeeze-and-excitation gate in every block (ReduceMean, 1x1 convolutions,
-    Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU)."""
+    Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU); resnet50
+    bottlenecks; densenet121 concatenated features and average-pool transitions; repvgg_a0
+    (as trained: 3x3, 1x1 and identity branches added)."""
     from cigl.data import CIFAR10_CLASSES
 
     src = make_model_pt(
@@ -146,7 +151,8 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
     kinds = {"+".join([s.kind, *s.fused]) for s in sparse.engine.program.steps}
-    assert ("MaxPool" in kinds) == (size > 64 or arch == "resnet10t")
+    assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121"))
+    assert ("Concat" in kinds) == (arch == "densenet121")
     assert ("Mul+Add+Relu" in kinds) == (arch == "seresnet18")
 
 
