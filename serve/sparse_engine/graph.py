@@ -5,9 +5,9 @@ their nonzeros; the unpack subgraph itself never runs, so no dense copy of a spa
 Nodes whose inputs are all constants are folded at load with the numpy ops. Convolutions (and
 Gemm) become kernel calls in the padded-plane layout, taking a following residual Add and ReLU
 (Conv -> Add -> Relu, Conv -> Relu) and a batch norm's ReLU into the same pass; so does the
-per-channel Mul of a squeeze-and-excitation gate (activation x sigmoid(...) of shape N x C x 1 x 1).
-The rest runs as numpy. A graph with any other operator, or a convolution the kernels do not cover, raises
-Unsupported naming it.
+per-channel Mul of a squeeze-and-excitation gate (an activation times an N x C x 1 x 1 sigmoid).
+The rest runs as numpy. A graph with any other operator, or a convolution the kernels do not
+cover, raises Unsupported naming it.
 """
 
 from __future__ import annotations
