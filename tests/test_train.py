@@ -182,6 +182,15 @@ def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path):
         proc.stdout
     )
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # all epochs done: only the final evaluation runs again, and its results are the same
+    summary = (out / "summary.json").read_bytes()
+    shutil.copy(out / "model.pt", tmp_path / "before.pt")
+    done = run_cli(TRAIN, "--resume", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"resumed {out} at step 20 (all 2 epochs done)" in done.stdout
+    assert (out / "summary.json").read_bytes() == summary
+    assert_same_model(tmp_path / "before.pt", out / "model.pt")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     again = run_cli(TRAIN, "--method", "rigl", "--epochs", "1", "--out", str(out))
     assert_one_line_error(again, "already holds a run", "--resume")
 
