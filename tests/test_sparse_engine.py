@@ -396,6 +396,27 @@ def test_reused_buffers_keep_the_layouts_zero_padding(digits_models):
     np.testing.assert_array_equal(engine.run(x[:12])[0], first)
 
 
+def test_buffers_and_plans_are_kept_for_a_few_input_sizes_only(digits_models):
+    """A server meets many batch sizes. Activation buffers are kept for the POOLS most recent input
+    shapes and call plans for PLANS sizes per convolution (kept for every size, a CIFAR ResNet-18
+    held 4.7 GB after batches of 1 to 64); a size met again after its buffers went gives the same
+    logits as a fresh engine."""
+    from cigl.data import load_dataset
+    from cigl.serve.sparse_engine import graph, layers
+
+    engine = SparseEngine(Path(digits_models["resnet18"]).read_bytes())
+    x = Predictor(digits_models["resnet18"], device="cpu").normalize(load_dataset("digits").test.x[:12])
+    first = engine.run(x[:5])[0].copy()
+    for n in range(1, 13):
+        engine.run(x[:n])
+    program = engine.program
+    assert list(program.pools) == [x[:n].shape for n in range(13 - graph.POOLS, 13)]
+    convs = [s.layer for s in program.steps if isinstance(s.layer, Conv)]
+    assert convs and all(len(c.plans) == layers.PLANS for c in convs)
+    np.testing.assert_array_equal(engine.run(x[:5])[0], first)
+    np.testing.assert_array_equal(SparseEngine(Path(digits_models["resnet18"]).read_bytes()).run(x[:5])[0], first)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_strided_shortcut_reads_the_phases_its_block_gathered(monkeypatch, digits_models, arch):
     """A downsampling block's 3x3 stride-2 convolution and its shortcut (a 1x1 stride-2

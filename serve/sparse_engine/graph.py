@@ -13,7 +13,7 @@ cover, raises Unsupported naming it.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsampl
 from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine, reduce_axes
 
+POOLS = 2  # input shapes whose activation buffers a program keeps (auto runs batch 1 and larger ones)
 EPILOGUE_KINDS = ("Conv", "Mul")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
 
 
@@ -150,7 +151,11 @@ class Program:
         }
         self.input = graph.input[0].name if graph.input else "images"
         self.outputs = [o.name for o in graph.output]
-        self.pool = BufferPool()  # runs are serialised by SparseEngine, so one pool serves them all
+        # activation buffers, reused from run to run: one pool per input shape (a run of a given
+        # shape takes buffers of the same shapes again), the POOLS most recently run kept; runs are
+        # serialised by SparseEngine, so a pool serves one run at a time
+        self.pools: OrderedDict[tuple[int, ...], BufferPool] = OrderedDict()
+        self.pool = BufferPool()  # the running shape's
         runtime = self._fold(graph.node)
         uses = Counter(i for n in runtime for i in n.input if i) + Counter(self.outputs)
         self.steps: list[Step] = []
@@ -431,12 +436,12 @@ class Program:
         """Mul, with a residual Add and ReLU after it fused in. An activation in planes times a
         run-time N x C x 1 x 1 gate (squeeze-and-excitation) is one pass on planes; anything
         else (the classifier's temperature, other shapes) runs in numpy."""
-        numpy_run, pool = self._numpy_op(node, a), self.pool
+        numpy_run = self._numpy_op(node, a)
 
         def run(*values, residual=None, relu=False):
             if len(values) == 2:
                 for x, gate in (values, values[::-1]):
-                    out = _gate_planes(x, gate, residual, relu, pool)
+                    out = _gate_planes(x, gate, residual, relu, self.pool)
                     if out is not None:
                         return out
             y = numpy_run(*values)
@@ -452,6 +457,11 @@ class Program:
     def run(self, images: np.ndarray, trace: list | None = None) -> dict[str, np.ndarray]:
         """The graph's outputs for `images`; each value is dropped after its last use. With
         `trace`, (seconds, output pixels per image) of each step are appended to it."""
+        shape = tuple(np.shape(images))
+        pool = self.pools.pop(shape, None)
+        self.pool = self.pools[shape] = BufferPool() if pool is None else pool
+        if len(self.pools) > POOLS:  # every batch size a server met would otherwise keep its buffers
+            self.pools.popitem(last=False)
         values: dict[str, Value] = {self.input: images}
         for step, release in zip(self.steps, self.release, strict=True):
             start = time.perf_counter()

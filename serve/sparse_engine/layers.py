@@ -18,6 +18,8 @@ from cigl.serve.sparse_engine import kernels, quads
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 from cigl.serve.sparse_engine.ops import padded
 
+PLANS = 8  # input sizes (batch, height, width) a convolution keeps its call plan for
+
 
 def _compact(index: np.ndarray) -> np.ndarray:
     return index.astype(np.int32) if index.size == 0 or index[-1] < 2**31 else index
@@ -189,8 +191,9 @@ class Conv:
     def plan(self, g: Grid, gathered: dict[Phases, np.ndarray] | None = None) -> _Plan:
         """The call plan for inputs of grid g (built on first use, then cached); `gathered`: the
         phase planes other convolutions made of the input, which a strided one may share."""
-        plan = self.plans.get((g.n, g.h, g.w))
+        plan = self.plans.pop((g.n, g.h, g.w), None)
         if plan is not None:
+            self.plans[g.n, g.h, g.w] = plan  # the most recently used last
             return plan
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if self.direct:
@@ -209,6 +212,8 @@ class Conv:
             else:
                 plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, phases, src_shape, flat=True)
         self.plans[g.n, g.h, g.w] = plan
+        if len(self.plans) > PLANS:  # each holds a padding mask as long as its batch's planes
+            del self.plans[next(iter(self.plans))]
         return plan
 
     def __call__(
