@@ -94,16 +94,19 @@ class Predictor:
         c, h, w = self.card.input_size
         if x.dtype.kind != "f":
             raise InputError(f"inputs must be float arrays (normalised images), got dtype {x.dtype}")
-        if x.ndim == 3:
+        single = x.ndim == 3  # one image (C, H, W)
+        if single:
             x = x[None]
         if x.ndim != 4:
-            raise InputError(f"inputs must have shape (batch, {c}, {h}, {w}), got {x.shape}")
+            shapes = f"(batch, {c}, {h}, {w}) or one image ({c}, {h}, {w})"
+            raise InputError(f"inputs must have shape {shapes}, got {x.shape}")
         if x.shape[1] != c:
+            layout = "(H, W, C) image" if single else "(N, H, W, C) images"
             hint = ""
-            if x.shape[3] == c:  # channels last: images, not the normalised (N, C, H, W) floats
-                hint = "; this looks like (N, H, W, C) images: pass them as uint8 (0-255), which are normalised for you"
-            found = f"the input has {x.shape[1]} in axis 1 of (N, C, H, W)"
-            raise InputError(f"the model takes {c} channel(s), {found}{hint}")
+            if x.shape[3] == c:  # channels last: images, not the normalised channels-first floats
+                hint = f"; this looks like {layout}: pass them as uint8 (0-255), which are normalised for you"
+            where = "axis 0 of one (C, H, W) image" if single else "axis 1 of (N, C, H, W)"
+            raise InputError(f"the model takes {c} channel(s), the input has {x.shape[1]} in {where}{hint}")
         if x.shape[2:] != (h, w):
             raise InputError(f"the model takes {h}x{w} images, the input is {x.shape[2]}x{x.shape[3]}")
         if x.shape[0] == 0:

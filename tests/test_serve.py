@@ -58,15 +58,17 @@ def test_predictor_validates_inputs(digits_run):
     out, _ = digits_run
     p = Predictor(out / "model.onnx", device="cpu", max_batch=8)
     good = np.zeros((2, 1, 8, 8), np.float32)
+    channels = r"^the model takes 1 channel\(s\), the input has "
     cases = [
         (good.astype(np.int64), "must be uint8 images .* or normalised float"),
-        (np.zeros((2, 8, 8), np.float32).reshape(2, 1, 8, 8)[:, 0], "channel"),
-        (np.zeros((2, 3, 8, 8), np.float32), "1 channel"),
+        (np.zeros((2, 8, 8), np.float32), channels + r"2 in axis 0 of one \(C, H, W\) image$"),
+        (np.zeros((8, 8, 1), np.float32), r"looks like \(H, W, C\) image: pass them as uint8"),
+        (np.zeros((2, 3, 8, 8), np.float32), channels + r"3 in axis 1 of \(N, C, H, W\)$"),
         (np.zeros((2, 8, 8, 1), np.float32), r"looks like \(N, H, W, C\) images: pass them as uint8"),
         (np.zeros((2, 1, 16, 16), np.float32), "8x8 images"),
         (np.zeros((9, 1, 8, 8), np.float32), "exceeds the limit of 8"),
         (np.full((1, 1, 8, 8), np.nan, np.float32), "NaN or Inf"),
-        (np.zeros((2, 2, 1, 8, 8), np.float32), "shape"),
+        (np.zeros((2, 2, 1, 8, 8), np.float32), r"\(batch, 1, 8, 8\) or one image \(1, 8, 8\), got \(2, 2, 1, 8, 8\)"),
     ]
     for x, needle in cases:
         with pytest.raises(InputError, match=needle):
