@@ -101,10 +101,10 @@ class Predictor:
             shapes = f"(batch, {c}, {h}, {w}) or one image ({c}, {h}, {w})"
             raise InputError(f"inputs must have shape {shapes}, got {x.shape}")
         if x.shape[1] != c:
-            layout = "(H, W, C) image" if single else "(N, H, W, C) images"
+            looks = "an (H, W, C) image: pass it" if single else "(N, H, W, C) images: pass them"
             hint = ""
             if x.shape[3] == c:  # channels last: images, not the normalised channels-first floats
-                hint = f"; this looks like {layout}: pass them as uint8 (0-255), which are normalised for you"
+                hint = f"; this looks like {looks} as uint8 (0-255), normalised for you"
             where = "axis 0 of one (C, H, W) image" if single else "axis 1 of (N, C, H, W)"
             raise InputError(f"the model takes {c} channel(s), the input has {x.shape[1]} in {where}{hint}")
         if x.shape[2:] != (h, w):

@@ -62,7 +62,7 @@ def test_predictor_validates_inputs(digits_run):
     cases = [
         (good.astype(np.int64), "must be uint8 images .* or normalised float"),
         (np.zeros((2, 8, 8), np.float32), channels + r"2 in axis 0 of one \(C, H, W\) image$"),
-        (np.zeros((8, 8, 1), np.float32), r"looks like \(H, W, C\) image: pass them as uint8"),
+        (np.zeros((8, 8, 1), np.float32), r"looks like an \(H, W, C\) image: pass it as uint8"),
         (np.zeros((2, 3, 8, 8), np.float32), channels + r"3 in axis 1 of \(N, C, H, W\)$"),
         (np.zeros((2, 8, 8, 1), np.float32), r"looks like \(N, H, W, C\) images: pass them as uint8"),
         (np.zeros((2, 1, 16, 16), np.float32), "8x8 images"),
