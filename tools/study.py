@@ -303,13 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
-    settings = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in REPRO_GPU.items())
+    settings = " ".join(
+        f"--{k}" if v is True else f"--{k} {' '.join(map(str, v if isinstance(v, list) else [v]))}"
+        for k, v in REPRO_GPU.items()
+    )
     r.add_argument(
         "--repro-gpu",
         action=_Preset,
         preset=REPRO_GPU,
         default=argparse.SUPPRESS,
-        help=f"make repro-gpu's grid: {settings.replace('--paper True', '--paper')} (options after it override these)",
+        help=f"make repro-gpu's grid: {settings} (options after it override these)",
     )
     r.add_argument(
         "--minutes",

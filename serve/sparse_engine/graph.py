@@ -446,8 +446,8 @@ class Program:
                         return out
             y = numpy_run(*values)
             if residual is not None:
-                y = y + as_array(residual)
-            return np.maximum(y, 0) if relu else y
+                y = _add_values(y, residual)
+            return _relu_values(y) if relu else y
 
         self._push(Step("Mul", self._runtime_inputs(node), node.output[0], run, node.name))
         return True
