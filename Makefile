@@ -94,7 +94,7 @@ repro-paper: install data
 # MINUTES=7 stops them at a checkpoint after 7 minutes, e.g. before a lease ends).
 repro-gpu: install data
 	$(BIN)/python tools/study.py run --repro-gpu --data-dir $(DATA) --seeds $(SEED) $(if $(MINUTES),--minutes $(MINUTES))
-	$(BIN)/python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2  # + paper_comparison.md
+	$(BIN)/python tools/study.py report --repro-gpu  # runs/paper-wrn22_2 -> docs/results/paper-wrn22_2, + paper_comparison.md
 
 # on a lent GPU machine: the CUDA tests, the CUDA benchmark rows, epoch timings (benchmarks/results/gpu_suite.json)
 gpu-suite: install data

@@ -13,8 +13,8 @@
 # `tools/study.py run --minutes` stops the runs at a checkpoint, and before the next lease their
 # archives go into .dev/paper-runs/ (here: cp /work/.device/N/*.tar.xz .dev/paper-runs/), where
 # this script unpacks them and the study continues them. When every run is done, the report is
-# made here: python tools/study.py report --runs runs/paper-wrn22_2 --out docs/results/paper-wrn22_2
-# (unpack the archives into runs/paper-wrn22_2 first).
+# made here: python tools/study.py report --repro-gpu (unpack the archives into runs/paper-wrn22_2
+# first).
 set -o pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -27,10 +27,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name(0))"
 
 if [ "${1:-suite}" = repro ]; then
-  runs=runs/paper-wrn22_2
+  runs=$(python3 -c 'import sys; sys.path.insert(0, "tools"); from study import REPRO_GPU; print(REPRO_GPU["runs"])')
   mkdir -p $runs
   for f in .dev/paper-runs/*.tar.xz; do tar -xJf "$f" -C $runs || exit 2; done
-  python3 tools/study.py run --repro-gpu --data-dir data/cifar10 --seeds "${SEED:-0}" --runs $runs \
+  python3 tools/study.py run --repro-gpu --data-dir data/cifar10 --seeds "${SEED:-0}" \
     --minutes "${MINUTES:-7}" 2>&1 | tee "$OUT/study.log"
   for d in $runs/*/; do  # seven archives and the log: the 8 files a lease gives back
     tar -cJf "$OUT/$(basename "$d").tar.xz" -C $runs --exclude=.lock --exclude='.*.tmp' "$(basename "$d")"

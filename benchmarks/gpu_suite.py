@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tools")]
 from common import RESULTS, write_results  # noqa: E402
+from study import REPRO_GPU  # noqa: E402
 
 SHARING = [("dense", None), ("rigl", 0.1), ("rigl", 0.05), ("cigl", 0.1), ("cigl", 0.05)]
 
@@ -131,7 +132,8 @@ def sharing(suite: Suite, epochs: int) -> None:
 
 def repro_estimate(suite: Suite, epochs: int) -> None:
     """make repro-gpu's grid (tools/study.py run --repro-gpu, seven WRN-22-2 runs packed) for a few
-    epochs: its minutes for 250 epochs, from the median epoch after the first (start-up)."""
+    epochs: its minutes for its REPRO_GPU["epochs"] (250), from the median epoch after the first
+    (start-up)."""
     results, budget, work = suite.results, suite.budget, suite.work / "repro"
     cmd = [sys.executable, "tools/study.py", "run", "--repro-gpu", "--data-dir", suite.data_dir]
     cmd += ["--epochs", str(epochs), "--seeds", "0"]
@@ -142,7 +144,7 @@ def repro_estimate(suite: Suite, epochs: int) -> None:
     later = [t for epoch_s in times.values() for t in epoch_s[1:]]
     results["repro_gpu_epoch_s"] = times
     if later:
-        results["repro_gpu_estimate_min"] = round(250 * statistics.median(later) / 60, 1)
+        results["repro_gpu_estimate_min"] = round(REPRO_GPU["epochs"] * statistics.median(later) / 60, 1)
     save(results)
 
 

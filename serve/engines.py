@@ -1,7 +1,8 @@
 """The inference engines behind the Predictor, and `--engine auto|onnxruntime|sparse`.
 
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
-shape) and `run(x) -> (logits, probs)`. `auto` on the CPU times both engines once at load, in
+shape) and `run(x) -> (logits, probs)`, which raises InputError for an input of a shape the
+graph does not take (`check_input`). `auto` on the CPU times both engines once at load, in
 turn, on a batch of 1 (with AUTO_PAUSE between rounds, as single requests arrive) and a batch of
 AUTO_BATCH zeros (compute does not depend on the values), and then runs each batch on the engine
 picked for the nearer of those sizes: the sparse engine when it took under AUTO_MARGIN of
@@ -39,6 +40,19 @@ AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds
 AUTO_PAUSE = 0.02
 
 
+def check_input(x: np.ndarray, inputs: dict[str, list]) -> None:
+    """InputError unless `x` has the graph input's rank, every size it fixes and at least one
+    image: onnxruntime's own error is a multi-line traceback message, and the sparse engine's
+    kernels index planes without bounds checks (fewer channels than the first convolution
+    reads would send it past its buffer)."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in next(iter(inputs.values()), [])]
+    if x.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, x.shape, strict=True)):
+        want = ", ".join("N" if i == 0 and d is None else "any" if d is None else str(d) for i, d in enumerate(dims))
+        raise InputError(f"the model takes inputs of shape ({want}), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError("empty batch: pass at least one image")
+
+
 class OnnxRuntime:
     """An onnxruntime session (thread-safe) as an engine."""
 
@@ -50,6 +64,7 @@ class OnnxRuntime:
         self.outputs = {o.name: o.shape for o in self.session.get_outputs()}
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        check_input(x, self.inputs)
         logits, probs = self.session.run(["logits", "probs"], {"images": x})
         return logits, probs
 

@@ -417,6 +417,47 @@ def test_buffers_and_plans_are_kept_for_a_few_input_sizes_only(digits_models):
     np.testing.assert_array_equal(SparseEngine(Path(digits_models["resnet18"]).read_bytes()).run(x[:5])[0], first)
 
 
+def test_a_convolution_keeps_tables_for_a_few_image_sizes_only():
+    """Tables are per image size (a plane's row length is in every offset). A graph with free
+    height and width lets a caller send ever new sizes: a convolution keeps tables (and plans)
+    for the PLANS most recent ones, and a size met again after its tables went gives torch's
+    result."""
+    from cigl.serve.sparse_engine import layers
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 4, 3, 3, generator=gen)
+    weight[weight.abs() < 0.7] = 0
+    bias = torch.randn(6, generator=gen)
+    for stride in ((1, 1), (2, 2)):
+        conv = Conv(SparseWeight.from_dense(weight.numpy()), bias.numpy(), stride, (1, 1, 1, 1))
+        sizes = [(h, h + 1) for h in range(3, 4 + layers.PLANS)]
+        for h, w in [*sizes, sizes[0]]:
+            x = torch.randn(2, 4, h, w, generator=gen)
+            expected = torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=1).numpy()
+            np.testing.assert_allclose(conv(Planes.from_nchw(x.numpy())).nchw(), expected, rtol=1e-5, atol=1e-5)
+        assert len(conv.tables) == len(conv.plans) == layers.PLANS
+        assert {key[:2] for key in conv.tables} == {*sizes[2:], sizes[0]}
+
+
+@pytest.mark.parametrize("name", ["sparse", "onnxruntime"])
+def test_engines_refuse_an_input_of_a_shape_the_model_does_not_take(digits_models, name):
+    """Called directly (not through the Predictor's friendlier checks), both engines stop a
+    wrong input with the same one-line InputError. The sparse engine computed answers for
+    3-channel input to a 1-channel model, its first convolution reading past its buffer."""
+    from cigl.errors import InputError
+
+    model = Path(digits_models["resnet20"]).read_bytes()
+    engine = open_engine(model, engine=name, device="cpu")
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    assert engine.run(x)[0].shape == (2, 10)
+    for bad in (np.zeros((2, 3, 8, 8)), x[:, :, :6], x[0], x[:0]):
+        message = "empty batch: pass at least one image" if len(bad) == 0 else None
+        message = message or f"the model takes inputs of shape (N, 1, 8, 8), got {bad.shape}"
+        with pytest.raises(InputError) as info:
+            engine.run(bad.astype(np.float32))
+        assert str(info.value) == message
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_strided_shortcut_reads_the_phases_its_block_gathered(monkeypatch, digits_models, arch):
     """A downsampling block's 3x3 stride-2 convolution and its shortcut (a 1x1 stride-2

@@ -49,7 +49,8 @@ def test_paper_table_puts_our_wrn_rows_beside_the_paper():
 
 
 def test_repro_gpu_is_the_papers_seven_run_grid_and_later_options_override_it():
-    """make repro-gpu, the GPU lease script and the GPU suite all name the grid as --repro-gpu."""
+    """make repro-gpu, the GPU lease script and the GPU suite all name the grid as --repro-gpu, and
+    make repro-gpu its report as report --repro-gpu."""
     args = study.build_parser().parse_args(["run", "--repro-gpu", "--seeds", "1"])
     settings = (args.model, args.epochs, args.jobs, args.runs, args.paper)
     assert settings == ("wrn22_2", 250, 7, "runs/paper-wrn22_2", True)
@@ -60,6 +61,8 @@ def test_repro_gpu_is_the_papers_seven_run_grid_and_later_options_override_it():
     shorter = study.build_parser().parse_args(["run", "--repro-gpu", "--epochs", "3", "--runs", "elsewhere"])
     assert (shorter.epochs, shorter.runs, shorter.model) == (3, "elsewhere", "wrn22_2")
     assert not hasattr(study.build_parser().parse_args(["run"]), "repro_gpu")
+    report = study.build_parser().parse_args(["report", "--repro-gpu"])
+    assert (report.runs, report.out) == ("runs/paper-wrn22_2", "docs/results/paper-wrn22_2")
 
 
 @pytest.mark.parametrize(

@@ -274,6 +274,7 @@ REPRO_GPU = {
     "jobs": 7,
     "runs": "runs/paper-wrn22_2",
 }
+REPRO_GPU_REPORT = {"runs": REPRO_GPU["runs"], "out": "docs/results/paper-wrn22_2"}  # report --repro-gpu
 
 
 class _Preset(argparse.Action):
@@ -286,6 +287,21 @@ class _Preset(argparse.Action):
     def __call__(self, _parser, namespace, _values, _option=None):
         for name, value in self.preset.items():
             setattr(namespace, name, value)
+
+
+def _add_preset(parser: argparse.ArgumentParser, preset: dict, what: str) -> None:
+    """--repro-gpu on `parser`: the options of `preset`, spelled out in its help."""
+    settings = " ".join(
+        f"--{k}" if v is True else f"--{k} {' '.join(map(str, v if isinstance(v, list) else [v]))}"
+        for k, v in preset.items()
+    )
+    parser.add_argument(
+        "--repro-gpu",
+        action=_Preset,
+        preset=preset,
+        default=argparse.SUPPRESS,
+        help=f"{what}: {settings} (options after it override these)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,17 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mc-samples", type=int, default=8, help="MC-dropout passes for the RigL+MC-DP row")
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU protocol: one thread each)")
     r.add_argument("--paper", action="store_true", help="the paper's recipe on the full training set (needs a GPU)")
-    settings = " ".join(
-        f"--{k}" if v is True else f"--{k} {' '.join(map(str, v if isinstance(v, list) else [v]))}"
-        for k, v in REPRO_GPU.items()
-    )
-    r.add_argument(
-        "--repro-gpu",
-        action=_Preset,
-        preset=REPRO_GPU,
-        default=argparse.SUPPRESS,
-        help=f"make repro-gpu's grid: {settings} (options after it override these)",
-    )
+    _add_preset(r, REPRO_GPU, "make repro-gpu's grid")
     r.add_argument(
         "--minutes",
         type=float,
@@ -326,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--runs", default=str(RUNS), help="the run directories to aggregate")
     rep.add_argument("--out", default=str(RESULTS), help="where the table and the audit go")
+    _add_preset(rep, REPRO_GPU_REPORT, "make repro-gpu's report")
     rep.set_defaults(fn=cmd_report)
     return p
 

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 
 from cigl.errors import FormatError
+from cigl.serve.engines import check_input
 from cigl.serve.sparse_engine.graph import Unsupported
 
 __all__ = ["SparseEngine", "Unsupported", "missing"]
@@ -80,7 +81,8 @@ class SparseEngine:
         self._lock = threading.Lock()  # numba's workqueue threading layer is not re-entrant
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, probs) of a float32 NCHW batch."""
+        """(logits, probs) of a float32 NCHW batch (InputError on a shape the graph does not take)."""
+        check_input(images, self.inputs)
         with self._lock:
             import numba
 

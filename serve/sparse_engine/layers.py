@@ -18,7 +18,18 @@ from cigl.serve.sparse_engine import kernels, quads
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
 from cigl.serve.sparse_engine.ops import padded
 
-PLANS = 8  # input sizes (batch, height, width) a convolution keeps its call plan for
+PLANS = 8  # input sizes (batch, height, width) a convolution keeps its call plan for, and (height, width) its tables
+
+
+def _remember(cache: dict, key, value, limit: int = PLANS):
+    """cache[key] = value as its most recently used entry, dropping the least recently used past
+    `limit` (a plan holds a padding mask as long as its batch's planes; tables are per image size,
+    which a graph with free height and width lets callers vary without end). Returns value."""
+    cache.pop(key, None)
+    cache[key] = value
+    if len(cache) > limit:
+        del cache[next(iter(cache))]
+    return value
 
 
 def _compact(index: np.ndarray) -> np.ndarray:
@@ -191,30 +202,28 @@ class Conv:
     def plan(self, g: Grid, gathered: dict[Phases, np.ndarray] | None = None) -> _Plan:
         """The call plan for inputs of grid g (built on first use, then cached); `gathered`: the
         phase planes other convolutions made of the input, which a strided one may share."""
-        plan = self.plans.pop((g.n, g.h, g.w), None)
+        plan = self.plans.get((g.n, g.h, g.w))
         if plan is not None:
-            self.plans[g.n, g.h, g.w] = plan  # the most recently used last
-            return plan
+            return _remember(self.plans, (g.n, g.h, g.w), plan)
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if self.direct:
-            if (g.h, g.w) not in self.tables:
+            tables = self.tables.get((g.h, g.w))
+            if tables is None:
                 _, ic, kh, kw = self.weight.taps()
                 pt, pl = self.pads[:2]
-                self.tables[g.h, g.w] = self.weight.tables(ic, (kh - pt + 1) * g.row + (kw - pl + 1))
-            plan = _Plan(self.tables[g.h, g.w], out_grid, g.row + 1, g.n * g.block, mask(g))
+                tables = self.weight.tables(ic, (kh - pt + 1) * g.row + (kw - pl + 1))
+            plan = _Plan(_remember(self.tables, (g.h, g.w), tables), out_grid, g.row + 1, g.n * g.block, mask(g))
         else:
             phases, src_shape = self._gather_for(g, gathered or {})
-            if (g.h, g.w, phases) not in self.tables:
-                self.tables[g.h, g.w, phases] = self.weight.tables(*self._phase_taps(phases))
-            tables, (hq, wq, extra) = self.tables[g.h, g.w, phases], self._phases(g.h, g.w)
+            tables = self.tables.get((g.h, g.w, phases))
+            if tables is None:
+                tables = self.weight.tables(*self._phase_taps(phases))
+            tables, (hq, wq, extra) = _remember(self.tables, (g.h, g.w, phases), tables), self._phases(g.h, g.w)
             if extra == 1:  # phase planes have the output's geometry: write the output planes directly
                 plan = _Plan(tables, out_grid, out_grid.row + 1, g.n * hq * wq, mask(out_grid), phases, src_shape)
             else:
                 plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, phases, src_shape, flat=True)
-        self.plans[g.n, g.h, g.w] = plan
-        if len(self.plans) > PLANS:  # each holds a padding mask as long as its batch's planes
-            del self.plans[next(iter(self.plans))]
-        return plan
+        return _remember(self.plans, (g.n, g.h, g.w), plan)
 
     def __call__(
         self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
