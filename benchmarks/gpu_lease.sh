@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name(0))"
 
 if [ "${1:-suite}" = repro ]; then
-  runs=$(python3 -c 'import sys; sys.path.insert(0, "tools"); from study import REPRO_GPU; print(REPRO_GPU["runs"])')
+  runs=$(python3 -c 'import sys; sys.path.insert(0, "tools"); from study import REPRO_GPU; print(REPRO_GPU["runs"])') || exit 2
   mkdir -p $runs
   for f in .dev/paper-runs/*.tar.xz; do tar -xJf "$f" -C $runs || exit 2; done
   python3 tools/study.py run --repro-gpu --data-dir data/cifar10 --seeds "${SEED:-0}" \
