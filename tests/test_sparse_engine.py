@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, make_model_pt, run_cli
 
+from cigl.errors import FormatError
 from cigl.serve.engines import AUTO_MARGIN, Auto, OnnxRuntime, open_engine
 from cigl.serve.predictor import Predictor
 from cigl.serve.sparse_engine import SparseEngine, kernels
@@ -119,6 +120,8 @@ CIFAR_CASES = [
     ("resnet50", 32),
     ("densenet121", 32),
     ("repvgg_a0", 32),
+    ("regnetx_002", 32),
+    ("resnext26ts", 32),
 ]
 
 
@@ -129,7 +132,8 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     seresnet18 a squeeze-and-excitation gate in every block (ReduceMean, 1x1 convolutions,
     Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU); resnet50
     bottlenecks; densenet121 concatenated features and average-pool transitions; repvgg_a0
-    (as trained: 3x3, 1x1 and identity branches added)."""
+    (as trained: 3x3, 1x1 and identity branches added); regnetx_002 grouped convolutions;
+    resnext26ts grouped convolutions and SiLU (x * Sigmoid(x), one step on planes)."""
     from cigl.data import CIFAR10_CLASSES
 
     src = make_model_pt(
@@ -151,20 +155,25 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
     kinds = {"+".join([s.kind, *s.fused]) for s in sparse.engine.program.steps}
-    assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121"))
+    assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121", "resnext26ts"))
     assert ("Concat" in kinds) == (arch == "densenet121")
     assert ("Mul+Add+Relu" in kinds) == (arch == "seresnet18")
+    assert ("SiLU" in kinds) == (arch == "resnext26ts") and ("Sigmoid" in kinds) == (arch == "seresnet18")
+    convs = [s.layer for s in sparse.engine.program.steps if isinstance(s.layer, Conv)]
+    assert any(c.groups > 1 for c in convs) == (arch in ("regnetx_002", "resnext26ts"))
 
 
-CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width)
-    (8, 16, 3, 1, (1, 1, 1, 1), 9, 7),  # direct
-    (8, 16, 1, 1, (0, 0, 0, 0), 6, 6),  # direct, 1x1
-    (8, 16, 3, 2, (1, 1, 1, 1), 9, 8),  # stride phases, written straight into planes
-    (8, 16, 1, 2, (0, 0, 0, 0), 8, 8),  # 1x1 downsample
-    (3, 8, 7, 2, (3, 3, 3, 3), 16, 15),  # timm stem: phases reach 3 steps, scattered
-    (4, 6, 5, 1, (2, 2, 2, 2), 7, 7),  # padding 2
-    (4, 6, 3, 1, (0, 0, 0, 0), 7, 7),  # valid convolution
-    (4, 6, 2, 1, (0, 0, 1, 1), 5, 6),  # asymmetric padding
+CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width, groups)
+    (8, 16, 3, 1, (1, 1, 1, 1), 9, 7, 1),  # direct
+    (8, 16, 1, 1, (0, 0, 0, 0), 6, 6, 1),  # direct, 1x1
+    (8, 16, 3, 2, (1, 1, 1, 1), 9, 8, 1),  # stride phases, written straight into planes
+    (8, 16, 1, 2, (0, 0, 0, 0), 8, 8, 1),  # 1x1 downsample
+    (3, 8, 7, 2, (3, 3, 3, 3), 16, 15, 1),  # timm stem: phases reach 3 steps, scattered
+    (4, 6, 5, 1, (2, 2, 2, 2), 7, 7, 1),  # padding 2
+    (4, 6, 3, 1, (0, 0, 0, 0), 7, 7, 1),  # valid convolution
+    (4, 6, 2, 1, (0, 0, 1, 1), 5, 6, 1),  # asymmetric padding
+    (8, 16, 3, 1, (1, 1, 1, 1), 9, 7, 4),  # grouped (ResNeXt, RegNet)
+    (8, 8, 3, 2, (1, 1, 1, 1), 9, 8, 8),  # depthwise, strided (MobileNets, EfficientNets)
 ]
 
 
@@ -172,20 +181,22 @@ CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["rows", "quads"])
 def test_sparse_conv_matches_torch(case, threads, kind, monkeypatch):
-    """Every convolution geometry on either kernel (the density rule forced each way)."""
+    """Every convolution geometry, grouped ones too, on either kernel (the density rule forced each way)."""
     import numba
 
     from cigl.serve.sparse_engine import quads
 
     monkeypatch.setattr(quads, "QUAD_MIN_DENSITY", 0.0 if kind == "quads" else 2.0)
-    c_in, c_out, k, stride, pads, h, w = case
+    c_in, c_out, k, stride, pads, h, w, groups = case
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(c_out, c_in, k, k, generator=gen) * (torch.rand(c_out, c_in, k, k, generator=gen) < 0.3)
+    shape = (c_out, c_in // groups, k, k)
+    weight = torch.randn(*shape, generator=gen) * (torch.rand(*shape, generator=gen) < (0.3 if groups == 1 else 0.6))
     bias, x = torch.randn(c_out, generator=gen), torch.randn(3, c_in, h, w, generator=gen)
-    conv = Conv(SparseWeight.from_dense(weight.numpy()), bias.numpy(), (stride, stride), pads)
+    conv = Conv(SparseWeight.from_dense(weight.numpy()), bias.numpy(), (stride, stride), pads, groups)
     residual = torch.randn(3, c_out, *conv.output_size(h, w), generator=gen)
     padded = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-    expected = torch.relu(torch.nn.functional.conv2d(padded, weight, bias, stride=stride) + residual).numpy()
+    conv2d = torch.nn.functional.conv2d(padded, weight, bias, stride=stride, groups=groups)
+    expected = torch.relu(conv2d + residual).numpy()
     numba.set_num_threads(threads)
     try:
         out = conv(Planes.from_nchw(x.numpy()), Planes.from_nchw(residual.numpy()), relu=True)
@@ -193,6 +204,8 @@ def test_sparse_conv_matches_torch(case, threads, kind, monkeypatch):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_allclose(out.nchw(), expected, rtol=1e-5, atol=1e-5)
     assert {type(t) for t in conv.tables.values()} == {quads.QuadTables if kind == "quads" else kernels.RowTables}
+    with pytest.raises(FormatError, match=f"a convolution of {c_in} input channels is given {c_in + 1}"):
+        conv(Planes.from_nchw(torch.randn(3, c_in + 1, h, w, generator=gen).numpy()))  # a malformed graph's
     # padding of the output planes stays zero: the next convolution reads it
     kept = out.data.copy()
     out.grid.interior(kept)[...] = 0
@@ -604,6 +617,50 @@ def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkey
     expected = dict(zip(("gated", "scaled"), ort.session.run(None, {"x": x}), strict=True))
     for name in ("gated", "scaled"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
+    """Conv -> x * Sigmoid(x) -> Add (the block input) -> Relu, as a hand-made ONNX graph with
+    outputs far past where exp overflows (+-300): one SiLU step that takes the Add and Relu,
+    equal to onnxruntime's, with no overflow warning. A Sigmoid read by something else too
+    stays a step of its own."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cigl.serve.sparse_engine.graph import Program
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 4, 5, 6)) * 60).astype(np.float32)
+    weight = (rng.standard_normal((4, 4, 3, 3)) * (rng.random((4, 4, 3, 3)) < 0.5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("Mul", ["c", "s"], ["m"]),
+        helper.make_node("Add", ["m", "x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["silu"]),
+        helper.make_node("Conv", ["x", "w"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c2"], ["s2"]),
+        helper.make_node("Mul", ["s2", "c2"], ["m2"]),
+        helper.make_node("Add", ["m2", "s2"], ["shared"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("silu", "shared")],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    program = Program(model)
+    kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
+    assert kinds.count("SiLU+Add+Relu") == 1 and kinds.count("Sigmoid") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = program.run(x)
+    ort = OnnxRuntime(model.SerializeToString(), device="cpu", threads=1, source="g")
+    expected = dict(zip(("silu", "shared"), ort.session.run(None, {"x": x}), strict=True))
+    assert np.abs(expected["silu"]).max() > 300 and (expected["silu"] == 0).mean() > 0.2
+    for name in ("silu", "shared"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-4)
 
 
 def _with_hardswish(src: str, dst) -> None:

@@ -28,7 +28,7 @@ from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine, reduce_axes
 
 POOLS = 2  # input shapes whose activation buffers a program keeps (auto runs batch 1 and larger ones)
-EPILOGUE_KINDS = ("Conv", "Mul")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
+EPILOGUE_KINDS = ("Conv", "Mul", "SiLU")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
 
 
 class Unsupported(Exception):
@@ -307,8 +307,8 @@ class Program:
         self.producer[step.output] = step
 
     def _conv(self, node, a, _uses) -> bool:
-        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise Unsupported(f"grouped or dilated convolution {node.name or node.output[0]}")
+        if any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise Unsupported(f"dilated convolution {node.name or node.output[0]}")
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise Unsupported(f"convolution {node.name or node.output[0]} with auto_pad")
         weight = self._weight(node.input[1], "convolution")
@@ -316,7 +316,10 @@ class Program:
             raise Unsupported(f"{len(weight.shape) - 2}-D convolution {node.name or node.output[0]}")
         pads = tuple(a.get("pads", [0, 0, 0, 0]))
         strides = tuple(a.get("strides", [1, 1]))
-        conv = Conv(weight, self._bias(node, weight.shape[0]), strides, (pads[0], pads[1], pads[2], pads[3]))
+        groups, name = int(a.get("group", 1)), node.name or node.output[0]
+        if groups < 1 or weight.shape[0] % groups:
+            raise Unsupported(f"convolution {name} of {weight.shape[0]} outputs in {groups} groups")
+        conv = Conv(weight, self._bias(node, weight.shape[0]), strides, (pads[0], pads[1], pads[2], pads[3]), groups)
 
         def run(x, residual=None, relu=False):
             planes = as_planes(x)
@@ -432,10 +435,47 @@ class Program:
         self._push(Step("ReduceMean", [node.input[0]], node.output[0], run, node.name))
         return True
 
-    def _mul(self, node, a, _uses) -> bool:
+    def _silu(self, node, uses) -> bool:
+        """x * Sigmoid(x), the Sigmoid read by this Mul alone (SiLU: EfficientNets, timm's *ts
+        ResNets), is one step: on planes, numpy's vectorised exp over the whole buffer, whose zero
+        padding stays zero (0 * sigmoid(0) = 0), with no layout change; a residual Add and a ReLU
+        after it fuse in."""
+        inputs = list(node.input)
+        for x, s in (inputs, inputs[::-1]):
+            step = self.producer.get(s)
+            if step is not None and step.kind == "Sigmoid" and step.inputs == [x] and uses[s] == 1:
+                break
+        else:
+            return False
+        if len(inputs) != 2 or self.steps[-1] is not step or s in self.outputs:
+            return False
+        self.steps.pop()
+        del self.producer[s]
+        sigmoid = step.run  # numpy's, for an activation not in planes
+
+        def run(v, residual=None, relu=False):
+            if isinstance(v, Planes):
+                out = Planes.empty(v.data.shape[0], v.grid, self.pool)
+                with np.errstate(over="ignore"):  # exp(-x) is inf for x below -88: x / inf = -0
+                    np.exp(np.negative(v.data, out=out.data), out=out.data)
+                out.data += 1.0
+                np.divide(v.data, out.data, out=out.data)
+            else:
+                out = as_array(v) * sigmoid(v)
+            if residual is not None:
+                out = _add_values(out, residual)
+            return _relu_values(out) if relu else out
+
+        self._push(Step("SiLU", [x], node.output[0], run, node.name))
+        return True
+
+    def _mul(self, node, a, uses) -> bool:
         """Mul, with a residual Add and ReLU after it fused in. An activation in planes times a
-        run-time N x C x 1 x 1 gate (squeeze-and-excitation) is one pass on planes; anything
-        else (the classifier's temperature, other shapes) runs in numpy."""
+        run-time N x C x 1 x 1 gate (squeeze-and-excitation) is one pass on planes, and so is
+        an activation times its own Sigmoid (`_silu`); anything else (the classifier's
+        temperature, other shapes) runs in numpy."""
+        if self._silu(node, uses):
+            return True
         numpy_run = self._numpy_op(node, a)
 
         def run(*values, residual=None, relu=False):

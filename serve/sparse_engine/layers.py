@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cigl.errors import FormatError
 from cigl.packing import unpack_mask
 from cigl.serve.sparse_engine import kernels, quads
 from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
@@ -120,12 +121,15 @@ class _Plan:
 
 @dataclass
 class Conv:
-    """A 2-D convolution (group 1, dilation 1) with a sparse weight and a bias."""
+    """A 2-D convolution (dilation 1) with a sparse weight and a bias. With `groups`, output
+    row o reads the input channels of its group only: its nonzeros simply name those planes
+    (`channels`), so the kernels and their tables are those of group 1."""
 
-    weight: SparseWeight
+    weight: SparseWeight  # (out, in / groups, kh, kw)
     bias: np.ndarray
     stride: tuple[int, int]
     pads: tuple[int, int, int, int]  # top, left, bottom, right
+    groups: int = 1
 
     def __post_init__(self):
         self.plans: dict[tuple[int, int, int], _Plan] = {}  # per input (n, h, w)
@@ -157,6 +161,17 @@ class Conv:
         eh, ew = max(1, (kh - 1) // self.stride[0]), max(1, (kw - 1) // self.stride[1])
         return ho + eh, wo + ew, eh * ew
 
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @functools.cached_property
+    def channels(self) -> np.ndarray:
+        """The input channel each nonzero reads: its weight's input channel, in its row's group."""
+        rows, ic = self.weight.taps()[:2]
+        out, per_group = self.weight.shape[0], self.weight.shape[1]
+        return ic if self.groups == 1 else rows // (out // self.groups) * per_group + ic
+
     @functools.cached_property
     def used_phases(self) -> np.ndarray:
         """The stride phases (a * stride_w + b) that some nonzero reads, sorted: only these are gathered."""
@@ -168,7 +183,7 @@ class Conv:
         phase a nonzero reads (or would need a negative offset). Nonzero (kh, kw) reads input
         (r * sh + kh - top, ...): the phase whose origin dy is congruent to kh - top, at
         (kh - top - dy) / sh rows down."""
-        _, ic, kh, kw = self.weight.taps()
+        _, _, kh, kw = self.weight.taps()
         (sh, sw), (pt, pl) = self.stride, self.pads[:2]
         dy, dx = kh - pt, kw - pl
         index, origin = np.full((sh, sw), -1), np.zeros((sh, sw, 2), np.int64)  # by residue of (dy, dx)
@@ -178,7 +193,7 @@ class Conv:
         down, right = (dy - start[:, 0]) // sh, (dx - start[:, 1]) // sw
         if (phase < 0).any() or min(down.min(initial=0), right.min(initial=0)) < 0:
             return None
-        return phase * self.weight.shape[1] + ic, down * phases.grid[1] + right
+        return phase * self.in_channels + self.channels, down * phases.grid[1] + right
 
     def _gather_for(self, g: Grid, gathered: dict[Phases, np.ndarray]) -> tuple[Phases, tuple[int, int]]:
         """The phase planes to read and the (planes, length) they need: another convolution's
@@ -197,7 +212,7 @@ class Conv:
             need = g.n * hq * wq + max(reach, int(taps[1].max(initial=0)) + 1)
             if src.shape[1] >= need:
                 return phases, (src.shape[0], need)
-        return own, (max(1, len(own.phases)) * self.weight.shape[1], g.n * hq * wq + reach)
+        return own, (max(1, len(own.phases)) * self.in_channels, g.n * hq * wq + reach)
 
     def plan(self, g: Grid, gathered: dict[Phases, np.ndarray] | None = None) -> _Plan:
         """The call plan for inputs of grid g (built on first use, then cached); `gathered`: the
@@ -209,9 +224,9 @@ class Conv:
         if self.direct:
             tables = self.tables.get((g.h, g.w))
             if tables is None:
-                _, ic, kh, kw = self.weight.taps()
+                _, _, kh, kw = self.weight.taps()
                 pt, pl = self.pads[:2]
-                tables = self.weight.tables(ic, (kh - pt + 1) * g.row + (kw - pl + 1))
+                tables = self.weight.tables(self.channels, (kh - pt + 1) * g.row + (kw - pl + 1))
             plan = _Plan(_remember(self.tables, (g.h, g.w), tables), out_grid, g.row + 1, g.n * g.block, mask(g))
         else:
             phases, src_shape = self._gather_for(g, gathered or {})
@@ -228,6 +243,8 @@ class Conv:
     def __call__(
         self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
     ) -> Planes:
+        if x.data.shape[0] != self.in_channels:  # the kernels index planes without bounds checks
+            raise FormatError(f"a convolution of {self.in_channels} input channels is given {x.data.shape[0]}")
         g, plan = x.grid, self.plan(x.grid, x.phases)
         rows, pool = self.weight.shape[0], pool or BufferPool()
         src = x.data
