@@ -573,11 +573,30 @@ def test_reduce_mean_and_sigmoid_match_the_onnx_reference(attrs, axes):
     np.testing.assert_allclose(got_sigmoid, sigmoid, rtol=1e-6, atol=1e-7)
 
 
+def _one_input_model(nodes: list, x: np.ndarray, outputs: tuple[str, ...], weights: dict) -> onnx.ModelProto:
+    """A hand-made ONNX model (opset 17) of `nodes` reading input "x" of x's shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _onnxruntime_outputs(model: onnx.ModelProto, x: np.ndarray, outputs: tuple[str, ...]) -> dict:
+    ort = OnnxRuntime(model.SerializeToString(), device="cpu", threads=1, source="g")
+    return dict(zip(outputs, ort.session.run(None, {"x": x}), strict=True))
+
+
 def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkeypatch):
     """Conv -> (global mean -> Sigmoid) gate -> Mul -> Add (block input) -> Relu, as a hand-made
     ONNX graph: the Mul takes the Add and Relu and runs on planes; a Mul by a constant
     1 x C x 1 x 1 scale with the same Add and Relu runs in numpy. Both match onnxruntime."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from cigl.serve.sparse_engine.graph import Program
 
@@ -598,14 +617,7 @@ def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkey
         helper.make_node("Add", ["x", "m2"], ["a2"]),
         helper.make_node("Relu", ["a2"], ["scaled"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("gated", "scaled")],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "scale")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _one_input_model(nodes, x, ("gated", "scaled"), {"w": weight, "scale": scale})
     program = Program(model)
     kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
     assert kinds.count("Mul+Add+Relu") == 2
@@ -613,8 +625,7 @@ def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkey
     monkeypatch.setattr(kernels, "scale_channels", lambda *a, run=kernels.scale_channels: passes.append(a) or run(*a))
     got = program.run(x)
     assert len(passes) == 1  # the gate; the constant scale ran in numpy
-    ort = OnnxRuntime(model.SerializeToString(), device="cpu", threads=1, source="g")
-    expected = dict(zip(("gated", "scaled"), ort.session.run(None, {"x": x}), strict=True))
+    expected = _onnxruntime_outputs(model, x, ("gated", "scaled"))
     for name in ("gated", "scaled"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
 
@@ -624,7 +635,7 @@ def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
     outputs far past where exp overflows (+-300): one SiLU step that takes the Add and Relu,
     equal to onnxruntime's, with no overflow warning. A Sigmoid read by something else too
     stays a step of its own."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from cigl.serve.sparse_engine.graph import Program
 
@@ -642,22 +653,14 @@ def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
         helper.make_node("Mul", ["s2", "c2"], ["m2"]),
         helper.make_node("Add", ["m2", "s2"], ["shared"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("silu", "shared")],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _one_input_model(nodes, x, ("silu", "shared"), {"w": weight})
     program = Program(model)
     kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
     assert kinds.count("SiLU+Add+Relu") == 1 and kinds.count("Sigmoid") == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = program.run(x)
-    ort = OnnxRuntime(model.SerializeToString(), device="cpu", threads=1, source="g")
-    expected = dict(zip(("silu", "shared"), ort.session.run(None, {"x": x}), strict=True))
+    expected = _onnxruntime_outputs(model, x, ("silu", "shared"))
     assert np.abs(expected["silu"]).max() > 300 and (expected["silu"] == 0).mean() > 0.2
     for name in ("silu", "shared"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-4)
