@@ -441,13 +441,15 @@ class Program:
         padding stays zero (0 * sigmoid(0) = 0), with no layout change; a residual Add and a ReLU
         after it fuse in."""
         inputs = list(node.input)
+        if len(inputs) != 2:
+            return False
         for x, s in (inputs, inputs[::-1]):
             step = self.producer.get(s)
             if step is not None and step.kind == "Sigmoid" and step.inputs == [x] and uses[s] == 1:
                 break
         else:
             return False
-        if len(inputs) != 2 or self.steps[-1] is not step or s in self.outputs:
+        if self.steps[-1] is not step or s in self.outputs:
             return False
         self.steps.pop()
         del self.producer[s]
