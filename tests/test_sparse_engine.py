@@ -423,7 +423,7 @@ def test_buffers_and_plans_are_kept_for_a_few_input_sizes_only(digits_models):
     for n in range(1, 13):
         engine.run(x[:n])
     program = engine.program
-    assert list(program.pools) == [x[:n].shape for n in range(13 - graph.POOLS, 13)]
+    assert list(program.schedules) == [x[:n].shape for n in range(13 - graph.SCHEDULES, 13)]
     convs = [s.layer for s in program.steps if isinstance(s.layer, Conv)]
     assert convs and all(len(c.plans) == layers.PLANS for c in convs)
     np.testing.assert_array_equal(engine.run(x[:5])[0], first)

@@ -12,6 +12,7 @@ cover, raises Unsupported naming it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -24,10 +25,10 @@ from onnx import numpy_helper
 from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
-from cigl.serve.sparse_engine.layout import BufferPool, Planes, mask
+from cigl.serve.sparse_engine.layout import BufferPool, Call, Planes, mask, run_calls
 from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine, reduce_axes
 
-POOLS = 2  # input shapes whose activation buffers a program keeps (auto runs batch 1 and larger ones)
+SCHEDULES = 2  # input shapes whose schedule (and buffers) a program keeps (auto runs batch 1 and larger ones)
 EPILOGUE_KINDS = ("Conv", "Mul", "SiLU")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
 
 
@@ -42,19 +43,51 @@ def as_array(v: Value) -> np.ndarray:
     return v.nchw() if isinstance(v, Planes) else v
 
 
-def as_planes(v: Value) -> Planes:
-    return v if isinstance(v, Planes) else Planes.from_nchw(np.asarray(v, np.float32))
+Bound = tuple[Value, list[Call]]  # a step's output value (its buffers taken) and the calls that compute it
+
+
+def as_planes(v: Value) -> Bound:
+    """v in planes: itself, or new planes and the call that copies v into them."""
+    return (v, []) if isinstance(v, Planes) else Planes.bind_nchw(v)
+
+
+def computed(fn: Callable[[list], np.ndarray], args: list) -> Bound:
+    """fn(args) as a bound value. It is evaluated once now, on whatever the arrays hold, for its
+    shape and type; a view of one of the arrays then follows it by itself, and anything else is
+    recomputed into the same array by the call (numpy's per-run ops: the classifier's tail)."""
+    out = np.asarray(fn(args))
+    if any(isinstance(a, np.ndarray) and np.shares_memory(out, a) for a in args):
+        return out, []
+    return out, [lambda: np.copyto(out, fn(args))]
+
+
+@dataclass
+class Schedule:
+    """A program bound to one input shape: its buffers taken once and kept, each step's calls
+    in order. A run copies the images in, makes the calls and copies the outputs out, with no
+    per-step work in Python besides the calls themselves (at batch 1, the old per-step
+    bookkeeping took as long as the kernels)."""
+
+    images: np.ndarray
+    calls: list[list[Call]]  # per step
+    pixels: list[int]  # per step: output pixels per image
+    outputs: dict[str, np.ndarray]
+
+    @functools.cached_property
+    def flat(self) -> list[Call]:
+        return [call for calls in self.calls for call in calls]
 
 
 @dataclass
 class Step:
-    """One call: output = run(*inputs). `kind`, `fused` and `nonzeros` (of its layer's weight)
+    """One step of the program: bind(*inputs) takes the output's buffers and returns it with
+    the calls that compute it (`Bound`). `kind`, `fused` and `nonzeros` (of its layer's weight)
     feed the profile."""
 
     kind: str
     inputs: list[str]
     output: str
-    run: Callable[..., Value]
+    bind: Callable[..., Bound]
     name: str = ""
     layer: Conv | Linear | None = None
     fused: list[str] = field(default_factory=list)
@@ -68,29 +101,41 @@ class Step:
         return 0 if self.weight is None else self.weight.index.size
 
 
-def _add_values(a: Value, b: Value) -> Value:
+def _add_values(a: Value, b: Value, pool: BufferPool) -> Bound:
     if isinstance(a, Planes) and isinstance(b, Planes) and a.grid == b.grid and a.data.shape == b.data.shape:
-        return Planes(a.data + b.data, a.grid)  # zero padding stays zero
-    return as_array(a) + as_array(b)
+        out = Planes.empty(a.data.shape[0], a.grid, pool)  # zero padding + zero padding stays zero
+        return out, [functools.partial(np.add, a.data, b.data, out=out.data)]
+    return computed(lambda v: v[0] + v[1], [as_array(a), as_array(b)])
 
 
-def _spatial_means(x: Value) -> np.ndarray:
+def _spatial_means(x: Value) -> Bound:
     """(N, C, 1, 1) means over height and width of a 4-D activation: global average pooling."""
     if isinstance(x, Planes):
         g = x.grid
         out = np.empty((g.n, x.data.shape[0]), np.float32)
-        kernels.plane_means(x.data, g.n, g.block, g.h * g.w, out)
-        return out[:, :, None, None]
-    return x.mean(axis=(2, 3), keepdims=True)
+        return out[:, :, None, None], [functools.partial(kernels.plane_means, x.data, g.n, g.block, g.h * g.w, out)]
+    return computed(lambda v: v[0].mean(axis=(2, 3), keepdims=True), [x])
 
 
-def _relu_values(x: Value) -> Value:
+def _relu_values(x: Value, pool: BufferPool) -> Bound:
     if isinstance(x, Planes):
-        return Planes(np.maximum(x.data, 0), x.grid)
-    return np.maximum(x, 0)
+        out = Planes.empty(x.data.shape[0], x.grid, pool)
+        return out, [functools.partial(np.maximum, x.data, 0, out=out.data)]
+    return computed(lambda v: np.maximum(v[0], 0), [x])
 
 
-def _gate_planes(x: Value, gate: Value, residual: Value | None, relu: bool, pool: BufferPool) -> Planes | None:
+def _epilogue(y: Value, calls: list[Call], residual: Value | None, relu: bool, pool: BufferPool) -> Bound:
+    """y (+ residual, then ReLU if relu) where no kernel fused them: more calls after `calls`."""
+    if residual is not None:
+        y, more = _add_values(y, residual, pool)
+        calls = calls + more
+    if relu:
+        y, more = _relu_values(y, pool)
+        calls = calls + more
+    return y, calls
+
+
+def _gate_planes(x: Value, gate: Value, residual: Value | None, relu: bool, pool: BufferPool) -> Bound | None:
     """x * gate (+ residual, ReLU) in planes when x is in planes, gate is N x C x 1 x 1 for x's
     images and channels and the residual has x's shape; else None."""
     if not isinstance(x, Planes):
@@ -99,18 +144,30 @@ def _gate_planes(x: Value, gate: Value, residual: Value | None, relu: bool, pool
     gate = as_array(gate)
     if gate.shape != (g.n, channels, 1, 1):
         return None
-    res = kernels.NO_RESIDUAL
+    res, calls = kernels.NO_RESIDUAL, []
     if residual is not None:
         if not isinstance(residual, Planes) and np.shape(residual) != (g.n, channels, g.h, g.w):
             return None
-        residual = as_planes(residual)
+        residual, calls = as_planes(residual)
         if residual.grid != g or residual.data.shape != x.data.shape:
             return None
         res = residual.data
     out = Planes.empty(channels, g, pool)
-    gate = np.ascontiguousarray(gate.reshape(g.n, channels), np.float32)
-    kernels.scale_channels(x.data, gate, g.block, res, mask(g), relu, out.data)
-    return out
+    flat = np.empty((g.n, channels), np.float32)  # the gate, contiguous, copied at each run
+    calls += [
+        functools.partial(np.copyto, flat, gate[:, :, 0, 0]),
+        functools.partial(kernels.scale_channels, x.data, flat, g.block, res, mask(g), relu, out.data),
+    ]
+    return out, calls
+
+
+def _silu_planes(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x * sigmoid(x) = x / (1 + exp(-x)) on planes, with numpy's vectorised exp over the
+    whole buffer (zero padding stays zero)."""
+    with np.errstate(over="ignore"):  # exp(-x) is inf for x below -88: x / inf = -0
+        np.exp(np.negative(x, out=out), out=out)
+    out += 1.0
+    np.divide(x, out, out=out)
 
 
 def _packed_weights(graph) -> dict[str, SparseWeight]:
@@ -151,11 +208,10 @@ class Program:
         }
         self.input = graph.input[0].name if graph.input else "images"
         self.outputs = [o.name for o in graph.output]
-        # activation buffers, reused from run to run: one pool per input shape (a run of a given
-        # shape takes buffers of the same shapes again), the POOLS most recently run kept; runs are
-        # serialised by SparseEngine, so a pool serves one run at a time
-        self.pools: OrderedDict[tuple[int, ...], BufferPool] = OrderedDict()
-        self.pool = BufferPool()  # the running shape's
+        # one schedule per input shape (its buffers, taken once), the SCHEDULES most recently run
+        # kept; runs are serialised by SparseEngine, so a schedule serves one run at a time
+        self.schedules: OrderedDict[tuple[int, ...], Schedule] = OrderedDict()
+        self.pool = BufferPool()  # the buffers of the schedule being bound
         runtime = self._fold(graph.node)
         uses = Counter(i for n in runtime for i in n.input if i) + Counter(self.outputs)
         self.steps: list[Step] = []
@@ -238,11 +294,12 @@ class Program:
             raise Unsupported(f"{node.op_type} node {node.name or node.output[0]}: {exc}") from None
         fn, consts, names = OPS[node.op_type], self.consts, list(node.input)
 
-        def run(*values):
+        def bind(*values):
             it = iter(values)
-            return fn([consts[n] if n in consts else (as_array(next(it)) if n else None) for n in names], a)[0]
+            args = [consts[n] if n in consts else (as_array(next(it)) if n else None) for n in names]
+            return computed(lambda v: fn(v, a)[0], args)
 
-        return run
+        return bind
 
     def _pad(self, node, a, uses) -> bool:
         """Zero channels added to a 4-D activation (an option-A shortcut's x[:, :, ::2, ::2]
@@ -296,10 +353,10 @@ class Program:
         sub = Subsample()
         self.subsamples[node.output[0]] = sub
 
-        def run(x):
-            return sub(x, self.pool) if isinstance(x, Planes) else sub.nchw(as_array(x))
+        def bind(x):
+            return sub.bind(x, self.pool) if isinstance(x, Planes) else computed(lambda v: sub.nchw(v[0]), [x])
 
-        self._push(Step(kind, [node.input[0]], node.output[0], run, node.name))
+        self._push(Step(kind, [node.input[0]], node.output[0], bind, node.name))
         return sub
 
     def _push(self, step: Step) -> None:
@@ -321,14 +378,17 @@ class Program:
             raise Unsupported(f"convolution {name} of {weight.shape[0]} outputs in {groups} groups")
         conv = Conv(weight, self._bias(node, weight.shape[0]), strides, (pads[0], pads[1], pads[2], pads[3]), groups)
 
-        def run(x, residual=None, relu=False):
-            planes = as_planes(x)
-            out = conv(planes, None if residual is None else as_planes(residual), relu, self.pool)
+        def bind(x, residual=None, relu=False):
+            planes, calls = as_planes(x)
+            if residual is not None:
+                residual, more = as_planes(residual)
+                calls += more
+            out, more = conv.bind(planes, residual, relu, self.pool)
             if planes is not x:  # converted here: nothing else reads it
                 self.pool.give_phases(planes)
-            return out
+            return out, calls + more
 
-        self._push(Step("Conv", [node.input[0]], node.output[0], run, node.name or node.output[0], conv))
+        self._push(Step("Conv", [node.input[0]], node.output[0], bind, node.name or node.output[0], conv))
         return True
 
     def _fusable(self, name: str, uses: Counter, kinds: tuple[str, ...]) -> Step | None:
@@ -347,16 +407,17 @@ class Program:
         pairs = [(c, o) for c, o in (node.input, node.input[::-1]) if self._fusable(c, uses, EPILOGUE_KINDS)]
         pairs = [(c, o) for c, o in pairs if not self.producer[c].fused]
         if not pairs:
-            self._push(Step("Add", list(node.input), node.output[0], _add_values, node.name))
+            add = Step("Add", list(node.input), node.output[0], lambda a, b: _add_values(a, b, self.pool), node.name)
+            self._push(add)
             return True
         conv_name, other = max(pairs, key=lambda p: order[p[0]])
         step = self.producer[conv_name]
         if order.get(other, -1) > order[conv_name]:  # the residual is made later: run the convolution after it
             self.steps.remove(step)
             self.steps.append(step)
-        run = step.run
+        bind = step.bind
         step.inputs = [*step.inputs, other]
-        step.run = lambda *values, run=run, relu=False: run(*values[:-1], residual=values[-1], relu=relu)
+        step.bind = lambda *values, bind=bind, relu=False: bind(*values[:-1], residual=values[-1], relu=relu)
         step.fused.append("Add")
         self._rename(step, node.output[0])
         return True
@@ -371,10 +432,10 @@ class Program:
     def _relu(self, node, _a, uses) -> bool:
         step = self._fusable(node.input[0], uses, (*EPILOGUE_KINDS, "BatchNormalization"))
         if step is None or "Relu" in step.fused:
-            self._push(Step("Relu", [node.input[0]], node.output[0], _relu_values, node.name))
+            self._push(Step("Relu", [node.input[0]], node.output[0], lambda x: _relu_values(x, self.pool), node.name))
             return True
-        run = step.run
-        step.run = lambda *values, run=run: run(*values, relu=True)
+        bind = step.bind
+        step.bind = lambda *values, bind=bind: bind(*values, relu=True)
         step.fused.append("Relu")
         self._rename(step, node.output[0])
         return True
@@ -384,16 +445,15 @@ class Program:
             raise Unsupported(f"batch norm {node.name or node.output[0]} with run-time statistics")
         scale, shift = bn_affine([self.consts[i] for i in node.input[1:5]], a)
 
-        def run(x, relu=False, scale=scale, shift=shift):
+        def bind(x, relu=False, scale=scale, shift=shift):
             if isinstance(x, Planes) or np.ndim(x) == 4:
-                p = as_planes(x)
+                p, calls = as_planes(x)
                 out = Planes.empty(p.data.shape[0], p.grid, self.pool)
-                kernels.channel_affine(p.data, scale, shift, mask(p.grid), relu, out.data)
-                return out
-            y = x * scale + shift
-            return np.maximum(y, 0) if relu else y
+                affine = functools.partial(kernels.channel_affine, p.data, scale, shift, mask(p.grid), relu, out.data)
+                return out, [*calls, affine]
+            return computed(lambda v: np.maximum(v[0] * scale + shift, 0) if relu else v[0] * scale + shift, [x])
 
-        self._push(Step("BatchNormalization", [node.input[0]], node.output[0], run, node.name))
+        self._push(Step("BatchNormalization", [node.input[0]], node.output[0], bind, node.name))
         return True
 
     def _gemm(self, node, a, _uses) -> bool:
@@ -412,7 +472,7 @@ class Program:
         if bias.size != weight.shape[0]:
             return False
         linear = Linear(weight, bias)
-        self._push(Step("Gemm", [node.input[0]], node.output[0], lambda x: linear(as_array(x)), node.name, linear))
+        self._push(Step("Gemm", [node.input[0]], node.output[0], lambda x: linear.bind(as_array(x)), node.name, linear))
         return True
 
     def _global_average_pool(self, node, _a, _uses) -> bool:
@@ -427,12 +487,12 @@ class Program:
         axes = reduce_axes([None, self.consts.get(node.input[1]) if len(node.input) > 1 else None], a)
         if axes is None or sorted(axes) not in ([2, 3], [-2, -1]) or not a.get("keepdims", 1):
             return False
-        numpy_run = self._numpy_op(node, a)
+        numpy_bind = self._numpy_op(node, a)
 
-        def run(x):
-            return _spatial_means(x) if isinstance(x, Planes) else numpy_run(x)
+        def bind(x):
+            return _spatial_means(x) if isinstance(x, Planes) else numpy_bind(x)
 
-        self._push(Step("ReduceMean", [node.input[0]], node.output[0], run, node.name))
+        self._push(Step("ReduceMean", [node.input[0]], node.output[0], bind, node.name))
         return True
 
     def _silu(self, node, uses) -> bool:
@@ -453,22 +513,16 @@ class Program:
             return False
         self.steps.pop()
         del self.producer[s]
-        sigmoid = step.run  # numpy's, for an activation not in planes
 
-        def run(v, residual=None, relu=False):
+        def bind(v, residual=None, relu=False):
             if isinstance(v, Planes):
                 out = Planes.empty(v.data.shape[0], v.grid, self.pool)
-                with np.errstate(over="ignore"):  # exp(-x) is inf for x below -88: x / inf = -0
-                    np.exp(np.negative(v.data, out=out.data), out=out.data)
-                out.data += 1.0
-                np.divide(v.data, out.data, out=out.data)
+                calls = [functools.partial(_silu_planes, v.data, out.data)]
             else:
-                out = as_array(v) * sigmoid(v)
-            if residual is not None:
-                out = _add_values(out, residual)
-            return _relu_values(out) if relu else out
+                out, calls = computed(lambda a: a[0] * OPS["Sigmoid"](a, {})[0], [as_array(v)])
+            return _epilogue(out, calls, residual, relu, self.pool)
 
-        self._push(Step("SiLU", [x], node.output[0], run, node.name))
+        self._push(Step("SiLU", [x], node.output[0], bind, node.name))
         return True
 
     def _mul(self, node, a, uses) -> bool:
@@ -478,47 +532,64 @@ class Program:
         temperature, other shapes) runs in numpy."""
         if self._silu(node, uses):
             return True
-        numpy_run = self._numpy_op(node, a)
+        numpy_bind = self._numpy_op(node, a)
 
-        def run(*values, residual=None, relu=False):
+        def bind(*values, residual=None, relu=False):
             if len(values) == 2:
                 for x, gate in (values, values[::-1]):
-                    out = _gate_planes(x, gate, residual, relu, self.pool)
-                    if out is not None:
-                        return out
-            y = numpy_run(*values)
-            if residual is not None:
-                y = _add_values(y, residual)
-            return _relu_values(y) if relu else y
+                    bound = _gate_planes(x, gate, residual, relu, self.pool)
+                    if bound is not None:
+                        return bound
+            return _epilogue(*numpy_bind(*values), residual, relu, self.pool)
 
-        self._push(Step("Mul", self._runtime_inputs(node), node.output[0], run, node.name))
+        self._push(Step("Mul", self._runtime_inputs(node), node.output[0], bind, node.name))
         return True
 
     # ---------------------------------------------------------------- running
 
-    def run(self, images: np.ndarray, trace: list | None = None) -> dict[str, np.ndarray]:
-        """The graph's outputs for `images`; each value is dropped after its last use. With
-        `trace`, (seconds, output pixels per image) of each step are appended to it."""
-        shape = tuple(np.shape(images))
-        pool = self.pools.pop(shape, None)
-        self.pool = self.pools[shape] = BufferPool() if pool is None else pool
-        if len(self.pools) > POOLS:  # every batch size a server met would otherwise keep its buffers
-            self.pools.popitem(last=False)
+    def bind(self, shape: tuple[int, ...]) -> Schedule:
+        """The program bound to inputs of `shape`. Step by step, each output's buffers are taken
+        from a pool and handed back after the value's last use, where a later step takes them
+        again: the calls run in this order, so a buffer is rewritten only once its readers ran.
+        numpy's ops are evaluated here once, on zeros, for their shapes."""
+        self.pool = BufferPool()
+        images = np.zeros(shape, np.float32)
         values: dict[str, Value] = {self.input: images}
-        for step, release in zip(self.steps, self.release, strict=True):
-            start = time.perf_counter()
-            values[step.output] = out = step.run(*[values[n] for n in step.inputs])
-            if trace is not None:
-                pixels = out.grid.h * out.grid.w if isinstance(out, Planes) else 1
+        calls, pixels = [], []
+        with np.errstate(all="ignore"):
+            for step, release in zip(self.steps, self.release, strict=True):
+                out, step_calls = step.bind(*[values[n] for n in step.inputs])
+                values[step.output] = out
+                calls.append(step_calls)
+                pixels.append(out.grid.h * out.grid.w if isinstance(out, Planes) else 1)
+                for name in release:
+                    done = values.pop(name, None)
+                    if isinstance(done, Planes) and done is not out:
+                        if done.phases:
+                            self.pool.give_phases(done)
+                        if not done.viewed:
+                            self.pool.give(done.data, planes=True)
+        outputs = {name: as_array(values[name]) for name in self.outputs if name in values}
+        return Schedule(images, calls, pixels, outputs)
+
+    def run(self, images: np.ndarray, trace: list | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs for `images` (copies: the schedule's buffers are reused by the next
+        run). With `trace`, (seconds, output pixels per image) of each step are appended to it."""
+        shape = tuple(np.shape(images))
+        schedule = self.schedules.pop(shape, None) or self.bind(shape)
+        self.schedules[shape] = schedule
+        if len(self.schedules) > SCHEDULES:  # every batch size a server met would otherwise keep its buffers
+            self.schedules.popitem(last=False)
+        np.copyto(schedule.images, images)
+        if trace is None:
+            run_calls(schedule.flat)
+        else:
+            for calls, pixels in zip(schedule.calls, schedule.pixels, strict=True):
+                start = time.perf_counter()
+                run_calls(calls)
                 trace.append((time.perf_counter() - start, pixels))
-            for name in release:
-                done = values.pop(name, None)
-                if isinstance(done, Planes) and done is not out:
-                    if done.phases:
-                        self.pool.give_phases(done)
-                    if not done.viewed:
-                        self.pool.give(done.data, planes=True)
-        return {name: as_array(values[name]) if name in values else self.consts[name] for name in self.outputs}
+        outputs = schedule.outputs
+        return {name: outputs[name].copy() if name in outputs else self.consts[name] for name in self.outputs}
 
     def macs_per_image(self, trace: list) -> list[int]:
         """Each step's multiply-adds per image, from a traced run: its nonzeros x output pixels."""

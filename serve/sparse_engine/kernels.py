@@ -22,9 +22,11 @@ do not depend on the thread count.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -512,8 +514,13 @@ class RowTables:
     def nbytes(self) -> int:
         return self.bounds.nbytes + self.taps.nbytes + self.vals.nbytes
 
+    def call(self, src, bias, out, shift, length, residual, mask, relu) -> Callable[[], None]:
+        """sparse_conv on these tables with the arguments bound (run it later, any number of times)."""
+        args = (self.bounds, self.taps, self.bits, self.vals, bias, out, shift, length, residual, mask, relu)
+        return functools.partial(sparse_conv, src, *args)
+
     def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
-        sparse_conv(src, self.bounds, self.taps, self.bits, self.vals, bias, out, shift, length, residual, mask, relu)
+        self.call(src, bias, out, shift, length, residual, mask, relu)()
 
 
 def row_tables(

@@ -16,7 +16,7 @@ import numpy as np
 from cigl.errors import FormatError
 from cigl.packing import unpack_mask
 from cigl.serve.sparse_engine import kernels, quads
-from cigl.serve.sparse_engine.layout import BufferPool, Grid, Planes, mask
+from cigl.serve.sparse_engine.layout import BufferPool, Call, Grid, Planes, mask, run_calls
 from cigl.serve.sparse_engine.ops import padded
 
 PLANS = 8  # input sizes (batch, height, width) a convolution keeps its call plan for, and (height, width) its tables
@@ -240,14 +240,15 @@ class Conv:
                 plan = _Plan(tables, out_grid, 0, g.n * hq * wq, kernels.NO_MASK, phases, src_shape, flat=True)
         return _remember(self.plans, (g.n, g.h, g.w), plan)
 
-    def __call__(
+    def bind(
         self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
-    ) -> Planes:
+    ) -> tuple[Planes, list[Call]]:
+        """The output planes for input x (buffers taken now) and the calls that compute them."""
         if x.data.shape[0] != self.in_channels:  # the kernels index planes without bounds checks
             raise FormatError(f"a convolution of {self.in_channels} input channels is given {x.data.shape[0]}")
         g, plan = x.grid, self.plan(x.grid, x.phases)
         rows, pool = self.weight.shape[0], pool or BufferPool()
-        src = x.data
+        src, calls = x.data, []
         if plan.gather is not None:  # strided or widely padded: one plane per (stride phase, channel)
             if x.phases is None:
                 x.phases = {}
@@ -257,25 +258,32 @@ class Conv:
                 if src is not None:
                     pool.give(src)
                 src = x.phases[p] = pool.take(plan.src_shape)  # kept with x for others (handed back with it)
-                kernels.gather_phases(x.data, g.n, g.h, g.w, *p.pads, *p.stride, *p.grid, p.array, src)
+                args = (x.data, g.n, g.h, g.w, *p.pads, *p.stride, *p.grid, p.array, src)
+                calls.append(functools.partial(kernels.gather_phases, *args))
         if plan.flat:  # the kernel reaches past the phase planes: compute on them, then place the outputs
             hq, wq = plan.gather.grid
             flat = pool.take((rows, plan.length))
-            self._kernel(src, flat, plan, None, False)
+            calls.append(self._kernel(src, flat, plan, None, False))
             og = plan.out_grid
             y = flat.reshape(rows, g.n, hq, wq)[:, :, : og.h, : og.w].transpose(1, 0, 2, 3)
-            if residual is not None:
-                y = y + residual.nchw()
-            out = Planes.from_nchw(np.maximum(y, 0) if relu else y)
+            out, place = Planes.bind_nchw(y, add=None if residual is None else residual.nchw(), relu=relu)
+            calls += place
             pool.give(flat)
         else:
             out = Planes.empty(rows, plan.out_grid, pool)
-            self._kernel(src, out.data, plan, residual, relu)
+            calls.append(self._kernel(src, out.data, plan, residual, relu))
+        return out, calls
+
+    def __call__(
+        self, x: Planes, residual: Planes | None = None, relu: bool = False, pool: BufferPool | None = None
+    ) -> Planes:
+        out, calls = self.bind(x, residual, relu, pool)
+        run_calls(calls)
         return out
 
-    def _kernel(self, src: np.ndarray, out: np.ndarray, plan: _Plan, residual: Planes | None, relu: bool) -> None:
+    def _kernel(self, src: np.ndarray, out: np.ndarray, plan: _Plan, residual: Planes | None, relu: bool) -> Call:
         res = residual.data if residual is not None else kernels.NO_RESIDUAL
-        plan.tables.run(src, self.bias, out, plan.shift, plan.length, res, plan.mask, relu)
+        return plan.tables.call(src, self.bias, out, plan.shift, plan.length, res, plan.mask, relu)
 
 
 @dataclass
@@ -293,12 +301,17 @@ class Linear:
     def nbytes(self) -> int:
         return self.weight.nbytes + self.bias.nbytes + self.tables.nbytes
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def bind(self, x: np.ndarray) -> tuple[np.ndarray, list[Call]]:
+        """The (N, out) output for input x (read when the calls run) and the calls that compute it."""
         n = x.shape[0]
-        src = np.ascontiguousarray(x.T, dtype=np.float32)
-        out = np.empty((self.weight.shape[0], n), np.float32)
-        self.tables.run(src, self.bias, out, 0, n, kernels.NO_RESIDUAL, kernels.NO_MASK, False)
-        return out.T
+        src, out = np.empty((x.shape[1], n), np.float32), np.empty((self.weight.shape[0], n), np.float32)
+        kernel = self.tables.call(src, self.bias, out, 0, n, kernels.NO_RESIDUAL, kernels.NO_MASK, False)
+        return out.T, [functools.partial(np.copyto, src, x.T), kernel]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out, calls = self.bind(x)
+        run_calls(calls)
+        return out
 
 
 @dataclass
@@ -314,7 +327,8 @@ class Subsample:
     before: int = 0
     after: int = 0
 
-    def __call__(self, x: Planes, pool: BufferPool | None = None) -> Planes:
+    def bind(self, x: Planes, pool: BufferPool | None = None) -> tuple[Planes, list[Call]]:
+        """The output planes (taken now) and the calls that fill them."""
         g, channels = x.grid, x.data.shape[0]
         (sh, sw), (a, b) = self.steps, self.starts
         ho, wo = -(-(g.h - a) // sh), -(-(g.w - b) // sw)
@@ -326,13 +340,18 @@ class Subsample:
                 j = origins.index((a, b))
                 # phase position k holds element k - (row + 1) of the output layout, padding included
                 part = src[j * channels : (j + 1) * channels]
-                kernels.place_channels(part, out.data, self.before, og.row + 1, g.n * og.block)
-                return out
-        out.data[: self.before] = 0.0
-        out.data[self.before + channels :] = 0.0
+                args = (part, out.data, self.before, og.row + 1, g.n * og.block)
+                return out, [functools.partial(kernels.place_channels, *args)]
+        # the zero channels are zeroed by a call too: other values use the buffer between runs
+        zeros = [z for z in (out.data[: self.before], out.data[self.before + channels :]) if z.size]
         body = out.data[self.before : self.before + channels]
         phase = np.array([a * sw + b], np.int64)
-        kernels.gather_phases(x.data, g.n, g.h, g.w, sh, sw, sh, sw, ho + 1, wo + 1, phase, body)
+        args = (x.data, g.n, g.h, g.w, sh, sw, sh, sw, ho + 1, wo + 1, phase, body)
+        return out, [*(functools.partial(z.fill, 0.0) for z in zeros), functools.partial(kernels.gather_phases, *args)]
+
+    def __call__(self, x: Planes, pool: BufferPool | None = None) -> Planes:
+        out, calls = self.bind(x, pool)
+        run_calls(calls)
         return out
 
     def nchw(self, x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,14 @@ class Grid:
     def interior(self, data: np.ndarray) -> np.ndarray:
         """The (C, N, H, W) view of the elements of `data`."""
         return data[:, : self.n * self.block].reshape(-1, self.n, self.h + 1, self.row)[:, :, 1:, 1:]
+
+
+Call = Callable[[], object]  # one bound computation of a run: its arrays fixed when it was bound
+
+
+def run_calls(calls: list[Call]) -> None:
+    for call in calls:
+        call()
 
 
 class BufferPool:
@@ -96,11 +105,29 @@ class Planes:
         return cls(data, grid)
 
     @classmethod
-    def from_nchw(cls, x: np.ndarray) -> Planes:
+    def bind_nchw(cls, x: np.ndarray, add: np.ndarray | None = None, relu: bool = False) -> tuple[Planes, list[Call]]:
+        """Planes for the N x C x H x W array x (+ add, then ReLU if relu), and the call that
+        copies it in. x and add are read when the call runs: a view of a buffer that earlier
+        calls fill brings their values. The buffer is new (zeros), so its padding stays zero."""
         n, c, h, w = x.shape
         grid = Grid(n, h, w)
         planes = cls(np.zeros((c, grid.length), np.float32), grid)
-        grid.interior(planes.data)[...] = x.transpose(1, 0, 2, 3)
+        target = grid.interior(planes.data).transpose(1, 0, 2, 3)
+
+        def copy():
+            if add is None:
+                np.copyto(target, x)
+            else:
+                np.add(x, add, out=target)
+            if relu:
+                np.maximum(target, 0, out=target)
+
+        return planes, [copy]
+
+    @classmethod
+    def from_nchw(cls, x: np.ndarray) -> Planes:
+        planes, calls = cls.bind_nchw(x)
+        run_calls(calls)
         return planes
 
     def nchw(self) -> np.ndarray:

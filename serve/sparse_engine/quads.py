@@ -21,6 +21,8 @@ depend on the thread count.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -293,12 +295,15 @@ class QuadTables:
     def nbytes(self) -> int:
         return self.bounds.nbytes + self.starts.nbytes + self.taps.nbytes + self.vals.nbytes
 
-    def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
-        """quad_conv; a residual's rows are as long as out's."""
+    def call(self, src, bias, out, shift, length, residual, mask, relu) -> Callable[[], None]:
+        """quad_conv on these tables with the arguments bound; a residual's rows are as long as out's."""
         if residual.shape[0] and residual.shape != out.shape:
             raise ValueError(f"a residual of shape {residual.shape} for an output of shape {out.shape}")
         args = (self.bounds, self.starts, self.taps, self.bits, self.vals)
-        quad_conv(src, *args, bias, out, shift, length, residual, mask, relu)
+        return functools.partial(quad_conv, src, *args, bias, out, shift, length, residual, mask, relu)
+
+    def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
+        self.call(src, bias, out, shift, length, residual, mask, relu)()
 
 
 def quad_tables(
