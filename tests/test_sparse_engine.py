@@ -368,6 +368,49 @@ def test_readers_of_a_shared_gather_match_torch(monkeypatch, h, w):
     np.testing.assert_array_equal(again.nchw(), expected)
 
 
+def test_bound_calls_rewrite_all_they_own_on_every_run():
+    """A schedule's calls run again and again on buffers that other values use in between (a
+    buffer goes back to the pool after its value's last read, and later steps write it). So the
+    calls must write every element of their output each time: an option-A shortcut's zero
+    channels too. numpy's per-run ops are recomputed by their calls, and a view of a value
+    follows it with no call."""
+    from cigl.serve.sparse_engine.graph import computed
+    from cigl.serve.sparse_engine.layout import run_calls
+
+    x = np.random.default_rng(4).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    sub = Subsample([2, 2], [0, 0], before=2, after=1)
+    out, calls = sub.bind(Planes.from_nchw(x))
+    expected = np.pad(x[:, :, ::2, ::2], [(0, 0), (2, 1), (0, 0), (0, 0)])
+    for _ in range(2):
+        out.grid.interior(out.data)[...] = 7.0  # another value's, written between two runs
+        run_calls(calls)
+        np.testing.assert_array_equal(out.nchw(), expected)
+
+    values = np.zeros((2, 3), np.float32)
+    view, none = computed(lambda v: v[0].reshape(3, 2), [values])
+    total, sums = computed(lambda v: v[0].sum(axis=1), [values])
+    assert none == [] and len(sums) == 1
+    values[:] = np.arange(6).reshape(2, 3)
+    run_calls(sums)
+    assert total.tolist() == [3.0, 12.0] and view.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+
+
+def test_a_run_returns_its_own_outputs(digits_models):
+    """Runs of one input shape share the schedule's buffers; the logits and probabilities a run
+    returns are copies, left as they were by the runs after it."""
+    from cigl.data import load_dataset
+
+    engine = SparseEngine(Path(digits_models["resnet20"]).read_bytes())
+    x = Predictor(digits_models["resnet20"], device="cpu").normalize(load_dataset("digits").test.x[:16])
+    first, second = engine.run(x[:8]), engine.run(x[8:])
+    assert list(engine.program.schedules) == [x[:8].shape]
+    fresh = SparseEngine(Path(digits_models["resnet20"]).read_bytes())
+    for got, images in ((first, x[:8]), (second, x[8:])):
+        for a, b in zip(got, fresh.run(images), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], second[0])
+
+
 @pytest.mark.parametrize(
     ("steps", "starts"), [((1, 1), (0, 0)), ((2, 2), (0, 0)), ((2, 3), (1, 2)), ((1, 2), (0, 1)), ((3, 1), (2, 0))]
 )
@@ -410,7 +453,7 @@ def test_reused_buffers_keep_the_layouts_zero_padding(digits_models):
 
 
 def test_buffers_and_plans_are_kept_for_a_few_input_sizes_only(digits_models):
-    """A server meets many batch sizes. Activation buffers are kept for the POOLS most recent input
+    """A server meets many batch sizes. Schedules (with their buffers) are kept for the SCHEDULES most recent input
     shapes and call plans for PLANS sizes per convolution (kept for every size, a CIFAR ResNet-18
     held 4.7 GB after batches of 1 to 64); a size met again after its buffers went gives the same
     logits as a fresh engine."""

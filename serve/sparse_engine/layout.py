@@ -54,9 +54,10 @@ def run_calls(calls: list[Call]) -> None:
 
 
 class BufferPool:
-    """Float32 buffers handed back after their last use and reused by shape: a fresh multi-megabyte
-    array costs a page fault per 4 KiB on first write, which at batch 64 is a sizeable part of a
-    convolution. Buffers of Planes are kept apart: their padding is zero when they come back
+    """Float32 buffers handed back after their value's last use and taken again by later values of
+    the same shape, while a schedule is bound (graph.Program.bind): the run's memory plan, made
+    once per input shape and kept, since a fresh multi-megabyte array costs a page fault per 4 KiB
+    on first write. Buffers of Planes are kept apart: their padding is zero when they come back
     (the layout's invariant), so one taken again needs no clearing."""
 
     def __init__(self):
