@@ -545,6 +545,7 @@ def test_option_a_shortcut_is_one_step_on_planes(digits_models):
     """ResNet-20's Slice, Slice and Pad of each downsampling shortcut run as one planes step."""
     program = SparseEngine(Path(digits_models["resnet20"]).read_bytes()).program
     kinds = [("+".join([s.kind, *s.fused])) for s in program.steps]
+    assert kinds[-3:] == ["Flatten", "Gemm", "Mul+Softmax"]  # the temperature folded into the Softmax
     assert kinds.count("Slice+Slice+Pad") == 2
     assert "Pad" not in kinds and "Slice" not in kinds
 
@@ -707,6 +708,46 @@ def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
     assert np.abs(expected["silu"]).max() > 300 and (expected["silu"] == 0).mean() > 0.2
     for name in ("silu", "shared"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-4)
+
+
+def test_softmax_folds_the_temperature_and_matches_onnxruntime():
+    """Logits -> Mul by a scalar (cigl's 1 / T) -> Softmax over the last axis: one kernel step,
+    also for logits far past where exp overflows; a scaled value that is an output itself keeps
+    its Mul step, and a Softmax over another axis or rank runs in numpy. All match onnxruntime."""
+    from onnx import helper
+
+    from cigl.serve.sparse_engine.graph import Program
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((5, 10)) * 300).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["x", "t"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"]),
+        helper.make_node("Mul", ["t", "x"], ["kept"]),
+        helper.make_node("Softmax", ["kept"], ["probs_kept"], axis=1),
+        helper.make_node("Softmax", ["x"], ["columns"], axis=0),
+        helper.make_node("Unsqueeze", ["x", "axes"], ["x3"]),
+        helper.make_node("Softmax", ["x3"], ["probs3"]),
+    ]
+    outputs = ("probs", "kept", "probs_kept", "columns", "probs3")
+    weights = {"t": np.array([0.37], np.float32), "axes": np.array([0], np.int64)}
+    model = _one_input_model(nodes, x, outputs, weights)
+    program = Program(model)
+    assert ["+".join([s.kind, *s.fused]) for s in program.steps] == [
+        "Mul+Softmax",
+        "Mul",
+        "Softmax",
+        "Softmax",
+        "Unsqueeze",
+        "Softmax",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = program.run(x)
+    expected = _onnxruntime_outputs(model, x, outputs)
+    assert (expected["probs"] > 0.999).any() and (expected["probs"] < 1e-30).any()
+    for name in outputs:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 def _with_hardswish(src: str, dst) -> None:

@@ -222,6 +222,7 @@ class Program:
         self.steps: list[Step] = []
         self.producer: dict[str, Step] = {}
         self.subsamples: dict[str, Subsample] = {}  # by output name, while later steps may join them
+        self.scalars: dict[str, np.float32] = {}  # Mul steps by a scalar constant: their factor, by output name
         for node in runtime:
             self._compile(node, uses)
         weights = [s.weight for s in self.steps if s.weight is not None]
@@ -281,6 +282,7 @@ class Program:
             "Mul": self._mul,
             "Pad": self._pad,
             "Slice": self._slice,
+            "Softmax": self._softmax,
         }.get(node.op_type)
         if handler is not None and handler(node, a, uses):
             return
@@ -537,6 +539,9 @@ class Program:
         temperature, other shapes) runs in numpy."""
         if self._silu(node, uses):
             return True
+        factors = [self.consts[i] for i in node.input if i in self.consts]
+        if len(node.input) == 2 and len(factors) == 1 and np.size(factors[0]) == 1:  # a Softmax may fold it in
+            self.scalars[node.output[0]] = np.float32(np.asarray(factors[0]).reshape(-1)[0])
         numpy_bind = self._numpy_op(node, a)
 
         def bind(*values, residual=None, relu=False):
@@ -548,6 +553,34 @@ class Program:
             return _epilogue(*numpy_bind(*values), residual, relu, self.pool)
 
         self._push(Step("Mul", self._runtime_inputs(node), node.output[0], bind, node.name))
+        return True
+
+    def _softmax(self, node, a, uses) -> bool:
+        """Softmax over the last axis of a 2-D float32 activation (the classifier's probabilities)
+        is one kernel call, with a Mul by a scalar constant right before it folded in when only
+        the Softmax reads that product (cigl's temperature: probs = softmax(logits * (1 / T)));
+        any other Softmax runs in numpy."""
+        numpy_bind, source, scale = self._numpy_op(node, a), node.input[0], np.float32(1.0)
+        step = self._fusable(source, uses, ("Mul",))
+        if step is not None and source in self.scalars and not step.fused and step is self.steps[-1]:
+            self.steps.pop()
+            del self.producer[source]
+            source, scale = step.inputs[0], self.scalars[source]
+        axis = a.get("axis", -1)
+
+        def bind(x):
+            x = as_array(x)
+            if x.ndim == 2 and x.dtype == np.float32 and axis in (-1, 1):
+                out = np.empty(x.shape, np.float32)
+                return out, [functools.partial(kernels.softmax_rows, x, scale, out)]
+            if scale != 1:
+                x, calls = computed(lambda v: v[0] * scale, [x])
+                out, more = numpy_bind(x)
+                return out, calls + more
+            return numpy_bind(x)
+
+        kind = "Mul+Softmax" if source != node.input[0] else "Softmax"
+        self._push(Step(kind, [source], node.output[0], bind, node.name))
         return True
 
     # ---------------------------------------------------------------- running
