@@ -23,9 +23,13 @@ from cigl.serve.sparse_engine.graph import Unsupported
 
 __all__ = ["SparseEngine", "Unsupported", "missing"]
 
-# a run of fewer multiply-adds than this (about a millisecond on one core) runs on one thread when
-# the thread count is the engine's choice: waking an idle worker thread costs more than it saves
-SERIAL_MACS = 32_000_000
+# a run of fewer multiply-adds than this (about 1.3 ms on one core, run cold) runs on one thread
+# when the thread count is the engine's choice: waking an idle worker thread costs more than it
+# saves. Measured in turn with dense onnxruntime, 0.2 s apart: one thread won at 3.7 and 13.9
+# million (WRN-22-2 at density 0.05, batch 1: 1.50 ms against 1.82), 7.5 million was a draw, two
+# won at 15.1, 22.6 and 27.4 million (a batch-2 ResNet-20 at 0.1: 1.07 ms against 1.23; WRN-22-2 at 0.1: 1.5-1.8
+# against 2.1-2.3)
+SERIAL_MACS = 14_000_000
 _SHAPES = 16  # input sizes whose multiply-adds an engine remembers
 
 
@@ -49,10 +53,11 @@ class SparseEngine:
     (name -> shape) describe the graph as onnxruntime would; runs are serialised by a lock.
 
     `threads` 0 (the default) uses every core, except for a run of fewer than SERIAL_MACS
-    multiply-adds (a batch-1 ResNet-20 or WRN-22-2 at 90% sparsity), which runs on one: numba's
-    worker threads sleep a millisecond after a run, and on a 2-core VM waking one took 0.4 ms
-    to over 10 ms, more than such a run takes alone. A run's multiply-adds are counted on the
-    first run at its input size (that run uses every core)."""
+    multiply-adds (a batch-1 ResNet-20 at 90% sparsity, or a WRN-22-2 at 95%), which runs on
+    one: numba's worker threads sleep a millisecond after a run, and on a 2-core VM waking one
+    took 0.4 ms to over 10 ms, more than such a run takes alone. Within a run the calls follow
+    each other with no Python between them, so the worker woken for the first stays awake. A
+    run's multiply-adds are counted on the first run at its input size (that run uses every core)."""
 
     name = "sparse"
 
