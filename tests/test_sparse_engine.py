@@ -844,6 +844,42 @@ def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monk
     assert_matches(engine.run(x[:2]), ort.run(x[:2]))
 
 
+def test_auto_drops_a_sparse_engine_that_disagrees_with_onnxruntime(digits_models, monkeypatch):
+    """Before timing, auto runs both engines on a random batch: a sparse engine whose logits are
+    off by more than PARITY of their scale, or that raises, is dropped with a one-line warning
+    and onnxruntime serves (a graph the engine reads but gets wrong costs speed, not answers)."""
+    from cigl.serve import engines, sparse_engine
+
+    with open(digits_models["resnet20"], "rb") as f:
+        model = f.read()
+    run = sparse_engine.SparseEngine.run
+
+    def off(self, x):
+        logits, probs = run(self, x)
+        return logits * (1 + 10 * engines.PARITY), probs
+
+    monkeypatch.setattr(sparse_engine.SparseEngine, "run", off)
+    with pytest.warns(UserWarning, match=r"^sparse engine: its outputs on m\.onnx differ from onnxruntime's \(max "):
+        engine = open_engine(model, engine="auto", device="cpu", source="m.onnx")
+    assert isinstance(engine, OnnxRuntime)
+
+    def broken(self, x):
+        raise IndexError("index 7 is out of bounds for axis 0 with size 3\nmore")
+
+    monkeypatch.setattr(sparse_engine.SparseEngine, "run", broken)
+    with pytest.warns(UserWarning) as caught:
+        engine = open_engine(model, engine="auto", device="cpu", source="m.onnx")
+    assert isinstance(engine, OnnxRuntime)
+    assert [str(w.message) for w in caught] == [
+        "sparse engine: it failed on m.onnx (IndexError: index 7 is out of bounds for axis 0 with size 3); "
+        "using onnxruntime"
+    ]
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(open_engine(model, engine="auto", device="cpu"), Auto)  # the real engine agrees
+
+
 def test_auto_keeps_onnxruntime_for_a_dense_model_without_timing(tmp_path, monkeypatch):
     """The card's density decides before the weights are read as nonzeros (a dense ResNet-50
     would hold all 25M of them in the engine's tables only for auto to drop them)."""
