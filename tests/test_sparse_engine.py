@@ -154,7 +154,7 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     x = ort.normalize(np.stack([ort.load_image(f) for f in files]))
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
-    kinds = {"+".join([s.kind, *s.fused]) for s in sparse.engine.program.steps}
+    kinds = {s.label for s in sparse.engine.program.steps}
     assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121", "resnext26ts"))
     assert ("Concat" in kinds) == (arch == "densenet121")
     assert ("Mul+Add+Relu" in kinds) == (arch == "seresnet18")
@@ -248,7 +248,7 @@ def test_sparse_conv_kernels_cover_every_output_length(length, epilogue, parts, 
     else:
         residual, keep = kernels.NO_RESIDUAL, kernels.NO_MASK
     out = np.full((len(counts), width), np.nan, np.float32)
-    tables.run(src, bias, out, shift, length, residual, keep, epilogue)
+    tables.call(src, bias, out, shift, length, residual, keep, epilogue)()
     expected = np.zeros((len(counts), length))
     for o in range(len(counts)):
         expected[o] = bias[o]
@@ -260,9 +260,9 @@ def test_sparse_conv_kernels_cover_every_output_length(length, epilogue, parts, 
     assert np.isnan(out[:, :shift]).all() and np.isnan(out[:, shift + length :]).all()
     # a layer without output rows is a no-op, not a division by zero in the job split
     empty = kernels.row_tables(rows[:0], planes[:0], offs[:0], vals[:0], span, 0)
-    empty.run(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)
+    empty.call(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)()
     empty = quads.quad_tables(rows[:0], planes[:0], offs[:0], vals[:0], span, 0)
-    empty.run(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)
+    empty.call(src, bias[:0], out[:0], shift, length, residual[:0], keep, epilogue)()
 
 
 def test_layers_from_quad_min_density_run_on_quads():
@@ -544,7 +544,7 @@ def test_strided_shortcut_reads_the_phases_its_block_gathered(monkeypatch, digit
 def test_option_a_shortcut_is_one_step_on_planes(digits_models):
     """ResNet-20's Slice, Slice and Pad of each downsampling shortcut run as one planes step."""
     program = SparseEngine(Path(digits_models["resnet20"]).read_bytes()).program
-    kinds = [("+".join([s.kind, *s.fused])) for s in program.steps]
+    kinds = [s.label for s in program.steps]
     assert kinds[-3:] == ["Flatten", "Gemm", "Mul+Softmax"]  # the temperature folded into the Softmax
     assert kinds.count("Slice+Slice+Pad") == 2
     assert "Pad" not in kinds and "Slice" not in kinds
@@ -663,7 +663,7 @@ def test_gate_mul_runs_on_planes_with_its_residual_and_relu_else_in_numpy(monkey
     ]
     model = _one_input_model(nodes, x, ("gated", "scaled"), {"w": weight, "scale": scale})
     program = Program(model)
-    kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
+    kinds = [s.label for s in program.steps]
     assert kinds.count("Mul+Add+Relu") == 2
     passes = []
     monkeypatch.setattr(kernels, "scale_channels", lambda *a, run=kernels.scale_channels: passes.append(a) or run(*a))
@@ -699,7 +699,7 @@ def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
     ]
     model = _one_input_model(nodes, x, ("silu", "shared"), {"w": weight})
     program = Program(model)
-    kinds = ["+".join([s.kind, *s.fused]) for s in program.steps]
+    kinds = [s.label for s in program.steps]
     assert kinds.count("SiLU+Add+Relu") == 1 and kinds.count("Sigmoid") == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -733,7 +733,7 @@ def test_softmax_folds_the_temperature_and_matches_onnxruntime():
     weights = {"t": np.array([0.37], np.float32), "axes": np.array([0], np.int64)}
     model = _one_input_model(nodes, x, outputs, weights)
     program = Program(model)
-    assert ["+".join([s.kind, *s.fused]) for s in program.steps] == [
+    assert [s.label for s in program.steps] == [
         "Mul+Softmax",
         "Mul",
         "Softmax",

@@ -102,6 +102,11 @@ class Step:
         return None if self.layer is None else self.layer.weight
 
     @property
+    def label(self) -> str:
+        """The step's kind with the ops fused into it, e.g. Conv+Add+Relu (the profile's name)."""
+        return "+".join([self.kind, *self.fused])
+
+    @property
     def nonzeros(self) -> int:
         return 0 if self.weight is None else self.weight.index.size
 
@@ -642,7 +647,7 @@ class Program:
             self.run(images, runs[-1])
         return [
             {
-                "step": "+".join([s.kind, *s.fused]),
+                "step": s.label,
                 "name": s.name,
                 "seconds": min(r[i][0] for r in runs),
                 "macs_per_image": macs,

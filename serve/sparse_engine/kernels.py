@@ -538,9 +538,6 @@ class RowTables:
         args = (self.bounds, self.taps, self.bits, self.vals, bias, out, shift, length, residual, mask, relu)
         return functools.partial(sparse_conv, src, *args)
 
-    def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
-        self.call(src, bias, out, shift, length, residual, mask, relu)()
-
 
 def row_tables(
     rows: np.ndarray, planes: np.ndarray, offsets: np.ndarray, values: np.ndarray, span: int, out_rows: int

@@ -9,6 +9,7 @@ height and width.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,6 +215,11 @@ class Conv:
                 return phases, (src.shape[0], need)
         return own, (max(1, len(own.phases)) * self.in_channels, g.n * hq * wq + reach)
 
+    def _tables(self, key: tuple, make: Callable[[], kernels.RowTables | quads.QuadTables]):
+        """The kernel tables kept under `key` (made by `make` the first time), most recently used."""
+        tables = self.tables.get(key)
+        return _remember(self.tables, key, make() if tables is None else tables)
+
     def plan(self, g: Grid, gathered: dict[Phases, np.ndarray] | None = None) -> _Plan:
         """The call plan for inputs of grid g (built on first use, then cached); `gathered`: the
         phase planes other convolutions made of the input, which a strided one may share."""
@@ -222,18 +228,18 @@ class Conv:
             return _remember(self.plans, (g.n, g.h, g.w), plan)
         out_grid = Grid(g.n, *self.output_size(g.h, g.w))
         if self.direct:
-            tables = self.tables.get((g.h, g.w))
-            if tables is None:
+
+            def direct_tables():  # nonzero (kh, kw) reads output position q's input at q + offset
                 _, _, kh, kw = self.weight.taps()
                 pt, pl = self.pads[:2]
-                tables = self.weight.tables(self.channels, (kh - pt + 1) * g.row + (kw - pl + 1))
-            plan = _Plan(_remember(self.tables, (g.h, g.w), tables), out_grid, g.row + 1, g.n * g.block, mask(g))
+                return self.weight.tables(self.channels, (kh - pt + 1) * g.row + (kw - pl + 1))
+
+            tables = self._tables((g.h, g.w), direct_tables)
+            plan = _Plan(tables, out_grid, g.row + 1, g.n * g.block, mask(g))
         else:
             phases, src_shape = self._gather_for(g, gathered or {})
-            tables = self.tables.get((g.h, g.w, phases))
-            if tables is None:
-                tables = self.weight.tables(*self._phase_taps(phases))
-            tables, (hq, wq, extra) = _remember(self.tables, (g.h, g.w, phases), tables), self._phases(g.h, g.w)
+            tables = self._tables((g.h, g.w, phases), lambda: self.weight.tables(*self._phase_taps(phases)))
+            hq, wq, extra = self._phases(g.h, g.w)
             if extra == 1:  # phase planes have the output's geometry: write the output planes directly
                 plan = _Plan(tables, out_grid, out_grid.row + 1, g.n * hq * wq, mask(out_grid), phases, src_shape)
             else:

@@ -302,9 +302,6 @@ class QuadTables:
         args = (self.bounds, self.starts, self.taps, self.bits, self.vals)
         return functools.partial(quad_conv, src, *args, bias, out, shift, length, residual, mask, relu)
 
-    def run(self, src, bias, out, shift, length, residual, mask, relu) -> None:
-        self.call(src, bias, out, shift, length, residual, mask, relu)()
-
 
 def quad_tables(
     rows: np.ndarray, planes: np.ndarray, offsets: np.ndarray, values: np.ndarray, span: int, out_rows: int
