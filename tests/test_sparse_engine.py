@@ -122,6 +122,9 @@ CIFAR_CASES = [
     ("repvgg_a0", 32),
     ("regnetx_002", 32),
     ("resnext26ts", 32),
+    ("mobilenetv2_050", 32),
+    ("mobilenetv3_small_050", 32),
+    ("cspresnet50", 32),
 ]
 
 
@@ -133,7 +136,9 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU); resnet50
     bottlenecks; densenet121 concatenated features and average-pool transitions; repvgg_a0
     (as trained: 3x3, 1x1 and identity branches added); regnetx_002 grouped convolutions;
-    resnext26ts grouped convolutions and SiLU (x * Sigmoid(x), one step on planes)."""
+    resnext26ts grouped convolutions and SiLU (x * Sigmoid(x), one step on planes); the
+    MobileNets depthwise convolutions, ReLU6 (Clip), HardSwish and HardSigmoid gates; cspresnet50
+    LeakyRelu and Split."""
     from cigl.data import CIFAR10_CLASSES
 
     src = make_model_pt(
@@ -155,12 +160,15 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
     kinds = {s.label for s in sparse.engine.program.steps}
-    assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121", "resnext26ts"))
-    assert ("Concat" in kinds) == (arch == "densenet121")
+    assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121", "resnext26ts", "cspresnet50"))
+    assert ("Concat" in kinds) == (arch in ("densenet121", "cspresnet50"))
+    assert ("Split" in kinds) == ("LeakyRelu" in kinds) == (arch == "cspresnet50")
+    assert ("Clip" in kinds) == (arch == "mobilenetv2_050")
+    assert ("HardSwish" in kinds) == ("HardSigmoid" in kinds) == (arch == "mobilenetv3_small_050")
     assert ("Mul+Add+Relu" in kinds) == (arch == "seresnet18")
     assert ("SiLU" in kinds) == (arch == "resnext26ts") and ("Sigmoid" in kinds) == (arch == "seresnet18")
     convs = [s.layer for s in sparse.engine.program.steps if isinstance(s.layer, Conv)]
-    assert any(c.groups > 1 for c in convs) == (arch in ("regnetx_002", "resnext26ts"))
+    assert any(c.groups > 1 for c in convs) == (arch in ("regnetx_002", "resnext26ts") or "mobilenet" in arch)
 
 
 CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width, groups)
@@ -710,6 +718,64 @@ def test_silu_is_one_step_on_planes_and_saturates_without_warnings():
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-4)
 
 
+def test_pointwise_activations_and_split_run_on_planes_and_match_onnxruntime():
+    """ReLU6 (Clip 0..6), LeakyRelu (alpha below and above 1), HardSwish, a Clip with one bound,
+    HardSigmoid and Split (channels, and height) in a hand-made graph of 3x3 convolutions. An
+    activation that keeps 0 at 0 runs on the planes (the next convolution reads them as they are)
+    and a channel Split is a view of the planes' rows (no call); one that maps 0 elsewhere (Clip
+    from 0.5, HardSigmoid) runs in numpy, or the next convolution would read that value as its
+    zero padding. All match onnxruntime, the image borders included."""
+    from onnx import helper
+
+    from cigl.serve.sparse_engine.graph import Program
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((2, 4, 7, 6)) * 4).astype(np.float32)
+    weight = (rng.standard_normal((4, 4, 3, 3)) * (rng.random((4, 4, 3, 3)) < 0.5)).astype(np.float32)
+    conv = dict(pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c1"], **conv),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["relu6"]),
+        helper.make_node("Conv", ["relu6", "w"], ["c2"], **conv),
+        helper.make_node("LeakyRelu", ["c2"], ["leaky"], alpha=0.1),
+        helper.make_node("Conv", ["leaky", "w"], ["c3"], **conv),
+        helper.make_node("HardSwish", ["c3"], ["swish"]),
+        helper.make_node("Clip", ["swish", "", "six"], ["capped"]),
+        helper.make_node("Clip", ["capped", "half"], ["raised"]),
+        helper.make_node("Conv", ["raised", "w"], ["c4"], **conv),
+        helper.make_node("HardSigmoid", ["c4"], ["gate"], alpha=0.3, beta=0.4),
+        helper.make_node("Split", ["c4", "parts"], ["first", "rest"], axis=1),
+        helper.make_node("Conv", ["rest", "w3"], ["c5"], **conv),
+        helper.make_node("LeakyRelu", ["c1"], ["steep"], alpha=2.0),
+        helper.make_node("Split", ["c2", "rows"], ["top", "bottom"], axis=2),
+    ]
+    outputs = ("gate", "first", "c5", "steep", "top", "bottom")
+    weights = {
+        "w": weight,
+        "w3": weight[:, :3],
+        "zero": np.array(0, np.float32),
+        "six": np.array(6, np.float32),
+        "half": np.array(0.5, np.float32),
+        "parts": np.array([1, 3], np.int64),
+        "rows": np.array([3, 4], np.int64),
+    }
+    model = _one_input_model(nodes, x, outputs, weights)
+    program = Program(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = program.run(x)
+    expected = _onnxruntime_outputs(model, x, outputs)
+    gate = expected["gate"]
+    assert ((gate > 0) & (gate < 1)).any() and (gate == 0).any() and (gate == 1).any()
+    assert (expected["steep"] < -1).any()
+    for name in outputs:  # sums of products at scale 100: rounding differs by a few 1e-7 of it
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5 * max(1, np.abs(expected[name]).max()))
+    calls = dict(zip((s.output for s in program.steps), program.schedules[x.shape].calls, strict=True))
+    assert [len(calls[n]) for n in ("relu6", "c2", "leaky", "c3", "swish", "capped")] == [1] * 6  # no layout change
+    assert len(calls["c4"]) == 2  # planes made of raised (numpy): a copy, then the convolution
+    assert calls["first"] == calls["rest"] == [] and len(calls["c5"]) == 1
+
+
 def test_softmax_folds_the_temperature_and_matches_onnxruntime():
     """Logits -> Mul by a scalar (cigl's 1 / T) -> Softmax over the last axis: one kernel step,
     also for logits far past where exp overflows; a scaled value that is an output itself keeps
@@ -750,11 +816,11 @@ def test_softmax_folds_the_temperature_and_matches_onnxruntime():
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def _with_hardswish(src: str, dst) -> None:
-    """The model with its first Relu swapped for a HardSwish (an op the engine does not run)."""
+def _with_erf(src: str, dst) -> None:
+    """The model with its first Relu swapped for an Erf (an op the engine does not run)."""
     model = onnx.load(src)
     first = next(n for n in model.graph.node if n.op_type == "Relu")
-    first.op_type = "HardSwish"
+    first.op_type = "Erf"
     onnx.save(model, str(dst))
 
 
@@ -762,8 +828,8 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     from cigl.data import load_dataset
 
     model = tmp_path / "model.onnx"
-    _with_hardswish(digits_models["resnet20"], model)
-    with pytest.warns(UserWarning, match="uses operator HardSwish, which it does not run; using onnxruntime"):
+    _with_erf(digits_models["resnet20"], model)
+    with pytest.warns(UserWarning, match="uses operator Erf, which it does not run; using onnxruntime"):
         p = Predictor(model, device="cpu", engine="sparse")
     assert p.provider == "CPUExecutionProvider"
     images = load_dataset("digits").test.x[:5]
@@ -771,16 +837,16 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     proc = run_cli(PREDICT, str(model), str(tmp_path / "x.npy"), "--engine", "sparse")
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if "sparse engine" in line]
-    note = f"warning: sparse engine: {model} uses operator HardSwish, which it does not run; using onnxruntime"
+    note = f"warning: sparse engine: {model} uses operator Erf, which it does not run; using onnxruntime"
     assert notes == [note]
     assert proc.stdout.count("\n") == 5
 
 
 def test_auto_tries_the_sparse_engine_quietly(tmp_path, digits_models):
-    """Auto on a graph the sparse engine does not run (a MobileNet's HardSwish, a ViT) is plain
+    """Auto on a graph the sparse engine does not run (a ViT's Erf) is plain
     onnxruntime, without the warning that --engine sparse gives: the user asked for no engine."""
     model = tmp_path / "model.onnx"
-    _with_hardswish(digits_models["resnet20"], model)
+    _with_erf(digits_models["resnet20"], model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Predictor(model, device="cpu").provider == "CPUExecutionProvider"

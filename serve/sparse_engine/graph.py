@@ -6,7 +6,8 @@ Nodes whose inputs are all constants are folded at load with the numpy ops. Conv
 Gemm) become kernel calls in the padded-plane layout, taking a following residual Add and ReLU
 (Conv -> Add -> Relu, Conv -> Relu) and a batch norm's ReLU into the same pass; so does the
 per-channel Mul of a squeeze-and-excitation gate (an activation times an N x C x 1 x 1 sigmoid).
-The rest runs as numpy. A graph with any other operator, or a convolution the kernels do not
+Elementwise activations (ReLU6, LeakyRelu, HardSwish, ...) run over the planes in place of a
+layout change. The rest runs as numpy. A graph with any other operator, or a convolution the kernels do not
 cover, raises Unsupported naming it.
 
 A run does not walk the steps: the first run at an input shape binds them (`Program.bind`) into a
@@ -31,7 +32,7 @@ from cigl.packing import MASK, NUMEL, SHAPE, VALUES
 from cigl.serve.sparse_engine import kernels
 from cigl.serve.sparse_engine.layers import Conv, Linear, SparseWeight, Subsample
 from cigl.serve.sparse_engine.layout import BufferPool, Call, Planes, mask, run_calls
-from cigl.serve.sparse_engine.ops import CHECKS, OPS, attributes, bn_affine, reduce_axes
+from cigl.serve.sparse_engine.ops import CHECKS, OPS, POINTWISE, attributes, bn_affine, reduce_axes, split_sizes
 
 SCHEDULES = 2  # input shapes whose schedule (and buffers) a program keeps (auto runs batch 1 and larger ones)
 EPILOGUE_KINDS = ("Conv", "Mul", "SiLU")  # steps whose run takes residual= and relu= (an Add and a Relu fuse into them)
@@ -288,7 +289,10 @@ class Program:
             "Pad": self._pad,
             "Slice": self._slice,
             "Softmax": self._softmax,
+            "Split": self._split,
         }.get(node.op_type)
+        if node.op_type in POINTWISE:
+            handler = self._pointwise
         if handler is not None and handler(node, a, uses):
             return
         self._push(Step(node.op_type, self._runtime_inputs(node), node.output[0], self._numpy_op(node, a), node.name))
@@ -350,6 +354,42 @@ class Program:
         sub = self._subsample(node, uses, "Slice", lambda sub: all(sub.steps[i] == 1 for i in spec))
         for i, (stride, start) in spec.items():
             sub.steps[i], sub.starts[i] = stride, start
+        return True
+
+    def _split(self, node, a, _uses) -> bool:
+        """Split (CSP networks, MixNets): a step per output, each a view of its part of the input;
+        planes split along the channels are runs of their rows, so nothing is copied."""
+        split = None
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in self.consts:
+                raise Unsupported(f"Split {node.name or node.output[0]} with part lengths computed at run time")
+            split = self.consts[node.input[1]]
+        axis, parts = int(a.get("axis", 0)), len(node.output)
+
+        def cut(length: int, i: int) -> slice:
+            ends = np.cumsum([0, *split_sizes(length, parts, split, a)])
+            return slice(int(ends[i]), int(ends[i + 1]))
+
+        def take(v: np.ndarray, i: int) -> np.ndarray:
+            index = [slice(None)] * v.ndim
+            index[axis] = cut(v.shape[axis], i)
+            return v[tuple(index)]
+
+        if node.input[0] in self.consts:
+            try:
+                self.consts.update({out: take(self.consts[node.input[0]], i) for i, out in enumerate(node.output)})
+            except (ValueError, IndexError) as exc:
+                raise Unsupported(f"Split node {node.name or node.output[0]}: {exc}") from None
+            return True
+        for i, out in enumerate(node.output):
+
+            def bind(x, i=i):
+                if isinstance(x, Planes) and axis in (1, -3):
+                    x.viewed = True  # its buffer is shared: never handed back for reuse
+                    return Planes(x.data[cut(x.data.shape[0], i)], x.grid, viewed=True), []
+                return computed(lambda v: take(v[0], i), [as_array(x)])
+
+            self._push(Step("Split", [node.input[0]], out, bind, node.name))
         return True
 
     def _subsample(self, node, uses: Counter, kind: str, joins: Callable[[Subsample], bool]) -> Subsample:
@@ -505,6 +545,28 @@ class Program:
             return _spatial_means(x) if isinstance(x, Planes) else numpy_bind(x)
 
         self._push(Step("ReduceMean", [node.input[0]], node.output[0], bind, node.name))
+        return True
+
+    def _pointwise(self, node, a, _uses) -> bool:
+        """An elementwise activation of ops.POINTWISE (ReLU6 as Clip, LeakyRelu, HardSwish,
+        HardSigmoid) with constant parameters. On planes it is one pass over the whole buffer
+        when it maps 0 to 0, so the padding stays zero and the layout stays; otherwise (an
+        activation of 0 is not 0, as HardSigmoid's 0.5) it runs in numpy."""
+        params = node.input[1:]
+        if any(p and p not in self.consts for p in params):
+            return False
+        f = POINTWISE[node.op_type]([self.consts[p] if p else None for p in params], a)
+        at_zero = np.zeros(1, np.float32)
+        f(np.zeros(1, np.float32), at_zero)
+        keeps_zero, numpy_bind = not at_zero.any(), self._numpy_op(node, a)
+
+        def bind(x):
+            if isinstance(x, Planes) and keeps_zero:
+                out = Planes.empty(x.data.shape[0], x.grid, self.pool)
+                return out, [functools.partial(f, x.data, out.data)]
+            return numpy_bind(x)
+
+        self._push(Step(node.op_type, [node.input[0]], node.output[0], bind, node.name))
         return True
 
     def _silu(self, node, uses) -> bool:

@@ -1,7 +1,7 @@
 """numpy implementations of the ONNX operators the engine runs outside its kernels: shape
 arithmetic folded at load (the Pad amounts of an option-A shortcut) and the cheap tensor ops
 around the convolutions (pooling, flatten, the classifier's Mul and Softmax, slicing, the
-squeeze-and-excitation gate's ReduceMean and Sigmoid).
+squeeze-and-excitation gate's ReduceMean and Sigmoid, the elementwise activations of `POINTWISE`).
 
 Each op is f(inputs, attrs) -> list of outputs, following the ONNX operator specification for the
 opsets torch exports (13-21); anything else is reported as unsupported by the graph reader.
@@ -9,6 +9,7 @@ opsets torch exports (13-21); anything else is reported as unsupported by the gr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -133,6 +134,21 @@ def _slice(x, _attrs):
     return [data[tuple(index)]]
 
 
+def split_sizes(dim: int, parts: int, split, a: dict) -> list[int]:
+    """The lengths of a Split's `parts` outputs along an axis of length `dim`: `split` (its
+    second input, opset 13+, or None) or the attribute (opset 11-), else equal parts (opset 18's
+    num_outputs: the last part takes what is left). A multi-output op, so the graph reader
+    runs it (graph.Program._split), not OPS."""
+    sizes = split if split is not None else a.get("split")
+    if sizes is None:
+        step = -(-dim // parts)
+        sizes = [min(step, dim - i * step) for i in range(parts)]
+    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
+    if len(sizes) != parts or sum(sizes) != dim or min(sizes) < 0:
+        raise ValueError(f"Split of {dim} into parts {sizes} for {parts} outputs")
+    return sizes
+
+
 def _clamp_end(end: int) -> int | None:
     """ONNX writes 'to the end' as INT64_MAX (or -INT64_MAX going backwards); numpy as None."""
     return None if abs(end) >= 2**62 else end
@@ -188,6 +204,85 @@ def _sigmoid(x, _attrs):
     """1 / (1 + e^-x), from e^-|x| so no exponent overflows for large |x|."""
     e = np.exp(-np.abs(x[0]))
     return [np.where(x[0] >= 0, 1 / (1 + e), e / (1 + e)).astype(x[0].dtype)]
+
+
+Pointwise = Callable[[np.ndarray, np.ndarray], object]  # f(x, out): an activation written into out
+POINTWISE: dict[str, Callable[[list, dict], Pointwise]] = {}
+
+
+def pointwise(name: str):
+    """Register an elementwise activation as make(params, attrs) -> f(x, out), its parameters
+    (the node's inputs after the first, constants) and attributes fixed; its numpy op follows.
+    The graph reader runs f over a whole plane buffer where f(0) = 0 (the padding stays zero)."""
+
+    def add(make: Callable[[list, dict], Pointwise]) -> Callable[[list, dict], Pointwise]:
+        POINTWISE[name] = make
+
+        def numpy_op(x, a):
+            data = np.asarray(x[0])
+            if data.dtype.kind != "f":
+                raise NotImplementedError(f"{name} of {data.dtype} values")
+            out = np.empty_like(data)
+            make(x[1:], a)(data, out)
+            return [out]
+
+        OPS[name] = numpy_op
+        return make
+
+    return add
+
+
+def _scalar(value, default: float) -> np.float32:
+    return np.float32(default if value is None or np.size(value) == 0 else np.asarray(value).reshape(-1)[0])
+
+
+@pointwise("Clip")
+def _clip(params, a):
+    """min(max(x, lo), hi) (hi where lo > hi); lo and hi are inputs 1 and 2 (opset 11+, either
+    may be absent) or attributes (opset 6). ReLU6 of MobileNetV2 and ReXNet."""
+    lo = _scalar(params[0] if params else a.get("min"), -np.inf)
+    hi = _scalar(params[1] if len(params) > 1 else a.get("max"), np.inf)
+    return functools.partial(_clip_into, lo=lo, hi=hi)
+
+
+def _clip_into(x, out, lo, hi):
+    np.minimum(np.maximum(x, lo, out=out), hi, out=out)
+
+
+@pointwise("LeakyRelu")
+def _leaky_relu(_params, a):
+    """x for x >= 0, else alpha * x (alpha 0.01 by default): CSP ResNets, DarkNets."""
+    return functools.partial(_leaky_into, alpha=np.float32(a.get("alpha", 0.01)))
+
+
+def _leaky_into(x, out, alpha):
+    np.multiply(x, alpha, out=out)
+    (np.maximum if alpha <= 1 else np.minimum)(x, out, out=out)  # picks alpha * x exactly where x < 0
+
+
+@pointwise("HardSigmoid")
+def _hard_sigmoid(_params, a):
+    """max(0, min(1, alpha * x + beta)), alpha 0.2 and beta 0.5 by default (torch's is 1/6, 1/2):
+    MobileNetV3's and GhostNet's squeeze-and-excitation gates."""
+    alpha, beta = np.float32(a.get("alpha", 0.2)), np.float32(a.get("beta", 0.5))
+    return functools.partial(_hard_sigmoid_into, alpha=alpha, beta=beta)
+
+
+def _hard_sigmoid_into(x, out, alpha, beta):
+    np.multiply(x, alpha, out=out)
+    out += beta
+    np.minimum(np.maximum(out, 0, out=out), 1, out=out)
+
+
+@pointwise("HardSwish")
+def _hard_swish(_params, _attrs):
+    """x * max(0, min(1, x / 6 + 1 / 2)): MobileNetV3, LCNet."""
+    return functools.partial(_hard_swish_into, alpha=np.float32(1 / 6), beta=np.float32(0.5))
+
+
+def _hard_swish_into(x, out, alpha, beta):
+    _hard_sigmoid_into(x, out, alpha, beta)
+    out *= x
 
 
 def reduce_axes(x: list, a: dict) -> tuple[int, ...] | None:
