@@ -128,17 +128,9 @@ CIFAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "size"), CIFAR_CASES)
-def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch, size):
-    """Exported ERK-sparse models on real CIFAR-10 test JPEGs. Above 64 pixels timm's ResNet-18
-    keeps its 7x7 stride-2 stem and max pool; resnet10t has a deep stem and average-pool shortcuts;
-    seresnet18 a squeeze-and-excitation gate in every block (ReduceMean, 1x1 convolutions,
-    Sigmoid, then a per-channel Mul that takes the block's residual Add and ReLU); resnet50
-    bottlenecks; densenet121 concatenated features and average-pool transitions; repvgg_a0
-    (as trained: 3x3, 1x1 and identity branches added); regnetx_002 grouped convolutions;
-    resnext26ts grouped convolutions and SiLU (x * Sigmoid(x), one step on planes); the
-    MobileNets depthwise convolutions, ReLU6 (Clip), HardSwish and HardSigmoid gates; cspresnet50
-    LeakyRelu and Split."""
+def _on_cifar_images(tmp_path, cifar_small, arch: str, size: int) -> Predictor:
+    """`arch` with ERK masks at density 0.05, exported, on the 100 real CIFAR-10 test JPEGs: the
+    sparse engine's predictions match onnxruntime's (assert_matches). Returns its Predictor."""
     from cigl.data import CIFAR10_CLASSES
 
     src = make_model_pt(
@@ -155,10 +147,26 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     model = src.parent / "model.onnx"
     ort = Predictor(model, device="cpu", engine="onnxruntime")
     sparse = Predictor(model, device="cpu", engine="sparse")
+    assert isinstance(sparse.engine, SparseEngine)  # no fallback
     files = sorted((cifar_small / "test").rglob("*.jpg"))
     x = ort.normalize(np.stack([ort.load_image(f) for f in files]))
     assert len(x) == 100
     assert_matches(sparse.predict(x), ort.predict(x))
+    return sparse
+
+
+@pytest.mark.parametrize(("arch", "size"), CIFAR_CASES)
+def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch, size):
+    """Exported ERK-sparse models on real CIFAR-10 test JPEGs, and the steps each one needs.
+    Above 64 pixels timm's ResNet-18 keeps its 7x7 stride-2 stem and max pool; resnet10t has a
+    deep stem and average-pool shortcuts; seresnet18 a squeeze-and-excitation gate in every block
+    (ReduceMean, 1x1 convolutions, Sigmoid, then a per-channel Mul that takes the block's
+    residual Add and ReLU); resnet50 bottlenecks; densenet121 concatenated features and
+    average-pool transitions; repvgg_a0 (as trained: 3x3, 1x1 and identity branches added);
+    regnetx_002 grouped convolutions; resnext26ts grouped convolutions and SiLU (x * Sigmoid(x),
+    one step on planes); the MobileNets depthwise convolutions, ReLU6 (Clip), HardSwish and
+    HardSigmoid gates; cspresnet50 LeakyRelu and Split."""
+    sparse = _on_cifar_images(tmp_path, cifar_small, arch, size)
     kinds = {s.label for s in sparse.engine.program.steps}
     assert ("MaxPool" in kinds) == (size > 64 or arch in ("resnet10t", "densenet121", "resnext26ts", "cspresnet50"))
     assert ("Concat" in kinds) == (arch in ("densenet121", "cspresnet50"))
@@ -169,6 +177,33 @@ def test_engine_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch,
     assert ("SiLU" in kinds) == (arch == "resnext26ts") and ("Sigmoid" in kinds) == (arch == "seresnet18")
     convs = [s.layer for s in sparse.engine.program.steps if isinstance(s.layer, Conv)]
     assert any(c.groups > 1 for c in convs) == (arch in ("regnetx_002", "resnext26ts") or "mobilenet" in arch)
+
+
+# the rest of the architectures README lists as supported (resnet34, resnext50_32x4d and
+# wide_resnet50_2 are resnet18's and resnet50's blocks at other depths and widths: not repeated)
+OTHER_SUPPORTED = (
+    "resnet18d",
+    "resnetrs50",
+    "seresnext26d_32x4d",
+    "regnety_002",
+    "regnetz_005",
+    "dla34",
+    "vovnet39a",
+    "selecsls42b",
+    "gernet_s",
+    "resnetv2_50",
+    "efficientnet_b0",
+    "mnasnet_050",
+    "lcnet_050",
+    "ghostnet_050",
+    "rexnet_100",
+    "mixnet_s",
+)
+
+
+@pytest.mark.parametrize("arch", OTHER_SUPPORTED)
+def test_every_other_supported_architecture_matches_onnxruntime_on_cifar_images(tmp_path, cifar_small, arch):
+    _on_cifar_images(tmp_path, cifar_small, arch, 32)
 
 
 CONV_CASES = [  # (in, out, kernel, stride, pads top/left/bottom/right, height, width, groups)
