@@ -449,6 +449,31 @@ def place_channels(src, out, before, at, count):
             out[c, :] = 0.0
 
 
+ELEMENTWISE_CHUNK = 1 << 14  # elements per job of the elementwise kernels
+
+
+@njit(parallel=True, cache=CACHE, nogil=True)
+def hard_clamp(x, alpha, beta, lo, hi, gated, out):
+    """out = min(max(alpha * x + beta, lo), hi), times x if `gated`, over flat float32 arrays in
+    one pass on every thread: Clip (alpha 1, beta 0), HardSigmoid (lo 0, hi 1) and HardSwish
+    (alpha 1/6, beta 1/2, lo 0, hi 1, gated). numpy took two or three single-thread passes
+    (ReLU6 was 47% of a MobileNetV2's run at batch 64)."""
+    n = x.size
+    for job in prange((n + ELEMENTWISE_CHUNK - 1) // ELEMENTWISE_CHUNK):
+        for i in range(job * ELEMENTWISE_CHUNK, min(n, (job + 1) * ELEMENTWISE_CHUNK)):
+            v = min(max(alpha * x[i] + beta, lo), hi)
+            out[i] = v * x[i] if gated else v
+
+
+@njit(parallel=True, cache=CACHE, nogil=True)
+def leaky_relu(x, alpha, out):
+    """out = x where x >= 0, else alpha * x, over flat float32 arrays in one pass on every thread."""
+    n = x.size
+    for job in prange((n + ELEMENTWISE_CHUNK - 1) // ELEMENTWISE_CHUNK):
+        for i in range(job * ELEMENTWISE_CHUNK, min(n, (job + 1) * ELEMENTWISE_CHUNK)):
+            out[i] = x[i] if x[i] >= 0 else alpha * x[i]
+
+
 @njit(fastmath=True, parallel=True, cache=CACHE, nogil=True)
 def plane_means(x, n, block, count, out):
     """out[i, c] = sum(x[c, i * block : (i + 1) * block]) / count, summed in float64: global

@@ -1,7 +1,8 @@
 """numpy implementations of the ONNX operators the engine runs outside its kernels: shape
 arithmetic folded at load (the Pad amounts of an option-A shortcut) and the cheap tensor ops
 around the convolutions (pooling, flatten, the classifier's Mul and Softmax, slicing, the
-squeeze-and-excitation gate's ReduceMean and Sigmoid, the elementwise activations of `POINTWISE`).
+squeeze-and-excitation gate's ReduceMean and Sigmoid). The elementwise activations of
+`POINTWISE` (Clip, LeakyRelu, HardSigmoid, HardSwish) are one pass of a numba kernel instead.
 
 Each op is f(inputs, attrs) -> list of outputs, following the ONNX operator specification for the
 opsets torch exports (13-21); anything else is reported as unsupported by the graph reader.
@@ -9,12 +10,13 @@ opsets torch exports (13-21); anything else is reported as unsupported by the gr
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import numpy as np
 from onnx import helper, numpy_helper
+
+from cigl.serve.sparse_engine import kernels
 
 Op = Callable[[list, dict], list]
 OPS: dict[str, Op] = {}
@@ -220,9 +222,9 @@ def pointwise(name: str):
 
         def numpy_op(x, a):
             data = np.asarray(x[0])
-            if data.dtype.kind != "f":
+            if data.dtype != np.float32:
                 raise NotImplementedError(f"{name} of {data.dtype} values")
-            out = np.empty_like(data)
+            out = np.empty(data.shape, np.float32)
             make(x[1:], a)(data, out)
             return [out]
 
@@ -230,6 +232,15 @@ def pointwise(name: str):
         return make
 
     return add
+
+
+def _flat(kernel: Callable, *args) -> Pointwise:
+    """f(x, out) = kernel(x, *args, out) on flat views (x copied first where it is not contiguous)."""
+
+    def run(x: np.ndarray, out: np.ndarray) -> None:
+        kernel(np.ascontiguousarray(x).reshape(-1), *args, out.reshape(-1))
+
+    return run
 
 
 def _scalar(value, default: float) -> np.float32:
@@ -242,22 +253,13 @@ def _clip(params, a):
     may be absent) or attributes (opset 6). ReLU6 of MobileNetV2 and ReXNet."""
     lo = _scalar(params[0] if params else a.get("min"), -np.inf)
     hi = _scalar(params[1] if len(params) > 1 else a.get("max"), np.inf)
-    return functools.partial(_clip_into, lo=lo, hi=hi)
-
-
-def _clip_into(x, out, lo, hi):
-    np.minimum(np.maximum(x, lo, out=out), hi, out=out)
+    return _flat(kernels.hard_clamp, np.float32(1), np.float32(0), lo, hi, False)
 
 
 @pointwise("LeakyRelu")
 def _leaky_relu(_params, a):
     """x for x >= 0, else alpha * x (alpha 0.01 by default): CSP ResNets, DarkNets."""
-    return functools.partial(_leaky_into, alpha=np.float32(a.get("alpha", 0.01)))
-
-
-def _leaky_into(x, out, alpha):
-    np.multiply(x, alpha, out=out)
-    (np.maximum if alpha <= 1 else np.minimum)(x, out, out=out)  # picks alpha * x exactly where x < 0
+    return _flat(kernels.leaky_relu, np.float32(a.get("alpha", 0.01)))
 
 
 @pointwise("HardSigmoid")
@@ -265,24 +267,13 @@ def _hard_sigmoid(_params, a):
     """max(0, min(1, alpha * x + beta)), alpha 0.2 and beta 0.5 by default (torch's is 1/6, 1/2):
     MobileNetV3's and GhostNet's squeeze-and-excitation gates."""
     alpha, beta = np.float32(a.get("alpha", 0.2)), np.float32(a.get("beta", 0.5))
-    return functools.partial(_hard_sigmoid_into, alpha=alpha, beta=beta)
-
-
-def _hard_sigmoid_into(x, out, alpha, beta):
-    np.multiply(x, alpha, out=out)
-    out += beta
-    np.minimum(np.maximum(out, 0, out=out), 1, out=out)
+    return _flat(kernels.hard_clamp, alpha, beta, np.float32(0), np.float32(1), False)
 
 
 @pointwise("HardSwish")
 def _hard_swish(_params, _attrs):
     """x * max(0, min(1, x / 6 + 1 / 2)): MobileNetV3, LCNet."""
-    return functools.partial(_hard_swish_into, alpha=np.float32(1 / 6), beta=np.float32(0.5))
-
-
-def _hard_swish_into(x, out, alpha, beta):
-    _hard_sigmoid_into(x, out, alpha, beta)
-    out *= x
+    return _flat(kernels.hard_clamp, np.float32(1 / 6), np.float32(0.5), np.float32(0), np.float32(1), True)
 
 
 def reduce_axes(x: list, a: dict) -> tuple[int, ...] | None:
