@@ -333,7 +333,7 @@ def test_part_bounds_cut_rows_by_plane_groups():
     one run (an empty row: an empty run), and a part is one run of the tables."""
     from cigl.serve.sparse_engine import kernels
 
-    span = 1024 - 8 * kernels.VEC  # a plane's window is 4 KiB: four planes per part of 16 KiB
+    span = kernels.WINDOW_BYTES // 16 - 8 * kernels.VEC  # a plane's window is a quarter of WINDOW_BYTES
     rows = np.array([0, 0, 0, 2, 2, 2, 2])
     planes = np.array([9, 0, 4, 3, 8, 1, 2])
     order, bounds = kernels.part_bounds(rows, planes, span, 3)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
-from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from cigl.serve.sparse_engine.kernels import (
@@ -37,6 +36,7 @@ from cigl.serve.sparse_engine.kernels import (
     _I64,
     CACHE,
     ROWS_PER_PART,
+    VEC,
     _add_from,
     _address,
     _splat,
@@ -49,19 +49,6 @@ from cigl.serve.sparse_engine.kernels import (
     plane_parts,
 )
 
-
-def _vector_floats() -> int:
-    """Floats per vector register of the CPU numba compiles for: 16 with AVX-512 (32 registers
-    hold 4 x 6 accumulators), else 8 (AVX2: 16 registers, 4 x 3). A CPU named to numba
-    (NUMBA_CPU_NAME, for a portable cache) keeps 8."""
-    if numba_config.CPU_NAME and numba_config.CPU_NAME != "host":
-        return 8
-    import llvmlite.binding as llvm
-
-    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
-
-
-VEC = _vector_floats()
 _VECTOR = ir.VectorType(_F32, VEC)
 QUAD = 4  # rows a quad tile computes together (15 patterns)
 QUAD_VECTORS = 6 if VEC == 16 else 3  # per row: 4 x this many accumulators and the inputs fill the registers
