@@ -6,13 +6,15 @@ For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL alloca
   - onnxruntime on the sparse model (it densifies the weights at load),
   - the sparse engine, and what --engine auto picks.
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
-onnxruntime's threads never spin; each of the last three runs in turn with dense onnxruntime, one run
-each per round (in a fresh seeded order, each round opened by an untimed run:
-serve.engines.time_in_turn), as auto times them at load, and the median of the rounds counts, so
-drift in this shared machine's speed within a minute reaches both alike. Pairs, not all four in
-one turn: a sparse engine run just before another keeps numba's worker thread awake for it, and
-that thread's spin after a run takes a core from onnxruntime (batch-1 ResNet-20 at density 0.1
-on two threads: 1.3x in a turn of four, 0.2-0.9x paired with dense onnxruntime alone).
+onnxruntime's threads never spin; each of the last three runs in turn with dense onnxruntime, one
+timed run each per round, in a fresh seeded order, as auto times them at load
+(serve.engines.time_in_turn): every timed run follows an untimed one of its own engine, right
+before it at batch 64 and AUTO_PAUSE before it at batch 1 (a lone request), and that one follows
+SETTLE seconds of idling, in which the other engine's worker threads stop spinning (before,
+a dense onnxruntime run right after a sparse engine's lost a core to them: batch-1 ResNet-18 at
+density 0.1 ran 6.1 ms instead of 3.6-4.0). The median of the rounds counts, so drift in this
+shared machine's speed within a minute reaches both alike. Pairs, not all four in one turn: a
+sparse engine run just before another keeps numba's worker thread awake for it.
 The machine's speed also drifts from minute to minute, the sparse engine's more than onnxruntime's
 (ResNet-20 at density 0.1: 2.0x to 2.7x in runs minutes apart), so --passes (default 3) times
 every model that many times, one pass over all models after the other: a row reports each
@@ -40,7 +42,7 @@ from common import CIFAR_ARCHIVE, write_results
 
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset
 from cigl.export import cli
-from cigl.serve.engines import SMALL_BATCH, Auto, OnnxRuntime, open_engine, time_in_turn
+from cigl.serve.engines import AUTO_PAUSE, SMALL_BATCH, Auto, OnnxRuntime, open_engine, time_in_turn
 from cigl.serve.sparse_engine import SparseEngine
 from cigl.testing import fake_model_file
 
@@ -48,7 +50,6 @@ ARCHS = ("resnet20", "wrn22_2", "resnet18")
 DENSITIES = (0.1, 0.05)
 BATCHES = (64, 1)
 ROUNDS = {64: 9, 1: 40}  # timed rounds per pass (milliseconds each at batch 1: noise needs more)
-PAUSE = 0.2  # seconds between rounds
 
 
 def export(root: Path, arch: str, density: float) -> bytes:
@@ -115,8 +116,8 @@ PAIRED = ("ort", "engine", "auto")  # each timed in turn with dense onnxruntime
 
 def time_pass(case: Case, x: np.ndarray) -> dict[str, tuple[float, float]]:
     """name -> (dense onnxruntime's seconds, its seconds), each pair timed in turn on its own."""
-    dense, rounds = case.engines["dense"], ROUNDS[len(x)]
-    pairs = {name: time_in_turn({"dense": dense, name: case.engines[name]}, x, rounds, PAUSE) for name in PAIRED}
+    dense, rounds, gap = case.engines["dense"], ROUNDS[len(x)], AUTO_PAUSE if len(x) == 1 else 0.0
+    pairs = {name: time_in_turn({"dense": dense, name: case.engines[name]}, x, rounds, gap) for name in PAIRED}
     return {name: (t["dense"], t[name]) for name, t in pairs.items()}
 
 

@@ -3,7 +3,7 @@
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
 shape) and `run(x) -> (logits, probs)`, which raises InputError for an input of a shape the
 graph does not take (`check_input`). `auto` on the CPU times both engines once at load, in
-turn, on a batch of 1 (with AUTO_PAUSE between rounds, as single requests arrive) and a batch of
+turn, on a batch of 1 (each run AUTO_PAUSE after the last, as single requests arrive) and a batch of
 AUTO_BATCH zeros (compute does not depend on the values), and then runs each batch on the engine
 picked for the nearer of those sizes: the sparse engine when it took under AUTO_MARGIN of
 onnxruntime's time (a stricter share at batch 1), onnxruntime otherwise (ties go to
@@ -36,9 +36,9 @@ AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxru
 # batch 1 asks for a clear win: at 0.95, batch-1 WRN-22-2 at density 0.1 was picked and ran 0.92x
 AUTO_MARGIN = (0.95, 0.8)
 AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
-# seconds between the batch-1 rounds: single images come one by one, each to caches the last one's
-# gap has left cold, which slowed the sparse engine (1.7x) more than onnxruntime (1.2x); back to
-# back, auto picked the sparse engine for models it then served slower than onnxruntime
+# seconds before each timed batch-1 run (time_in_turn's gap): single images come one by one, each
+# to caches the last one's gap has left cold, which slowed the sparse engine (1.7x) more than
+# onnxruntime (1.2x); back to back, auto picked the sparse engine for models it then served slower
 AUTO_PAUSE = 0.02
 # auto's check at load: the sparse engine's logits within this share of their scale of onnxruntime's
 # and its probabilities within this of onnxruntime's (the issue's parity bar; measured models agree
@@ -86,28 +86,35 @@ def add_engine_option(parser) -> None:
     )
 
 
-def time_in_turn(engines: dict, x: np.ndarray, rounds: int, pause: float = 0.0) -> dict[str, float]:
-    """Median seconds per engine of running `x`, over `rounds` rounds in which each engine runs
-    once, in turn (after one warm-up run each): a drift in the machine's speed, or one engine's
-    threads going idle while another runs, reaches all alike. `pause` seconds between rounds.
+# seconds every engine idles before its runs in time_in_turn: the sparse engine's worker threads
+# spin for a few milliseconds after a run, and a run of onnxruntime in that time lost a core to
+# them (batch-1 ResNet-18 at density 0.1, dense onnxruntime: 3.6-4.0 ms after its own run, 6.1
+# ms 0-5 ms after a sparse engine's, 4.1 ms 20 ms after it)
+SETTLE = 0.02
 
-    The first run after a pause is slow for any engine (idle cores, parked worker threads, cold
-    caches: 5x at batch 1 here), so each round opens with one untimed run. A run is also slower
-    right after another engine's (its threads and data left the caches), so each round runs the
-    engines in a fresh order (seeded): every engine follows each of the others alike."""
+
+def time_in_turn(engines: dict, x: np.ndarray, rounds: int, gap: float = 0.0) -> dict[str, float]:
+    """Median seconds per engine of running `x`, over `rounds` rounds in which each engine runs
+    in turn (after one warm-up run each), in a fresh seeded order each round: a drift in the
+    machine's speed reaches all alike.
+
+    Each timed run follows a run of its own engine, `gap` seconds before it (0: back to back,
+    as in a busy server; a pause: a lone request, whose caches the gap left cold), as a server
+    running one engine sees it; and that untimed run follows SETTLE seconds of idling, so the
+    engine before it in the round, its threads still spinning, takes no core from it."""
     names = list(engines)
     for engine in engines.values():
         engine.run(x)  # allocations, onnxruntime's first-run planning, kernel compilation
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     shuffle = np.random.default_rng(0)
     for _ in range(rounds):
-        order = [names[i] for i in shuffle.permutation(len(names))]
-        engines[order[0]].run(x)  # wakes the machine after the pause; not timed
-        for name in order:
+        for name in (names[i] for i in shuffle.permutation(len(names))):
+            time.sleep(SETTLE)
+            engines[name].run(x)  # not timed: wakes its threads, brings its data back
+            time.sleep(gap)
             start = time.perf_counter()
             engines[name].run(x)
             seconds[name].append(time.perf_counter() - start)
-        time.sleep(pause)
     return {name: statistics.median(t) for name, t in seconds.items()}
 
 

@@ -913,8 +913,38 @@ def test_engine_option_end_to_end_and_its_errors(tmp_path, digits_models):
     assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
 
 
+def test_each_timed_run_follows_its_own_engine_after_a_settle(monkeypatch):
+    """time_in_turn: every timed run comes `gap` after an untimed run of the same engine, which
+    comes SETTLE after whatever ran before (another engine's spinning threads would take a core
+    from it); the order changes from round to round, and the medians are each engine's own."""
+    from cigl.serve import engines
+
+    log = []
+
+    class Fake:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def run(self, _x):
+            log.append(self.name)
+            clock[0] += self.seconds
+
+    clock = [0.0]
+    monkeypatch.setattr(engines.time, "sleep", lambda s: log.append(s))
+    monkeypatch.setattr(engines.time, "perf_counter", lambda: clock[0])
+    seconds = engines.time_in_turn({"a": Fake("a", 2.0), "b": Fake("b", 3.0)}, np.zeros(1), rounds=6, gap=0.5)
+    assert seconds == {"a": 2.0, "b": 3.0}
+    assert log[:2] == ["a", "b"]  # the warm-up runs
+    turns = [log[i : i + 4] for i in range(2, len(log), 4)]
+    assert len(turns) == 12
+    assert all(t[0] == engines.SETTLE and t[1] == t[3] and t[2] == 0.5 for t in turns)
+    firsts = [turns[i][1] for i in range(0, 12, 2)]
+    assert [turns[i][1] for i in range(1, 12, 2)] == [{"a": "b", "b": "a"}[f] for f in firsts]
+    assert set(firsts) == {"a", "b"}  # each engine goes first in some rounds
+
+
 def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monkeypatch):
-    """Batch 1 is timed with a pause between rounds (single requests find cold caches), the
+    """Batch 1 is timed with a gap before each timed run (single requests find cold caches), the
     large batch back to back."""
     from cigl.serve import engines
 
@@ -922,9 +952,9 @@ def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monk
         model = f.read()
     timed, time_in_turn = {}, engines.time_in_turn
 
-    def recording(pair, x, rounds, pause=0.0):
-        timed[len(x)] = (rounds, pause)
-        return time_in_turn(pair, x, rounds, pause)
+    def recording(pair, x, rounds, gap=0.0):
+        timed[len(x)] = (rounds, gap)
+        return time_in_turn(pair, x, rounds, gap)
 
     monkeypatch.setattr(engines, "time_in_turn", recording)
     engine = open_engine(model, engine="auto", device="cpu")
