@@ -7,14 +7,14 @@ For ResNet-20, WRN-22-2 and CIFAR ResNet-18 with ERK masks (the RigL/CigL alloca
   - the sparse engine, and what --engine auto picks.
 Speed does not depend on the weights' values, so the models are untrained (cigl.testing).
 onnxruntime's threads never spin; each of the last three runs in turn with dense onnxruntime, one
-timed run each per round, in a fresh seeded order, as auto times them at load
-(serve.engines.time_in_turn): every timed run follows an untimed one of its own engine, right
-before it at batch 64 and AUTO_PAUSE before it at batch 1 (a lone request), and that one follows
-SETTLE seconds of idling, in which the other engine's worker threads stop spinning (before,
-a dense onnxruntime run right after a sparse engine's lost a core to them: batch-1 ResNet-18 at
-density 0.1 ran 6.1 ms instead of 3.6-4.0). The median of the rounds counts, so drift in this
-shared machine's speed within a minute reaches both alike. Pairs, not all four in one turn: a
-sparse engine run just before another keeps numba's worker thread awake for it.
+timed run each per round, in a fresh seeded order (serve.engines.time_in_turn): every timed run
+comes right after an untimed one of its own engine (back to back, as in a busy server; auto
+times batch 1 as lone requests instead, the sparse engine's worst case), at least SETTLE
+seconds after the other engine's last run, whose spinning worker threads would take a core
+from it (before, a dense onnxruntime run right after a sparse engine's lost one: batch-1
+ResNet-18 at density 0.1 ran 6.1 ms instead of 3.6-4.0). The median of the rounds counts, so
+drift in this shared machine's speed within a minute reaches both alike. Pairs, not all four in
+one turn: a sparse engine run just before another keeps numba's worker thread awake for it.
 The machine's speed also drifts from minute to minute, the sparse engine's more than onnxruntime's
 (ResNet-20 at density 0.1: 2.0x to 2.7x in runs minutes apart), so --passes (default 3) times
 every model that many times, one pass over all models after the other: a row reports each
@@ -42,7 +42,7 @@ from common import CIFAR_ARCHIVE, write_results
 
 from cigl.data import CIFAR10_CLASSES, extract_archive_subset
 from cigl.export import cli
-from cigl.serve.engines import AUTO_PAUSE, SMALL_BATCH, Auto, OnnxRuntime, open_engine, time_in_turn
+from cigl.serve.engines import SMALL_BATCH, Auto, OnnxRuntime, open_engine, time_in_turn
 from cigl.serve.sparse_engine import SparseEngine
 from cigl.testing import fake_model_file
 
@@ -116,8 +116,8 @@ PAIRED = ("ort", "engine", "auto")  # each timed in turn with dense onnxruntime
 
 def time_pass(case: Case, x: np.ndarray) -> dict[str, tuple[float, float]]:
     """name -> (dense onnxruntime's seconds, its seconds), each pair timed in turn on its own."""
-    dense, rounds, gap = case.engines["dense"], ROUNDS[len(x)], AUTO_PAUSE if len(x) == 1 else 0.0
-    pairs = {name: time_in_turn({"dense": dense, name: case.engines[name]}, x, rounds, gap) for name in PAIRED}
+    dense, rounds = case.engines["dense"], ROUNDS[len(x)]
+    pairs = {name: time_in_turn({"dense": dense, name: case.engines[name]}, x, rounds) for name in PAIRED}
     return {name: (t["dense"], t[name]) for name, t in pairs.items()}
 
 

@@ -3,7 +3,7 @@
 Every engine has `name`, `metadata` (the model card entries), `inputs` / `outputs` (name ->
 shape) and `run(x) -> (logits, probs)`, which raises InputError for an input of a shape the
 graph does not take (`check_input`). `auto` on the CPU times both engines once at load, in
-turn, on a batch of 1 (each run AUTO_PAUSE after the last, as single requests arrive) and a batch of
+turn, on a batch of 1 (each run AUTO_PAUSE after the last, as lone requests arrive) and a batch of
 AUTO_BATCH zeros (compute does not depend on the values), and then runs each batch on the engine
 picked for the nearer of those sizes: the sparse engine when it took under AUTO_MARGIN of
 onnxruntime's time (a stricter share at batch 1), onnxruntime otherwise (ties go to
@@ -35,11 +35,15 @@ AUTO_MAX_DENSITY = 0.5  # denser weights than this cannot win: auto keeps onnxru
 # at batch 1: single runs vary by +-15% with the gap before them (the benchmark's batch-1 passes), so
 # batch 1 asks for a clear win: at 0.95, batch-1 WRN-22-2 at density 0.1 was picked and ran 0.92x
 AUTO_MARGIN = (0.95, 0.8)
-AUTO_ROUNDS = (3, 15)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
-# seconds before each timed batch-1 run (time_in_turn's gap): single images come one by one, each
-# to caches the last one's gap has left cold, which slowed the sparse engine (1.7x) more than
-# onnxruntime (1.2x); back to back, auto picked the sparse engine for models it then served slower
-AUTO_PAUSE = 0.02
+AUTO_ROUNDS = (3, 9)  # timed rounds at AUTO_BATCH and at batch 1 (milliseconds each: noise needs more)
+# seconds before each timed batch-1 run (time_in_turn's gap): a lone request, the worst case for
+# the sparse engine, so that a pick made here also holds back to back. After a gap its caches are
+# cold, which slowed it (1.7x) more than onnxruntime (1.2x), and numba's worker thread, which spins
+# for 10-50 ms after a run, has gone to sleep: waking it took up to 11 ms on a 2-core Zen 5 VM
+# (WRN-22-2 at density 0.1, batch 1, on two threads: 0.5 ms back to back, 0.6 ms 10 ms after the
+# last run, 0.7-12.7 ms 20 ms after, 11 ms 100 ms after). At 20 ms auto picked the sparse engine
+# for that model, which then ran lone requests at 0.12x onnxruntime's speed.
+AUTO_PAUSE = 0.1
 # auto's check at load: the sparse engine's logits within this share of their scale of onnxruntime's
 # and its probabilities within this of onnxruntime's (the issue's parity bar; measured models agree
 # to a few 1e-6), on a seeded random batch
@@ -100,8 +104,8 @@ def time_in_turn(engines: dict, x: np.ndarray, rounds: int, gap: float = 0.0) ->
 
     Each timed run follows a run of its own engine, `gap` seconds before it (0: back to back,
     as in a busy server; a pause: a lone request, whose caches the gap left cold), as a server
-    running one engine sees it; and that untimed run follows SETTLE seconds of idling, so the
-    engine before it in the round, its threads still spinning, takes no core from it."""
+    running one engine sees it; and it comes at least SETTLE seconds after the engine before it
+    in the round, whose threads, still spinning, would take a core from it."""
     names = list(engines)
     for engine in engines.values():
         engine.run(x)  # allocations, onnxruntime's first-run planning, kernel compilation
@@ -109,9 +113,11 @@ def time_in_turn(engines: dict, x: np.ndarray, rounds: int, gap: float = 0.0) ->
     shuffle = np.random.default_rng(0)
     for _ in range(rounds):
         for name in (names[i] for i in shuffle.permutation(len(names))):
-            time.sleep(SETTLE)
+            if gap < SETTLE:
+                time.sleep(SETTLE - gap)
             engines[name].run(x)  # not timed: wakes its threads, brings its data back
-            time.sleep(gap)
+            if gap:
+                time.sleep(gap)
             start = time.perf_counter()
             engines[name].run(x)
             seconds[name].append(time.perf_counter() - start)

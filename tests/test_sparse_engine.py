@@ -86,10 +86,13 @@ def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="one core: every run is on one thread")
-def test_a_small_run_takes_one_thread_unless_threads_are_given(digits_models, monkeypatch):
-    """With threads 0 a run of fewer than SERIAL_MACS multiply-adds runs on one thread (waking
-    an idle worker costs more than it saves), a larger one on every core; the count is made on
-    the first run at an input size (all cores), and an explicit thread count always holds."""
+def test_a_small_lone_run_takes_one_thread_unless_threads_are_given(digits_models, monkeypatch):
+    """With threads 0 a lone run (IDLE or more after the last one) of fewer than SERIAL_MACS
+    multiply-adds runs on one thread (waking the sleeping worker costs more than it saves), a
+    larger one, or any run right after another, on every core; the count is made on the first
+    run at an input size (all cores), and an explicit thread count always holds."""
+    import types
+
     import numba
 
     from cigl.serve import sparse_engine
@@ -100,14 +103,17 @@ def test_a_small_run_takes_one_thread_unless_threads_are_given(digits_models, mo
     per_image = sum(step["macs_per_image"] for step in engine.profile(x[:1]))
     assert per_image > 100_000  # a ResNet-20 on 8x8 digits at density 0.1
     monkeypatch.setattr(sparse_engine, "SERIAL_MACS", 4 * per_image)
+    clock = [0.0]  # seconds; each run below starts 1 s after the last unless `soon`
+    monkeypatch.setattr(sparse_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     cores = numba.config.NUMBA_NUM_THREADS
     engine, threads = SparseEngine(model), {}
-    for batch in (2, 2, 3, 4, 8, 2):
+    for batch, soon in ((2, False), (2, False), (3, False), (4, False), (8, False), (2, False), (2, True), (3, True)):
+        clock[0] += sparse_engine.IDLE / 2 if soon else 1.0
         logits, _ = engine.run(x[:batch])
         threads.setdefault(batch, []).append(numba.get_num_threads())
         np.testing.assert_allclose(logits, two.run(x[:batch])[0], rtol=0, atol=0)  # same sums either way
         assert numba.get_num_threads() == 2
-    assert threads == {2: [cores, 1, 1], 3: [1], 4: [cores], 8: [cores]}
+    assert threads == {2: [cores, 1, 1, cores], 3: [1, cores], 4: [cores], 8: [cores]}
 
 
 CIFAR_CASES = [
@@ -913,10 +919,11 @@ def test_engine_option_end_to_end_and_its_errors(tmp_path, digits_models):
     assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
 
 
-def test_each_timed_run_follows_its_own_engine_after_a_settle(monkeypatch):
-    """time_in_turn: every timed run comes `gap` after an untimed run of the same engine, which
-    comes SETTLE after whatever ran before (another engine's spinning threads would take a core
-    from it); the order changes from round to round, and the medians are each engine's own."""
+@pytest.mark.parametrize("gap", [0.0, 0.005, 0.5])
+def test_each_timed_run_follows_its_own_engine_after_a_settle(monkeypatch, gap):
+    """time_in_turn: every timed run comes `gap` after an untimed run of the same engine, and at
+    least SETTLE after the other engine's last run (its spinning threads would take a core from
+    it); the order changes from round to round, and the medians are each engine's own."""
     from cigl.serve import engines
 
     log = []
@@ -932,15 +939,15 @@ def test_each_timed_run_follows_its_own_engine_after_a_settle(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(engines.time, "sleep", lambda s: log.append(s))
     monkeypatch.setattr(engines.time, "perf_counter", lambda: clock[0])
-    seconds = engines.time_in_turn({"a": Fake("a", 2.0), "b": Fake("b", 3.0)}, np.zeros(1), rounds=6, gap=0.5)
+    seconds = engines.time_in_turn({"a": Fake("a", 2.0), "b": Fake("b", 3.0)}, np.zeros(1), rounds=6, gap=gap)
     assert seconds == {"a": 2.0, "b": 3.0}
-    assert log[:2] == ["a", "b"]  # the warm-up runs
-    turns = [log[i : i + 4] for i in range(2, len(log), 4)]
-    assert len(turns) == 12
-    assert all(t[0] == engines.SETTLE and t[1] == t[3] and t[2] == 0.5 for t in turns)
-    firsts = [turns[i][1] for i in range(0, 12, 2)]
-    assert [turns[i][1] for i in range(1, 12, 2)] == [{"a": "b", "b": "a"}[f] for f in firsts]
-    assert set(firsts) == {"a", "b"}  # each engine goes first in some rounds
+    names = [e for e in log[2:] if isinstance(e, str)][::2]  # the engine of each turn
+    settle = [engines.SETTLE - gap] if gap < engines.SETTLE else []  # idle before the untimed run
+    turn = {n: [*settle, n, *([gap] if gap else []), n] for n in "ab"}
+    assert log == ["a", "b"] + [entry for n in names for entry in turn[n]]  # warm-up runs, then the turns
+    rounds = [set(names[i : i + 2]) for i in range(0, len(names), 2)]
+    assert len(names) == 12 and all(r == {"a", "b"} for r in rounds)
+    assert set(names[::2]) == {"a", "b"}  # each engine goes first in some rounds
 
 
 def test_auto_times_both_engines_and_keeps_only_what_it_uses(digits_models, monkeypatch):
