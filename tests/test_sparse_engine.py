@@ -86,11 +86,11 @@ def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="one core: every run is on one thread")
-def test_a_small_lone_run_takes_one_thread_unless_threads_are_given(digits_models, monkeypatch):
-    """With threads 0 a lone run (IDLE or more after the last one) of fewer than SERIAL_MACS
-    multiply-adds runs on one thread (waking the sleeping worker costs more than it saves), a
-    larger one, or any run right after another, on every core; the count is made on the first
-    run at an input size (all cores), and an explicit thread count always holds."""
+def test_a_small_run_takes_one_thread_while_the_worker_sleeps(digits_models, monkeypatch):
+    """With threads 0 a run of fewer than SERIAL_MACS multiply-adds runs on one thread (waking
+    the sleeping worker costs more than it saves) unless a run on several threads ended less
+    than IDLE ago (the worker still spins); a larger one runs on every core; the count is made
+    on the first run at an input size (all cores), and an explicit thread count always holds."""
     import types
 
     import numba
@@ -103,17 +103,21 @@ def test_a_small_lone_run_takes_one_thread_unless_threads_are_given(digits_model
     per_image = sum(step["macs_per_image"] for step in engine.profile(x[:1]))
     assert per_image > 100_000  # a ResNet-20 on 8x8 digits at density 0.1
     monkeypatch.setattr(sparse_engine, "SERIAL_MACS", 4 * per_image)
+    reference = {batch: two.run(x[:batch])[0] for batch in (2, 3, 4, 8)}
+    assert numba.get_num_threads() == 2
     clock = [0.0]  # seconds; each run below starts 1 s after the last unless `soon`
     monkeypatch.setattr(sparse_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(sparse_engine, "_parallel_end", -float("inf"))
     cores = numba.config.NUMBA_NUM_THREADS
     engine, threads = SparseEngine(model), {}
-    for batch, soon in ((2, False), (2, False), (3, False), (4, False), (8, False), (2, False), (2, True), (3, True)):
+    runs = [(2, False), (2, False), (3, False), (4, False), (3, True), (2, True), (8, False), (2, False), (2, True)]
+    for batch, soon in runs:
         clock[0] += sparse_engine.IDLE / 2 if soon else 1.0
         logits, _ = engine.run(x[:batch])
         threads.setdefault(batch, []).append(numba.get_num_threads())
-        np.testing.assert_allclose(logits, two.run(x[:batch])[0], rtol=0, atol=0)  # same sums either way
-        assert numba.get_num_threads() == 2
-    assert threads == {2: [cores, 1, 1, cores], 3: [1, cores], 4: [cores], 8: [cores]}
+        np.testing.assert_allclose(logits, reference[batch], rtol=0, atol=0)  # same sums either way
+    # soon after a run on all cores (batch 4): all cores; soon after one on one thread: still one
+    assert threads == {2: [cores, 1, cores, 1, 1], 3: [1, cores], 4: [cores], 8: [cores]}
 
 
 CIFAR_CASES = [

@@ -24,19 +24,19 @@ from cigl.serve.sparse_engine.graph import Unsupported
 
 __all__ = ["SparseEngine", "Unsupported", "missing"]
 
-# A lone run (more than IDLE seconds after the last run of any engine in the process) of fewer
-# multiply-adds than SERIAL_MACS runs on one thread when the thread count is the engine's choice:
-# numba's worker thread spins for 10-50 ms after a run, then sleeps, and waking it costs more than
-# it saves. On a 2-core Zen 5 VM (batch-1 WRN-22-2 at density 0.1, 27 million multiply-adds, on two
-# threads) a run took 0.5 ms back to back, 0.6 ms 10 ms after the last, 0.7-12.7 ms 20 ms after
-# and 11 ms 100 ms after; one thread took 1.3 ms there. 100 ms apart one thread won up to 138
-# million (ResNet-20 at batch 8, 60 million: 1.9 ms against 10.8; ResNet-18 at density 0.1, batch
-# 1, 138 million: 4.8 against 5.2) and lost at 1.1 billion (ResNet-18 at batch 8: 21.9 against
-# 12.0). Back to back, two threads won every run from 3.7 million up (1.26-1.94x), so a run
-# within IDLE of the last one takes every core.
-SERIAL_MACS = 100_000_000
+# a run of fewer multiply-adds than SERIAL_MACS (about 1.3 ms on one core, run cold) runs on one
+# thread when the thread count is the engine's choice, unless the last run on several threads in
+# this process ended less than IDLE seconds ago. numba's worker thread spins for 10-50 ms after a
+# run, then sleeps, and waking it costs more than a small run saves: on a 2-core Zen 5 VM a batch-1
+# WRN-22-2 at density 0.1 (27 million multiply-adds) on two threads took 0.5 ms back to back, 0.6
+# ms 10 ms after the last run, 0.7-12.7 ms 20 ms after and 11 ms 100 ms after (one thread: 1.3 ms
+# 100 ms after). While the worker spins two threads won every run, from 3.7 million multiply-adds
+# up (1.26-1.94x, back to back). SERIAL_MACS was measured on a Zen 4 VM, in turn with dense
+# onnxruntime, 0.2 s apart: one thread won at 3.7 and 13.9 million (WRN-22-2 at density 0.05, batch
+# 1: 1.50 ms against 1.82), 7.5 million was a draw, two won at 15.1, 22.6 and 27.4 million.
+SERIAL_MACS = 14_000_000
 IDLE = 0.01
-_last_run_end = -float("inf")  # perf_counter when the last run in this process ended (numba's threads are shared)
+_parallel_end = -float("inf")  # perf_counter when this process's last run on several threads ended
 _SHAPES = 16  # input sizes whose multiply-adds an engine remembers
 
 
@@ -59,10 +59,10 @@ class SparseEngine:
     """The engine's program for one serialised ONNX model. `metadata`, `inputs` and `outputs`
     (name -> shape) describe the graph as onnxruntime would; runs are serialised by a lock.
 
-    `threads` 0 (the default) uses every core, except for a lone run (IDLE seconds or more
-    after the last one) of fewer than SERIAL_MACS multiply-adds (a batch-1 ResNet-18 at 95%
-    sparsity, or a WRN-22-2 at 90%), which runs on one: numba's worker thread has gone to sleep
-    by then, and on 2-core VMs waking it took 0.4 ms to over 10 ms, more than such a run takes
+    `threads` 0 (the default) uses every core, except for a run of fewer than SERIAL_MACS
+    multiply-adds (a batch-1 ResNet-20 at 90% sparsity, or a WRN-22-2 at 95%) while numba's
+    worker thread sleeps (no run on several threads in the last IDLE seconds), which runs on
+    one: on 2-core VMs waking the worker took 0.4 ms to over 10 ms, more than such a run takes
     alone. Within a run the calls follow each other with no Python between them, so the worker
     woken for the first stays awake. A run's multiply-adds are counted on the first run at its
     input size (that run uses every core)."""
@@ -95,17 +95,17 @@ class SparseEngine:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probs) of a float32 NCHW batch (InputError on a shape the graph does not take)."""
-        global _last_run_end  # numba's worker threads are the process's, not an engine's
+        global _parallel_end  # numba's worker threads are the process's, not an engine's
         check_input(images, self.inputs)
         with self._lock:
             import numba
 
             size = tuple(images.shape[1:])
             macs, cores = self._macs.get(size), numba.config.NUMBA_NUM_THREADS
-            lone = time.perf_counter() - _last_run_end > IDLE
+            asleep = time.perf_counter() - _parallel_end > IDLE
             if self.threads:
                 threads = min(self.threads, cores)
-            elif lone and macs is not None and macs * len(images) < SERIAL_MACS:
+            elif asleep and macs is not None and macs * len(images) < SERIAL_MACS:
                 threads = 1
             else:
                 threads = cores
@@ -115,7 +115,8 @@ class SparseEngine:
             out = self.program.run(images, trace)
             if trace is not None:
                 self._macs[size] = sum(self.program.macs_per_image(trace))
-            _last_run_end = time.perf_counter()
+            if threads > 1:
+                _parallel_end = time.perf_counter()
         return out["logits"], out["probs"]
 
     @property
