@@ -71,6 +71,45 @@ def test_engine_matches_onnxruntime_on_trained_digits_models(digits_models, arch
     assert all(w.index.size < np.prod(w.shape) for w in program.packed.values())
 
 
+AVX2_RUN = """
+import sys
+import numpy as np
+from cigl.data import load_dataset
+from cigl.serve.predictor import Predictor
+from cigl.serve.sparse_engine import kernels, quads
+assert kernels.VEC == quads.VEC == 8 and quads.QUAD_VECTORS == 3, (kernels.VEC, quads.VEC)
+out, outputs = sys.argv[1], {}
+for i, path in enumerate(sys.argv[2:]):
+    x = None
+    for name, engine, quad_from in (("ort", "onnxruntime", None), ("rows", "sparse", 2.0), ("quads", "sparse", 0.0)):
+        if quad_from is not None:
+            quads.QUAD_MIN_DENSITY = quad_from  # every layer on one kernel
+        predictor = Predictor(path, device="cpu", engine=engine)
+        x = predictor.normalize(load_dataset("digits").test.x) if x is None else x
+        for batch in (len(x), 1):
+            outputs[f"{i}-{name}-{batch}"] = np.stack(predictor.predict(x[:batch]))
+np.savez(out, **outputs)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="AVX2 code is x86-64's")
+def test_avx2_code_matches_onnxruntime(tmp_path, digits_models):
+    """The kernels compiled for a CPU without AVX-512 (8-float row tiles, 4 x 3 quad tiles: what
+    an AVX2-only machine runs, and what an AVX-512 CI machine never would) give onnxruntime's
+    outputs, each kernel forced onto every layer, at full batch and at batch 1 (strided layers,
+    residuals, partial sums and short rows)."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path / "nc")}
+    paths = [digits_models[arch] for arch in ARCHS]
+    proc = run_cli("-c", AVX2_RUN, str(tmp_path / "out.npz"), *paths, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = np.load(tmp_path / "out.npz")
+    references = [key for key in outputs.files if "-ort-" in key]
+    assert len(references) == 2 * len(paths)  # full batch and batch 1
+    for key in references:
+        for kind in ("rows", "quads"):
+            assert_matches(tuple(outputs[key.replace("-ort-", f"-{kind}-")]), tuple(outputs[key]))
+
+
 def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
     """numba's thread count is global: an engine limited to one thread must not leave another
     engine (or a later run) on one thread."""
