@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -92,7 +93,7 @@ np.savez(out, **outputs)
 """
 
 
-@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="AVX2 code is x86-64's")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 code is x86-64's")
 def test_avx2_code_matches_onnxruntime(tmp_path, digits_models):
     """The kernels compiled for a CPU without AVX-512 (8-float row tiles, 4 x 3 quad tiles: what
     an AVX2-only machine runs, and what an AVX-512 CI machine never would) give onnxruntime's

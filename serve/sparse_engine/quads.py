@@ -34,6 +34,7 @@ from cigl.serve.sparse_engine.kernels import (
     _F32,
     _I32,
     _I64,
+    _VECTOR,
     CACHE,
     ROWS_PER_PART,
     VEC,
@@ -49,7 +50,6 @@ from cigl.serve.sparse_engine.kernels import (
     plane_parts,
 )
 
-_VECTOR = ir.VectorType(_F32, VEC)
 QUAD = 4  # rows a quad tile computes together (15 patterns)
 QUAD_VECTORS = 6 if VEC == 16 else 3  # per row: 4 x this many accumulators and the inputs fill the registers
 # the weight density from which a layer runs on quads: measured layer by layer in ResNet-20, WRN-22-2
