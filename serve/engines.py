@@ -63,6 +63,12 @@ def check_input(x: np.ndarray, inputs: dict[str, list]) -> None:
         raise InputError("empty batch: pass at least one image")
 
 
+def static_size(inputs: dict[str, list]) -> tuple[int, ...] | None:
+    """The (C, H, W) every image of the graph's input must have, or None where any is left open."""
+    size = next(iter(inputs.values()), [])[1:]
+    return tuple(size) if len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size) else None
+
+
 class OnnxRuntime:
     """An onnxruntime session (thread-safe) as an engine."""
 
@@ -217,15 +223,14 @@ def open_engine(
         if sparse is not None:
             return sparse
     ort = OnnxRuntime(model, device=device, threads=threads, source=source)
-    shape = ort.inputs.get("images", [])[1:]
-    static = len(shape) == 3 and all(isinstance(d, int) for d in shape)  # else nothing to time on
-    if engine != "auto" or ort.name != "CPUExecutionProvider" or _dense_card(ort.metadata) or not static:
+    size = static_size(ort.inputs)  # None: nothing to time on
+    if engine != "auto" or ort.name != "CPUExecutionProvider" or _dense_card(ort.metadata) or size is None:
         return ort  # asked for, the sparse engine unable to run the model, a GPU, dense weights, no size
     sparse = _sparse_or_none(model, source, asked=False, threads=threads)
     if sparse is None or sparse.density > AUTO_MAX_DENSITY:
         return ort
-    why = _disagreement(ort, sparse, tuple(shape), source)
+    why = _disagreement(ort, sparse, size, source)
     if why is not None:
         warnings.warn(f"sparse engine: {why}; using onnxruntime", stacklevel=2)
         return ort
-    return Auto(ort, sparse, tuple(shape), max_batch)
+    return Auto(ort, sparse, size, max_batch)

@@ -496,7 +496,7 @@ def test_a_run_returns_its_own_outputs(digits_models):
     engine = SparseEngine(Path(digits_models["resnet20"]).read_bytes())
     x = Predictor(digits_models["resnet20"], device="cpu").normalize(load_dataset("digits").test.x[:16])
     first, second = engine.run(x[:8]), engine.run(x[8:])
-    assert list(engine.program.schedules) == [x[:8].shape]
+    assert list(engine.program.schedules) == [(1, *x.shape[1:]), x[:8].shape]  # the trial run at load, then one
     fresh = SparseEngine(Path(digits_models["resnet20"]).read_bytes())
     for got, images in ((first, x[:8]), (second, x[8:])):
         for a, b in zip(got, fresh.run(images), strict=True):
@@ -925,6 +925,88 @@ def test_unsupported_graph_falls_back_to_onnxruntime_with_a_note(tmp_path, digit
     note = f"warning: sparse engine: {model} uses operator Erf, which it does not run; using onnxruntime"
     assert notes == [note]
     assert proc.stdout.count("\n") == 5
+
+
+def _with_input_steps(src: str, dst, nodes: list, weights: dict, open_size: bool = False) -> None:
+    """The model with `nodes` (reading "images", writing "images_in") before its first layer,
+    which then reads images_in; with `open_size`, the input's height and width are left open."""
+    from onnx import numpy_helper
+
+    model = onnx.load(src)
+    for node in model.graph.node:
+        node.input[:] = ["images_in" if n == "images" else n for n in node.input]
+    first = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes, *first])
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    if open_size:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "height", "width"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def test_a_graph_the_engine_reads_but_cannot_run_falls_back_at_load(tmp_path, digits_models):
+    """A crop by a negative Pad of the images (which onnxruntime runs) fails only when the engine
+    binds its steps to an input size: with the size fixed, that happens at load, so --engine
+    sparse falls back to onnxruntime there with a one-line note naming the node, instead of
+    failing every request; and shape arithmetic with Clip on integers runs on the engine."""
+    from onnx import helper
+
+    from cigl.data import load_dataset
+
+    images = load_dataset("digits").test.x[:6]
+    crop = tmp_path / "crop.onnx"
+    pads = {"pads": np.array([0, 0, -1, -1, 0, 0, -1, -1], np.int64)}
+    _with_input_steps(
+        digits_models["resnet20"], crop, [helper.make_node("Pad", ["images", "pads"], ["images_in"], name="crop")], pads
+    )
+    with pytest.warns(
+        UserWarning, match=r"uses Pad node crop: negative Pad amounts, which it does not run; using onnxruntime"
+    ):
+        p = Predictor(crop, device="cpu", engine="sparse")
+    assert p.provider == "CPUExecutionProvider" and p.predict(images)[0].shape == (6, 10)
+
+    clipped = tmp_path / "clip.onnx"
+    nodes = [  # images + zeros of shape clip(shape(images), 0, 1) = (1, 1, 1, 1)
+        helper.make_node("Shape", ["images"], ["shape"]),
+        helper.make_node("Clip", ["shape", "zero", "one"], ["ones"]),
+        helper.make_node("ConstantOfShape", ["ones"], ["nothing"], value=helper.make_tensor("v", 1, [1], [0.0])),
+        helper.make_node("Add", ["images", "nothing"], ["images_in"]),
+    ]
+    _with_input_steps(digits_models["resnet20"], clipped, nodes, {"zero": np.array(0), "one": np.array(1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse = Predictor(clipped, device="cpu", engine="sparse")
+    assert sparse.provider == "sparse"
+    assert_matches(sparse.predict(images), Predictor(clipped, device="cpu", engine="onnxruntime").predict(images))
+
+
+def test_a_size_the_graph_cannot_take_is_an_input_error_and_the_engine_keeps_running(tmp_path, digits_models):
+    """With the input's height and width left open, there is nothing to bind at load: a size at
+    which a step fails (a Reshape to 64 values per image, at 12 x 12) is a one-line InputError
+    naming the step, and the engine then runs other sizes as before."""
+    from onnx import helper
+
+    from cigl.errors import InputError
+
+    model = tmp_path / "open.onnx"
+    nodes = [  # images + 0 x (the image as 64 values)
+        helper.make_node("Reshape", ["images", "flat"], ["row"], name="as_row"),
+        helper.make_node("MatMul", ["row", "zeros"], ["column"]),
+        helper.make_node("Reshape", ["column", "nchw"], ["nothing"]),
+        helper.make_node("Add", ["images", "nothing"], ["images_in"]),
+    ]
+    weights = {"flat": np.array([0, 64]), "zeros": np.zeros((64, 1), np.float32), "nchw": np.array([0, 1, 1, 1])}
+    _with_input_steps(digits_models["resnet20"], model, nodes, weights, open_size=True)
+    engine = SparseEngine(model.read_bytes())
+    images = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    expected = engine.run(images)
+    with pytest.raises(
+        InputError, match=r"^the sparse engine cannot run inputs of shape \(3, 1, 12, 12\): Reshape node as_row: "
+    ):
+        engine.run(np.zeros((3, 1, 12, 12), np.float32))
+    np.testing.assert_array_equal(engine.run(images)[0], expected[0])
 
 
 def test_auto_tries_the_sparse_engine_quietly(tmp_path, digits_models):

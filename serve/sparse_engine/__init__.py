@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from cigl.errors import FormatError
-from cigl.serve.engines import check_input
+from cigl.errors import FormatError, InputError
+from cigl.serve.engines import check_input, static_size
 from cigl.serve.sparse_engine.graph import Unsupported
 
 __all__ = ["SparseEngine", "Unsupported", "missing"]
@@ -65,7 +65,11 @@ class SparseEngine:
     one: on 2-core VMs waking the worker took 0.4 ms to over 10 ms, more than such a run takes
     alone. Within a run the calls follow each other with no Python between them, so the worker
     woken for the first stays awake. A run's multiply-adds are counted on the first run at its
-    input size (that run uses every core)."""
+    input size (that run uses every core).
+
+    A graph whose image size is fixed runs once on a batch of 1 at load, so that one the reader
+    took but cannot run raises Unsupported here (the engines fall back to onnxruntime), not at
+    a server's first request; with the size left open, that shows at run time, as InputError."""
 
     name = "sparse"
 
@@ -92,6 +96,9 @@ class SparseEngine:
         self.threads = threads
         self._macs: dict[tuple[int, ...], int] = {}  # per image, by input size (C, H, W)
         self._lock = threading.Lock()  # numba's workqueue threading layer is not re-entrant
+        size = static_size(self.inputs)
+        if size is not None:  # a graph fault shows here (Unsupported), not at the first request
+            self.program.run(np.zeros((1, *size), np.float32))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probs) of a float32 NCHW batch (InputError on a shape the graph does not take)."""
@@ -112,7 +119,10 @@ class SparseEngine:
             # numba's thread count is global: set it on every run, or another engine's would stay
             numba.set_num_threads(threads)
             trace = [] if macs is None and len(self._macs) < _SHAPES else None
-            out = self.program.run(images, trace)
+            try:
+                out = self.program.run(images, trace)
+            except Unsupported as exc:  # a size the graph's sizes were not open to
+                raise InputError(f"the sparse engine cannot run inputs of shape {images.shape}: {exc}") from None
             if trace is not None:
                 self._macs[size] = sum(self.program.macs_per_image(trace))
             if threads > 1:

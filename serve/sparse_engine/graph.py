@@ -656,14 +656,21 @@ class Program:
         """The program bound to inputs of `shape`. Step by step, each output's buffers are taken
         from a pool and handed back after the value's last use, where a later step takes them
         again: the calls run in this order, so a buffer is rewritten only once its readers ran.
-        numpy's ops are evaluated here once, on zeros, for their shapes."""
+        numpy's ops are evaluated here once, on zeros, for their shapes; a step that fails on
+        them raises Unsupported, naming it."""
         self.pool = BufferPool()
         images = np.zeros(shape, np.float32)
         values: dict[str, Value] = {self.input: images}
         calls, pixels = [], []
         with np.errstate(all="ignore"):
             for step, release in zip(self.steps, self.release, strict=True):
-                out, step_calls = step.bind(*[values[n] for n in step.inputs])
+                try:
+                    out, step_calls = step.bind(*[values[n] for n in step.inputs])
+                except Unsupported:
+                    raise
+                except Exception as exc:  # e.g. numpy's op refusing a type or shape seen only now
+                    what = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                    raise Unsupported(f"{step.label} node {step.name or step.output}: {what}") from None
                 values[step.output] = out
                 calls.append(step_calls)
                 pixels.append(out.grid.h * out.grid.w if isinstance(out, Planes) else 1)

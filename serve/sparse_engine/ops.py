@@ -156,10 +156,15 @@ def _clamp_end(end: int) -> int | None:
     return None if abs(end) >= 2**62 else end
 
 
-@op("Pad")
-def _pad(x, a):
+def check_pad(a: dict) -> None:
+    """NotImplementedError for a Pad mode other than constant (reflect, edge, wrap)."""
     if a.get("mode", b"constant") not in (b"constant", "constant"):
         raise NotImplementedError("Pad modes other than constant")
+
+
+@op("Pad")
+def _pad(x, a):
+    check_pad(a)
     pads = [int(p) for p in x[1]]
     fill = float(x[2]) if len(x) > 2 and x[2] is not None and np.size(x[2]) else 0.0
     rank = x[0].ndim
@@ -212,9 +217,10 @@ Pointwise = Callable[[np.ndarray, np.ndarray], object]  # f(x, out): an activati
 POINTWISE: dict[str, Callable[[list, dict], Pointwise]] = {}
 
 
-def pointwise(name: str):
+def pointwise(name: str, other_types: Callable[[np.ndarray, list, dict], np.ndarray] | None = None):
     """Register an elementwise activation as make(params, attrs) -> f(x, out), its parameters
-    (the node's inputs after the first, constants) and attributes fixed; its numpy op follows.
+    (the node's inputs after the first, constants) and attributes fixed; its numpy op follows,
+    f on float32 values and `other_types(x, params, attrs)` on others (where ONNX allows them).
     The graph reader runs f over a whole plane buffer where f(0) = 0 (the padding stays zero)."""
 
     def add(make: Callable[[list, dict], Pointwise]) -> Callable[[list, dict], Pointwise]:
@@ -222,6 +228,8 @@ def pointwise(name: str):
 
         def numpy_op(x, a):
             data = np.asarray(x[0])
+            if data.dtype != np.float32 and other_types is not None:
+                return [other_types(data, x[1:], a)]
             if data.dtype != np.float32:
                 raise NotImplementedError(f"{name} of {data.dtype} values")
             out = np.empty(data.shape, np.float32)
@@ -243,17 +251,32 @@ def _flat(kernel: Callable, *args) -> Pointwise:
     return run
 
 
-def _scalar(value, default: float) -> np.float32:
-    return np.float32(default if value is None or np.size(value) == 0 else np.asarray(value).reshape(-1)[0])
+def _clip_bounds(params: list, a: dict) -> tuple:
+    """Clip's lo and hi as given (None where absent): inputs 1 and 2 (opset 11+, either may be
+    absent or empty) or attributes (opset 6)."""
+    given = [params[0] if params else a.get("min"), params[1] if len(params) > 1 else a.get("max")]
+    return tuple(None if v is None or np.size(v) == 0 else np.asarray(v).reshape(-1)[0] for v in given)
 
 
-@pointwise("Clip")
+def _clip_any(x: np.ndarray, params: list, a: dict) -> np.ndarray:
+    """Clip of integer or float64 values (shape arithmetic) in x's own type."""
+    lo, hi = _clip_bounds(params, a)
+    out = x if lo is None else np.maximum(x, np.asarray(lo, x.dtype))
+    return out if hi is None else np.minimum(out, np.asarray(hi, x.dtype))
+
+
+@pointwise("Clip", _clip_any)
 def _clip(params, a):
-    """min(max(x, lo), hi) (hi where lo > hi); lo and hi are inputs 1 and 2 (opset 11+, either
-    may be absent) or attributes (opset 6). ReLU6 of MobileNetV2 and ReXNet."""
-    lo = _scalar(params[0] if params else a.get("min"), -np.inf)
-    hi = _scalar(params[1] if len(params) > 1 else a.get("max"), np.inf)
-    return _flat(kernels.hard_clamp, np.float32(1), np.float32(0), lo, hi, False)
+    """min(max(x, lo), hi) (hi where lo > hi): ReLU6 of MobileNetV2 and ReXNet."""
+    lo, hi = _clip_bounds(params, a)
+    return _flat(
+        kernels.hard_clamp,
+        np.float32(1),
+        np.float32(0),
+        np.float32(-np.inf if lo is None else lo),
+        np.float32(np.inf if hi is None else hi),
+        False,
+    )
 
 
 @pointwise("LeakyRelu")
@@ -352,7 +375,8 @@ def pool(x: np.ndarray, a: dict, kind: str) -> np.ndarray:
     return (np.add.reduce(taps) / count).astype(np.float32)
 
 
-CHECKS = {"MaxPool": check_pool, "AveragePool": check_pool}  # attribute checks run when a graph is read
+# attribute checks run when a graph is read
+CHECKS = {"MaxPool": check_pool, "AveragePool": check_pool, "Pad": check_pad}
 
 
 @op("MaxPool")
