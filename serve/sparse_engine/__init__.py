@@ -64,12 +64,13 @@ class SparseEngine:
     worker thread sleeps (no run on several threads in the last IDLE seconds), which runs on
     one: on 2-core VMs waking the worker took 0.4 ms to over 10 ms, more than such a run takes
     alone. Within a run the calls follow each other with no Python between them, so the worker
-    woken for the first stays awake. A run's multiply-adds are counted on the first run at its
-    input size (that run uses every core).
+    woken for the first stays awake.
 
-    A graph whose image size is fixed runs once on a batch of 1 at load, so that one the reader
-    took but cannot run raises Unsupported here (the engines fall back to onnxruntime), not at
-    a server's first request; with the size left open, that shows at run time, as InputError."""
+    A graph whose image size is fixed runs once on a batch of 1 at load: a graph the reader took
+    but cannot run raises Unsupported there (the engines fall back to onnxruntime), not at a
+    server's first request, and that run counts the multiply-adds per image. With the size left
+    open, such a fault shows at run time, as InputError, and the count is made on the first run
+    at each input size (that run uses every core)."""
 
     name = "sparse"
 
@@ -98,7 +99,9 @@ class SparseEngine:
         self._lock = threading.Lock()  # numba's workqueue threading layer is not re-entrant
         size = static_size(self.inputs)
         if size is not None:  # a graph fault shows here (Unsupported), not at the first request
-            self.program.run(np.zeros((1, *size), np.float32))
+            trace = []
+            self.program.run(np.zeros((1, *size), np.float32), trace)
+            self._macs[size] = sum(self.program.macs_per_image(trace))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probs) of a float32 NCHW batch (InputError on a shape the graph does not take)."""
