@@ -80,9 +80,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     cfg = TrainConfig(method="cigl", epochs=20, batch_size=64, update_every=5, out=str(tmp_path / "one"))
     one = train(cfg, quiet=True)
     two = json.loads((out / "summary.json").read_text())
+    # not the same sums (per-process batch norm, reduction order): the runs agree as runs of
+    # different seeds do. On a 2-core Intel VM the averaged accuracy of one process over seeds
+    # 0-3 was 0.969-0.981, of two processes over seeds 0-1 0.958-0.983 (seed 0: 0.981 and 0.958)
     for product in ("averaged", "final_weights"):
-        assert one[product]["test"]["accuracy"] > 0.93
-        assert abs(one[product]["test"]["accuracy"] - two[product]["test"]["accuracy"]) <= 0.02, product
+        assert one[product]["test"]["accuracy"] > 0.93 and two[product]["test"]["accuracy"] > 0.93
+        assert abs(one[product]["test"]["accuracy"] - two[product]["test"]["accuracy"]) <= 0.03, product
     assert two["actual_density"] == pytest.approx(one["actual_density"], abs=0.01)
 
 

@@ -111,11 +111,14 @@ def test_avx2_code_matches_onnxruntime(tmp_path, digits_models):
             assert_matches(tuple(outputs[key.replace("-ort-", f"-{kind}-")]), tuple(outputs[key]))
 
 
-def test_engine_thread_counts_do_not_leak_between_engines(digits_models):
+def test_engine_thread_counts_do_not_leak_between_engines(digits_models, monkeypatch):
     """numba's thread count is global: an engine limited to one thread must not leave another
-    engine (or a later run) on one thread."""
+    engine (or a later run) on one thread (every run here is large enough for all cores)."""
     import numba
 
+    from cigl.serve import sparse_engine
+
+    monkeypatch.setattr(sparse_engine, "SERIAL_MACS", 0)
     model = Path(digits_models["resnet20"]).read_bytes()
     one, every = SparseEngine(model, threads=1), SparseEngine(model)
     x = np.zeros((2, *next(iter(every.inputs.values()))[1:]), np.float32)
@@ -307,12 +310,13 @@ def test_sparse_conv_matches_torch(case, threads, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["rows", "quads"])
-@pytest.mark.parametrize("length", [1, 7, 8, 13, 16, 25, 63, 64, 65, 81, 95, 97, 200])
+@pytest.mark.parametrize("length", [1, 7, 8, 13, 16, 25, 40, 63, 64, 65, 81, 95, 97, 120, 200])
 @pytest.mark.parametrize(("epilogue", "parts"), [(True, 1), (False, 1), (True, 3)], ids=["epilogue", "plain", "parts"])
 def test_sparse_conv_kernels_cover_every_output_length(length, epilogue, parts, kind):
     """Both kernels (row tables, and quad tables: four rows at a time by tap pattern) against a
     float64 loop of their formula, for outputs shorter than a vector (scalar path), tiles of
-    every width (the last one overlapping), rows cut into parts (partial sums carried between
+    every width (the last one overlapping; a row shorter than a tile in one tile whose last
+    vector overlaps: 25, 63 and 120 with 16-float vectors), rows cut into parts (partial sums carried between
     them), empty rows (the bias), rows longer than a tile's worth of nonzeros, a last quad of
     three rows, a tap given twice in a row, and both job orders (block by block at the short
     lengths, where the tables outweigh the input); nothing outside out[:, shift : shift +

@@ -16,7 +16,8 @@ residual, ReLU and padding mask are applied and the tile is stored once. A job i
 block of rows, so the tile's input window is read from cache by every row of the block (jobs go
 tile by tile, or block by block where the nonzeros' tables outweigh the input). The last
 tile of a row starts at length - width (it overlaps the one before and recomputes the same
-values); outputs shorter than a vector take a scalar loop. Jobs never share a result, so results
+values); a row shorter than a tile is one tile whose last vector overlaps the one before;
+outputs shorter than a vector take a scalar loop. Jobs never share a result, so results
 do not depend on the thread count.
 """
 
@@ -112,6 +113,15 @@ def _vector_at(builder, base, j: int, floats: int = VEC):
     return builder.bitcast(builder.gep(base, [ir.Constant(_I64, j * floats)]), ir.VectorType(_F32, floats).as_pointer())
 
 
+def _vectors_at(builder, base, count: int, floats: int, spots: list | None = None) -> list:
+    """Pointers to `count` vectors of `floats` floats from `base` (a float pointer): back to
+    back, or at the float offsets `spots` (IR integers; a short row's last vector overlaps)."""
+    if spots is None:
+        return [_vector_at(builder, base, j, floats) for j in range(count)]
+    vector = ir.VectorType(_F32, floats).as_pointer()
+    return [builder.bitcast(builder.gep(base, [spot]), vector) for spot in spots]
+
+
 def _splat(builder, x, floats: int = VEC):
     vector = ir.VectorType(_F32, floats)
     v = builder.insert_element(ir.Constant(vector, ir.Undefined), x, ir.Constant(_I32, 0))
@@ -119,16 +129,16 @@ def _splat(builder, x, floats: int = VEC):
     return builder.shuffle_vector(v, ir.Constant(vector, ir.Undefined), lanes)
 
 
-def _add_from(builder, values, address, op: str):
-    """values (op)= the vectors at `address` when it is nonzero, else values unchanged."""
+def _add_from(builder, values, address, op: str, spots: list | None = None):
+    """values (op)= the vectors at `address` (at `spots`, see _vectors_at) when it is nonzero,
+    else values unchanged."""
     vector = values[0].type
     start = builder.block
     with builder.if_then(builder.icmp_signed("!=", address, ir.Constant(_I64, 0))):
         base = builder.inttoptr(address, _F32.as_pointer())
         combine = builder.fadd if op == "add" else builder.fmul
-        changed = [
-            combine(v, builder.load(_vector_at(builder, base, j, vector.count), align=4)) for j, v in enumerate(values)
-        ]
+        at = _vectors_at(builder, base, len(values), vector.count, spots)
+        changed = [combine(v, builder.load(a, align=4)) for v, a in zip(values, at, strict=True)]
         then = builder.block
     merged = []
     for old, new in zip(values, changed, strict=True):
@@ -155,30 +165,36 @@ def _prefetch_ahead(builder, address, write: int, tile_bytes: int) -> None:
             builder.call(fn, [at, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _store_tile(builder, values: list, dst, res, mask, relu, prefetch_bytes: int) -> None:
+def _store_tile(builder, values: list, dst, res, mask, relu, prefetch_bytes: int, spots: list | None = None) -> None:
     """A tile's epilogue, one row: + the residual at `res` (if nonzero), ReLU (if `relu`), * the
-    mask at `mask` (if nonzero), then one store at `dst`; the residual and output lines
-    `prefetch_bytes` wide, two such spans ahead, are prefetched for the row's next tiles."""
+    mask at `mask` (if nonzero), then one store at `dst` (vectors at `spots`, see _vectors_at);
+    the residual and output lines `prefetch_bytes` wide, two such spans ahead, are prefetched
+    for the row's next tiles."""
     vector = values[0].type
     zero = ir.Constant(vector, [0.0] * vector.count)
     _prefetch_ahead(builder, res, 0, prefetch_bytes)
     _prefetch_ahead(builder, dst, 1, prefetch_bytes)
-    values = _add_from(builder, values, res, "add")
+    values = _add_from(builder, values, res, "add", spots)
     values = [builder.select(relu, builder.select(builder.fcmp_ordered(">", v, zero), v, zero), v) for v in values]
-    values = _add_from(builder, values, mask, "mul")
+    values = _add_from(builder, values, mask, "mul", spots)
     out = builder.inttoptr(dst, _F32.as_pointer())
-    for j, v in enumerate(values):
-        builder.store(v, _vector_at(builder, out, j, vector.count), align=4)
+    for v, at in zip(values, _vectors_at(builder, out, len(values), vector.count, spots), strict=True):
+        builder.store(v, at, align=4)
 
 
 def _tile_loop(vectors: int):
     """An intrinsic computing `vectors` x VEC outputs of one row in registers:
 
-        tile(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        tile(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail)
         v = bias [+ partial[0 .. tile)] + sum_{k0 <= k < k1} vals[k] * src[plane * ld + offset + 0 .. tile)
             with plane = taps[k] >> bits, offset = taps[k] & (2**bits - 1)  (`pack_taps`)
         v += res[0 .. tile) if res;  v = max(v, 0) if relu;  v *= mask[0 .. tile) if mask
         dst[0 .. tile) = v
+
+    with the last vector at float `tail` rather than (vectors - 1) x VEC when that is less: a row
+    shorter than the tile is computed in one tile whose last vector overlaps the one before,
+    so each nonzero's table entry is read and its address worked out once for the whole row
+    (two one-vector tiles of a 19-float row cost 1.4x one two-vector tile).
 
     dst, src, taps, vals, partial, res and mask are addresses (partial, res and mask 0
     when absent; partial sums carry a row from one part of its planes to the next). The
@@ -186,12 +202,13 @@ def _tile_loop(vectors: int):
     broadcast and `vectors` fused multiply-adds with memory operands per nonzero."""
 
     @intrinsic
-    def tile(_typingctx, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: ARG001, PLR0913
+    def tile(_typingctx, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail):  # noqa: ARG001, PLR0913
         i64 = types.int64
-        sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, i64, types.boolean)
+        sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, types.float32, i64, i64, i64, types.boolean, i64)
 
         def codegen(_context, builder, _signature, args):
-            dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu = args
+            dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail = args
+            spots = [ir.Constant(_I64, j * VEC) for j in range(vectors - 1)] + [tail]
             f32p = _F32.as_pointer()
             src, vals, taps = (
                 builder.inttoptr(src, f32p),
@@ -199,7 +216,7 @@ def _tile_loop(vectors: int):
                 builder.inttoptr(taps, _I32.as_pointer()),
             )
             low = builder.sub(builder.shl(ir.Constant(_I64, 1), bits), ir.Constant(_I64, 1))  # the offset's bits
-            start = _add_from(builder, [_splat(builder, bias)] * vectors, partial, "add")
+            start = _add_from(builder, [_splat(builder, bias)] * vectors, partial, "add", spots)
             entry = builder.block
             head = builder.append_basic_block("tile.head")
             body = builder.append_basic_block("tile.body")
@@ -220,11 +237,10 @@ def _tile_loop(vectors: int):
             plane, offset = builder.lshr(tap, bits), builder.and_(tap, low)
             base = builder.gep(src, [builder.add(builder.mul(plane, ld), offset)])
             fast = ("fast",)
+            at = _vectors_at(builder, base, vectors, VEC, spots)
             summed = [
-                builder.fadd(
-                    a, builder.fmul(w, builder.load(_vector_at(builder, base, j), align=4), flags=fast), flags=fast
-                )
-                for j, a in enumerate(acc)
+                builder.fadd(a, builder.fmul(w, builder.load(x, align=4), flags=fast), flags=fast)
+                for a, x in zip(acc, at, strict=True)
             ]
             k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), body)
             for a, s in zip(acc, summed, strict=True):
@@ -232,7 +248,7 @@ def _tile_loop(vectors: int):
             builder.branch(head)
 
             builder.position_at_end(done)
-            _store_tile(builder, acc, dst, res, mask, relu, 8 * VEC * 4)
+            _store_tile(builder, acc, dst, res, mask, relu, 8 * VEC * 4, spots)
             return _context.get_dummy_value()
 
         return sig, codegen
@@ -297,29 +313,30 @@ def _address(a):
 
 @njit(inline="always")
 def _tile_vectors(length):
-    """Tile width in vectors (8, 4, 2 or 1; at most `length` outputs) that needs the fewest cycles:
-    a nonzero costs a tile about max(4, vectors + 1) cycles (the 4-cycle FMA latency bounds narrow
-    tiles, the loads wide ones), and the overlapping last tile recomputes outputs."""
+    """Tile width in vectors (8, 4, 2 or 1; at most `length` outputs, or one tile whose last
+    vector overlaps) that needs the fewest cycles: a nonzero costs a tile about max(4, vectors +
+    1) cycles (the 4-cycle FMA latency bounds narrow tiles, the loads wide ones), and the
+    overlapping last tile recomputes outputs."""
     best, best_cost = 1, -(-length // VEC) * 4
     for vectors in (2, 4, 8):
         width = vectors * VEC
         cost = -(-length // width) * max(4, vectors + 1)
-        if width <= length and cost <= best_cost:
+        if (vectors - 1) * VEC < length and cost <= best_cost:
             best, best_cost = vectors, cost
     return best
 
 
 @njit(inline="always")
-def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu):  # noqa: PLR0913
+def _tile(vectors, dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail):  # noqa: PLR0913
     """The tile loop of `vectors` vectors (an intrinsic's width is fixed when it is compiled)."""
     if vectors == 8:
-        _tile8(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile8(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail)
     elif vectors == 4:
-        _tile4(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile4(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail)
     elif vectors == 2:
-        _tile2(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile2(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail)
     else:
-        _tile1(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu)
+        _tile1(dst, src, taps, bits, vals, k0, k1, ld, bias, partial, res, mask, relu, tail)
 
 
 @njit(inline="always")
@@ -381,6 +398,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     vectors = _tile_vectors(length)
     width = vectors * VEC
     tiles = (length + width - 1) // width
+    tail = min((vectors - 1) * VEC, length - VEC)  # the last vector's place in a tile
     per_block, blocks = job_blocks(rows, tiles, parts, ROWS_PER_PART)
     src_at, ld = _address(src), src.shape[1]
     taps_at, vals_at = _address(taps), _address(vals)
@@ -394,7 +412,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
     by_block = nonzeros * (taps.itemsize + vals.itemsize) > src.size * src.itemsize
     for job in prange(tiles * blocks):
         tile, block = job_place(job, tiles, blocks, by_block)
-        q = min(tile * width, length - width)  # the last tile overlaps the one before
+        q = max(0, min(tile * width, length - width))  # the last tile overlaps the one before
         first = block * per_block
         at = shift + q
         keep = mask_at + 4 * at if has_mask else 0
@@ -420,6 +438,7 @@ def sparse_conv(src, bounds, taps, bits, vals, bias, out, shift, length, residua
                     res_at + 4 * (o * res_ld + at) if final and has_res else 0,
                     keep if final else 0,
                     relu and final,
+                    tail,
                 )
 
 
