@@ -99,9 +99,7 @@ class SparseEngine:
         self._lock = threading.Lock()  # numba's workqueue threading layer is not re-entrant
         size = static_size(self.inputs)
         if size is not None:  # a graph fault shows here (Unsupported), not at the first request
-            trace = []
-            self.program.run(np.zeros((1, *size), np.float32), trace)
-            self._macs[size] = sum(self.program.macs_per_image(trace))
+            self._counted_run(np.zeros((1, *size), np.float32))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probs) of a float32 NCHW batch (InputError on a shape the graph does not take)."""
@@ -121,16 +119,23 @@ class SparseEngine:
                 threads = cores
             # numba's thread count is global: set it on every run, or another engine's would stay
             numba.set_num_threads(threads)
-            trace = [] if macs is None and len(self._macs) < _SHAPES else None
             try:
-                out = self.program.run(images, trace)
+                out = self._counted_run(images)
             except Unsupported as exc:  # a size the graph's sizes were not open to
                 raise InputError(f"the sparse engine cannot run inputs of shape {images.shape}: {exc}") from None
-            if trace is not None:
-                self._macs[size] = sum(self.program.macs_per_image(trace))
             if threads > 1:
                 _parallel_end = time.perf_counter()
         return out["logits"], out["probs"]
+
+    def _counted_run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The program's outputs for `images`; the first run at an input size (of up to _SHAPES
+        sizes) is traced, to count its multiply-adds per image for the thread rule."""
+        size = tuple(images.shape[1:])
+        trace = [] if size not in self._macs and len(self._macs) < _SHAPES else None
+        out = self.program.run(images, trace)
+        if trace is not None:
+            self._macs[size] = sum(self.program.macs_per_image(trace))
+        return out
 
     @property
     def density(self) -> float:
